@@ -1,0 +1,32 @@
+"""Shared test fixtures: the OpenAI CLIP reference implementation and small deterministic inputs."""
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
+import pytest
+
+
+def _import_openai_clip() -> types.ModuleType:
+    """Import OpenAI's `clip` package (PyPI: openai-clip), the reference we test against.
+
+    Its `clip.py` does `from pkg_resources import packaging`, and setuptools>=81 no longer ships
+    pkg_resources, so we provide just that attribute before importing it.
+    """
+    if "pkg_resources" not in sys.modules:
+        try:
+            importlib.import_module("pkg_resources")
+        except ImportError:
+            import packaging.version
+
+            shim = types.ModuleType("pkg_resources")
+            shim.packaging = packaging  # type: ignore[attr-defined]
+            sys.modules["pkg_resources"] = shim
+    return importlib.import_module("clip")
+
+
+@pytest.fixture(scope="session")
+def openai_clip() -> types.ModuleType:
+    """OpenAI's reference `clip` module (tokenize, model.build_model, ...)."""
+    return _import_openai_clip()
