@@ -1,0 +1,186 @@
+"""Model builders: one flat builder per tower family, and named presets (vit_b16, rn50, ...) over them."""
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Sequence
+
+from slip.models.heads import CLIP_INITIAL_LOGIT_SCALE, SSLHead
+from slip.models.image_text import ALL_INPUTS, ImageTextModel
+from slip.models.text import TextTransformer
+from slip.models.vision import ModifiedResNet, vit_tower
+
+__all__ = [
+    "ALL_INPUTS", "ImageTextModel", "MODEL_BUILDERS", "build_from_arch", "build_resnet_model",
+    "build_vit_model", "rn50", "rn101", "rn50x4", "rn50x16", "rn50x64", "vit_b16", "vit_l16",
+    "vit_s16", "vit_ti16",
+]
+
+
+def _parts_for(inputs: Sequence[str]) -> tuple[bool, bool]:
+    """Which optional parts the inputs need: (text tower and projections, SSL head)."""
+    unknown = sorted(set(inputs) - set(ALL_INPUTS))
+    if unknown or not inputs:
+        raise ValueError(f"model inputs must be a non-empty subset of {list(ALL_INPUTS)}, got {list(inputs)}")
+    return "text" in inputs or "image" in inputs, "aug1" in inputs or "aug2" in inputs
+
+
+def _assemble(
+    visual: Any,
+    arch: dict[str, Any],
+    project_image: bool,
+) -> ImageTextModel:
+    with_text, with_ssl = _parts_for(arch["inputs"])
+    text = None
+    if with_text:
+        text = TextTransformer(
+            vocab_size=arch["vocab_size"],
+            context_length=arch["context_length"],
+            width=arch["text_width"],
+            layers=arch["text_layers"],
+            heads=arch["text_heads"],
+        )
+    ssl_head = SSLHead(visual.num_features, arch["ssl_mlp_dim"], arch["ssl_embed_dim"]) if with_ssl else None
+    return ImageTextModel(
+        visual,
+        embed_dim=arch["embed_dim"],
+        text=text,
+        project_image=project_image,
+        ssl_head=ssl_head,
+        logit_scale_init=arch["logit_scale_init"],
+        arch=arch,
+    )
+
+
+def build_vit_model(
+    *,
+    image_size: int = 224,
+    patch_size: int = 16,
+    vision_width: int = 768,
+    vision_layers: int = 12,
+    vision_heads: int = 12,
+    openai_layout: bool = False,
+    drop_path_rate: float = 0.0,
+    embed_dim: int = 512,
+    text_width: int = 512,
+    text_layers: int = 12,
+    text_heads: int = 8,
+    context_length: int = 77,
+    vocab_size: int = 49408,
+    ssl_mlp_dim: int = 4096,
+    ssl_embed_dim: int = 256,
+    logit_scale_init: float = CLIP_INITIAL_LOGIT_SCALE,
+    inputs: Sequence[str] = ALL_INPUTS,
+) -> ImageTextModel:
+    """A model with a timm ViT image tower; text tower and SSL head only where `inputs` need them."""
+    arch = dict(locals(), family="vit", inputs=tuple(inputs))
+    visual = vit_tower(
+        image_size=image_size,
+        patch_size=patch_size,
+        width=vision_width,
+        depth=vision_layers,
+        heads=vision_heads,
+        openai_layout=openai_layout,
+        drop_path_rate=drop_path_rate,
+    )
+    return _assemble(visual, arch, project_image=True)
+
+
+def build_resnet_model(
+    *,
+    image_size: int = 224,
+    vision_layers: Sequence[int] = (3, 4, 6, 3),
+    vision_width: int = 64,
+    vision_heads: int | None = None,
+    embed_dim: int = 1024,
+    text_width: int = 512,
+    text_layers: int = 12,
+    text_heads: int = 8,
+    context_length: int = 77,
+    vocab_size: int = 49408,
+    ssl_mlp_dim: int = 4096,
+    ssl_embed_dim: int = 256,
+    logit_scale_init: float = CLIP_INITIAL_LOGIT_SCALE,
+    inputs: Sequence[str] = ALL_INPUTS,
+) -> ImageTextModel:
+    """A model with CLIP's ModifiedResNet image tower, whose attention pool projects to `embed_dim`."""
+    vision_heads = vision_heads or vision_width * 32 // 64
+    arch = dict(locals(), family="resnet", inputs=tuple(inputs), vision_layers=tuple(vision_layers))
+    visual = ModifiedResNet(
+        layers=tuple(vision_layers),
+        output_dim=embed_dim,
+        heads=vision_heads,
+        image_size=image_size,
+        width=vision_width,
+    )
+    return _assemble(visual, arch, project_image=False)
+
+
+def vit_ti16(**overrides: Any) -> ImageTextModel:
+    """ViT-Ti/16 image tower (192 wide, 12 layers, 3 heads): the CPU-friendly size."""
+    return build_vit_model(**{"vision_width": 192, "vision_layers": 12, "vision_heads": 3, **overrides})
+
+
+def vit_s16(**overrides: Any) -> ImageTextModel:
+    """ViT-S/16 in SLIP's MoCo-v3 variant (384 wide, 12 layers, 12 heads)."""
+    return build_vit_model(**{"vision_width": 384, "vision_layers": 12, "vision_heads": 12, **overrides})
+
+
+def vit_b16(**overrides: Any) -> ImageTextModel:
+    """ViT-B/16 (768 wide, 12 layers, 12 heads)."""
+    return build_vit_model(**{"vision_width": 768, "vision_layers": 12, "vision_heads": 12, **overrides})
+
+
+def vit_l16(**overrides: Any) -> ImageTextModel:
+    """ViT-L/16 (1024 wide, 24 layers, 16 heads)."""
+    return build_vit_model(**{"vision_width": 1024, "vision_layers": 24, "vision_heads": 16, **overrides})
+
+
+def rn50(**overrides: Any) -> ImageTextModel:
+    """CLIP RN50: stages (3, 4, 6, 3), width 64, 1024-d joint space."""
+    return build_resnet_model(**{"vision_layers": (3, 4, 6, 3), "vision_width": 64, "embed_dim": 1024, **overrides})
+
+
+def rn101(**overrides: Any) -> ImageTextModel:
+    """CLIP RN101: stages (3, 4, 23, 3), width 64, 512-d joint space."""
+    return build_resnet_model(**{"vision_layers": (3, 4, 23, 3), "vision_width": 64, "embed_dim": 512, **overrides})
+
+
+def rn50x4(**overrides: Any) -> ImageTextModel:
+    """CLIP RN50x4: stages (4, 6, 10, 6), width 80, 640-d joint space, 288 px, 640-wide text."""
+    preset = dict(vision_layers=(4, 6, 10, 6), vision_width=80, embed_dim=640, image_size=288,
+                  text_width=640, text_heads=10)
+    return build_resnet_model(**{**preset, **overrides})
+
+
+def rn50x16(**overrides: Any) -> ImageTextModel:
+    """CLIP RN50x16: stages (6, 8, 18, 8), width 96, 768-d joint space, 384 px, 768-wide text."""
+    preset = dict(vision_layers=(6, 8, 18, 8), vision_width=96, embed_dim=768, image_size=384,
+                  text_width=768, text_heads=12)
+    return build_resnet_model(**{**preset, **overrides})
+
+
+def rn50x64(**overrides: Any) -> ImageTextModel:
+    """CLIP RN50x64: stages (3, 15, 36, 10), width 128, 1024-d joint space, 448 px, 1024-wide text."""
+    preset = dict(vision_layers=(3, 15, 36, 10), vision_width=128, embed_dim=1024, image_size=448,
+                  text_width=1024, text_heads=16)
+    return build_resnet_model(**{**preset, **overrides})
+
+
+MODEL_BUILDERS: Mapping[str, Callable[..., ImageTextModel]] = MappingProxyType({
+    builder.__name__: builder
+    for builder in (vit_ti16, vit_s16, vit_b16, vit_l16, rn50, rn101, rn50x4, rn50x16, rn50x64)
+})
+
+ARCH_FAMILIES: Mapping[str, Callable[..., ImageTextModel]] = MappingProxyType({
+    "vit": build_vit_model,
+    "resnet": build_resnet_model,
+})
+
+
+def build_from_arch(arch: Mapping[str, Any]) -> ImageTextModel:
+    """Rebuild a model from the plain `arch` record a model carries (as saved in checkpoints)."""
+    arch = dict(arch)
+    family = arch.pop("family", None)
+    if family not in ARCH_FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; expected one of {sorted(ARCH_FAMILIES)}")
+    return ARCH_FAMILIES[family](**arch)

@@ -1,0 +1,116 @@
+"""The image-text model: an image tower, an optional text tower, projections, logit scale and SSL head."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from slip.models.heads import CLIP_INITIAL_LOGIT_SCALE, SSLHead, projection
+from slip.models.text import TextTransformer
+from slip.models.vision import has_batch_statistics
+
+IMAGE_VIEWS = ("image", "aug1", "aug2")
+ALL_INPUTS = ("image", "text", "aug1", "aug2")
+
+
+class ImageTextModel(nn.Module):
+    """Maps a batch dict to named outputs; builds and computes only the parts its objective needs.
+
+    Outputs: `image_embed`, `text_embed` (projected, not normalised), `logit_scale` (exponentiated and
+    clamped), `aug1_embed`, `aug2_embed` (after the SSL head).
+    """
+
+    def __init__(
+        self,
+        visual: nn.Module,
+        embed_dim: int,
+        text: TextTransformer | None = None,
+        project_image: bool = True,
+        ssl_head: SSLHead | None = None,
+        logit_scale_init: float = CLIP_INITIAL_LOGIT_SCALE,
+        max_logit_scale: float = 100.0,
+        batch_views: bool = True,
+        arch: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.visual = visual
+        self.text = text
+        self.image_mlp = ssl_head
+        self.embed_dim = embed_dim
+        self.max_logit_scale = max_logit_scale
+        self.batch_views = batch_views
+        self.arch = dict(arch or {})
+        self._visual_has_batch_statistics = has_batch_statistics(visual)
+        if text is None:
+            self.register_parameter("image_projection", None)
+            self.register_parameter("text_projection", None)
+            self.register_parameter("logit_scale", None)
+        else:
+            if project_image:
+                self.image_projection = projection(visual.num_features, embed_dim)
+            elif visual.num_features != embed_dim:
+                raise ValueError(
+                    f"image tower outputs {visual.num_features} features but embed_dim={embed_dim} "
+                    "and project_image=False"
+                )
+            else:
+                self.register_parameter("image_projection", None)
+            self.text_projection = projection(text.num_features, embed_dim)
+            self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The batch keys this model consumes."""
+        keys = ("image", "text") if self.text is not None else ()
+        return keys + (("aug1", "aug2") if self.image_mlp is not None else ())
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Image-tower features before any projection (what a linear probe reads)."""
+        return self.visual(images)
+
+    def project_image(self, features: torch.Tensor) -> torch.Tensor:
+        """Image-tower features -> joint embedding space."""
+        if self.text is None:
+            raise RuntimeError("this model was built without a text tower, so it has no joint image-text space")
+        return features if self.image_projection is None else features @ self.image_projection
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Images -> projected, un-normalised embeddings in the joint space."""
+        return self.project_image(self.image_features(images))
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, L] -> projected, un-normalised embeddings in the joint space."""
+        if self.text is None:
+            raise RuntimeError("this model was built without a text tower (an SSL-only objective)")
+        return self.text(tokens) @ self.text_projection
+
+    def scaled_logit_scale(self) -> torch.Tensor:
+        """exp(logit_scale), clamped to at most `max_logit_scale`."""
+        return self.logit_scale.exp().clamp(max=self.max_logit_scale)
+
+    def _view_features(self, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Image-tower features of every view, in one batched pass when that cannot change the result."""
+        shapes = {tuple(v.shape[1:]) for v in views.values()}
+        independent_samples = not (self.training and self._visual_has_batch_statistics)
+        if self.batch_views and len(views) > 1 and len(shapes) == 1 and independent_samples:
+            features = self.visual(torch.cat(list(views.values())))
+            return dict(zip(views, features.split([v.shape[0] for v in views.values()])))
+        return {name: self.visual(images) for name, images in views.items()}
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Batch dict (`image`, `text`, `aug1`, `aug2`, any subset) -> outputs dict."""
+        wanted = self.inputs
+        views = {k: batch[k] for k in IMAGE_VIEWS if k in batch and k in wanted}
+        features = self._view_features(views) if views else {}
+        outputs: dict[str, torch.Tensor] = {}
+        if "image" in features:
+            outputs["image_embed"] = self.project_image(features["image"])
+        if "text" in batch and "text" in wanted:
+            outputs["text_embed"] = self.encode_text(batch["text"])
+        if outputs:  # an image or text embedding was computed, so the logit scale is needed too
+            outputs["logit_scale"] = self.scaled_logit_scale()
+        for view in ("aug1", "aug2"):
+            if view in features:
+                outputs[f"{view}_embed"] = self.image_mlp(features[view])
+        return outputs

@@ -1,0 +1,178 @@
+"""Image towers: timm Vision Transformers and CLIP's ModifiedResNet, each mapping images to a feature vector."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from functools import partial
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+
+def vit_tower(
+    image_size: int = 224,
+    patch_size: int = 16,
+    width: int = 768,
+    depth: int = 12,
+    heads: int = 12,
+    mlp_ratio: float = 4.0,
+    openai_layout: bool = False,
+    drop_path_rate: float = 0.0,
+) -> VisionTransformer:
+    """A timm ViT without classifier head whose output is the class-token feature of size `width`.
+
+    `openai_layout=False` is timm's standard ViT as SLIP uses it (GELU, LayerNorm eps 1e-6, patch bias);
+    `openai_layout=True` is the layout of OpenAI CLIP's ViTs (LayerNorm before the blocks, QuickGELU,
+    LayerNorm eps 1e-5, no patch-embedding bias).
+    """
+    if image_size % patch_size:
+        raise ValueError(f"image_size={image_size} is not a multiple of patch_size={patch_size}")
+    if width % heads:
+        raise ValueError(f"vision width={width} is not divisible by heads={heads}")
+    layout: dict = {}
+    if openai_layout:
+        layout = dict(pre_norm=True, norm_layer=partial(nn.LayerNorm, eps=1e-5), act_layer="quick_gelu")
+    return VisionTransformer(
+        img_size=image_size,
+        patch_size=patch_size,
+        embed_dim=width,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=mlp_ratio,
+        num_classes=0,
+        global_pool="token",
+        drop_path_rate=drop_path_rate,
+        **layout,
+    )
+
+
+class Bottleneck(nn.Module):
+    """CLIP's anti-aliased bottleneck: strided convolutions are replaced by an average pool after conv2."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu3 = nn.ReLU(inplace=True)
+        self.downsample: nn.Module | None = None
+        if stride > 1 or inplanes != planes * self.expansion:
+            self.downsample = nn.Sequential(OrderedDict([
+                ("-1", nn.AvgPool2d(stride)),
+                ("0", nn.Conv2d(inplanes, planes * self.expansion, 1, stride=1, bias=False)),
+                ("1", nn.BatchNorm2d(planes * self.expansion)),
+            ]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual bottleneck transform."""
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.relu2(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(self.avgpool(out)))
+        return self.relu3(out + identity)
+
+
+class AttentionPool2d(nn.Module):
+    """Multi-head attention pooling: the mean of the feature map attends over all positions."""
+
+    def __init__(self, grid_size: int, embed_dim: int, heads: int, output_dim: int) -> None:
+        super().__init__()
+        if embed_dim % heads:
+            raise ValueError(f"attention-pool width={embed_dim} is not divisible by heads={heads}")
+        self.heads = heads
+        self.positional_embedding = nn.Parameter(torch.randn(grid_size**2 + 1, embed_dim) / embed_dim**0.5)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.c_proj = nn.Linear(embed_dim, output_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] feature map -> [B, output_dim]."""
+        tokens = x.flatten(2).transpose(1, 2)  # [B, HW, C]
+        tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)
+        tokens = tokens + self.positional_embedding.to(tokens.dtype)
+        batch, length, width = tokens.shape
+        head_dim = width // self.heads
+
+        def split_heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, -1, self.heads, head_dim).transpose(1, 2)
+
+        query = split_heads(self.q_proj(tokens[:, :1]))
+        key = split_heads(self.k_proj(tokens))
+        value = split_heads(self.v_proj(tokens))
+        pooled = F.scaled_dot_product_attention(query, key, value)  # [B, heads, 1, head_dim]
+        return self.c_proj(pooled.transpose(1, 2).reshape(batch, width))
+
+
+class ModifiedResNet(nn.Module):
+    """CLIP's ResNet: a 3-conv stem with average pooling, anti-aliased bottlenecks and attention pooling."""
+
+    def __init__(
+        self,
+        layers: Sequence[int] = (3, 4, 6, 3),
+        output_dim: int = 1024,
+        heads: int = 32,
+        image_size: int = 224,
+        width: int = 64,
+    ) -> None:
+        super().__init__()
+        if len(layers) != 4:
+            raise ValueError(f"ModifiedResNet needs 4 stage depths, got layers={list(layers)}")
+        if image_size % 32:
+            raise ValueError(f"ModifiedResNet image_size={image_size} is not a multiple of 32")
+        self.num_features = output_dim
+        self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width // 2)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width // 2)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.relu3 = nn.ReLU(inplace=True)
+        self.avgpool = nn.AvgPool2d(2)
+
+        inplanes = width
+        stages = []
+        for index, depth in enumerate(layers):
+            planes = width * 2**index
+            blocks = [Bottleneck(inplanes, planes, stride=1 if index == 0 else 2)]
+            inplanes = planes * Bottleneck.expansion
+            blocks += [Bottleneck(inplanes, planes) for _ in range(1, depth)]
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.attnpool = AttentionPool2d(image_size // 32, width * 32, heads, output_dim)
+        self.initialize_parameters()
+
+    def initialize_parameters(self) -> None:
+        """CLIP's initialisation: scaled attention-pool projections, zero-gamma last BN of each block."""
+        std = self.attnpool.c_proj.in_features**-0.5
+        for proj in (self.attnpool.q_proj, self.attnpool.k_proj, self.attnpool.v_proj, self.attnpool.c_proj):
+            nn.init.normal_(proj.weight, std=std)
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in stage:
+                nn.init.zeros_(block.bn3.weight)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> [B, output_dim]."""
+        x = self.relu1(self.bn1(self.conv1(images)))
+        x = self.relu2(self.bn2(self.conv2(x)))
+        x = self.relu3(self.bn3(self.conv3(x)))
+        x = self.avgpool(x)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.attnpool(x)
+
+
+def has_batch_statistics(module: nn.Module) -> bool:
+    """Whether any submodule normalises with batch statistics, so samples in one batch affect each other."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
