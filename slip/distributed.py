@@ -1,0 +1,143 @@
+"""Process-group bookkeeping and a differentiable all-gather for contrastive losses."""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+Gather = Callable[[Tensor], tuple[Tensor, int]]
+"""Maps a local batch to (global batch, row offset of the local rows inside it)."""
+
+# (rank, world size, local rank) variable names, in order of precedence.
+_LAUNCHER_VARS = (
+    ("RANK", "WORLD_SIZE", "LOCAL_RANK"),  # torchrun / torch.distributed.launch
+    ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),  # srun
+)
+
+
+def _read_int(env: Mapping[str, str], name: str) -> int:
+    """Parse env[name] as an integer, raising a ValueError that names the variable."""
+    if name not in env:
+        raise ValueError(f"environment variable {name} is missing but its launcher's other variables are set")
+    try:
+        return int(env[name].strip())
+    except ValueError:
+        raise ValueError(f"environment variable {name}={env[name]!r} is not an integer") from None
+
+
+@dataclass(frozen=True)
+class WorldInfo:
+    """Where this process sits among the training processes."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {self.world_size}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be in [0, {self.world_size}), got {self.rank}")
+        if not 0 <= self.local_rank < self.world_size:
+            raise ValueError(f"local_rank must be in [0, {self.world_size}), got {self.local_rank}")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "WorldInfo":
+        """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK, else SLURM's variables, else a single process."""
+        env = os.environ if env is None else env
+        for rank_var, size_var, local_var in _LAUNCHER_VARS:
+            if not any(name in env for name in (rank_var, size_var, local_var)):
+                continue
+            rank, size, local = (_read_int(env, name) for name in (rank_var, size_var, local_var))
+            if size < 1:
+                raise ValueError(f"environment variable {size_var}={size} must be >= 1")
+            if not 0 <= rank < size:
+                raise ValueError(f"environment variable {rank_var}={rank} must be in [0, {size_var}={size})")
+            if not 0 <= local < size:
+                raise ValueError(f"environment variable {local_var}={local} must be in [0, {size_var}={size})")
+            return cls(rank=rank, world_size=size, local_rank=local)
+        return cls()
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0, the process that logs and writes checkpoints."""
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        """True when more than one process takes part."""
+        return self.world_size > 1
+
+
+def init_process_group(world: WorldInfo, backend: str | None = None, init_method: str = "env://") -> None:
+    """Join the default process group (nccl when CUDA is available, else gloo); no-op for one process."""
+    if not world.is_distributed:
+        return
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, init_method=init_method, rank=world.rank, world_size=world.world_size)
+
+
+def _check_same_shape(tensor: Tensor) -> None:
+    """Raise on every rank if the ranks' tensors differ in shape (all_gather needs equal shapes)."""
+    shape = torch.tensor(tensor.shape, dtype=torch.long, device=tensor.device)
+    shapes = [torch.empty_like(shape) for _ in range(dist.get_world_size())]
+    dist.all_gather(shapes, shape)
+    if any(not torch.equal(s, shape) for s in shapes):
+        found = [tuple(s.tolist()) for s in shapes]
+        raise ValueError(f"all_gather_with_grad needs the same shape on every rank, got per-rank shapes {found}")
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Concatenate a tensor over ranks; the backward sums gradients over ranks and keeps this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.rows = tensor.shape[0]
+        ctx.rank = dist.get_rank()
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        # Every rank's loss may depend on our rows, so their gradient is the sum over ranks.
+        # Clone because autograd does not allow modifying the incoming gradient in place.
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = ctx.rank * ctx.rows
+        return grad[start : start + ctx.rows]
+
+
+def all_gather_with_grad(tensor: Tensor) -> Tensor:
+    """Concatenate `tensor` over all ranks along dim 0, differentiably (equal shapes on all ranks required)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("all_gather_with_grad needs an initialised torch.distributed process group")
+    _check_same_shape(tensor)
+    return _AllGatherWithGrad.apply(tensor)
+
+
+def local_gather(tensor: Tensor) -> tuple[Tensor, int]:
+    """The single-process Gather: the local batch is the global batch, at offset 0."""
+    return tensor, 0
+
+
+def make_gather(world: WorldInfo) -> Gather:
+    """The Gather for `world`: `local_gather` for one process, else a differentiable all-gather."""
+    if not world.is_distributed:
+        return local_gather
+
+    def gather(tensor: Tensor) -> tuple[Tensor, int]:
+        # A wrong offset would silently pair rows with the wrong labels, so check the group agrees.
+        if dist.is_initialized() and (dist.get_rank(), dist.get_world_size()) != (world.rank, world.world_size):
+            raise RuntimeError(
+                f"WorldInfo(rank={world.rank}, world_size={world.world_size}) does not match the process group "
+                f"(rank={dist.get_rank()}, world_size={dist.get_world_size()})"
+            )
+        return all_gather_with_grad(tensor), world.rank * tensor.shape[0]
+
+    return gather

@@ -1,0 +1,220 @@
+"""Training objectives: CLIP, SimCLR (NT-Xent), SigLIP and weighted sums of them such as SLIP."""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from slip.distributed import Gather, local_gather
+
+# Batch keys in the order composites list them; unknown keys follow in order of first appearance.
+_INPUT_ORDER = ("image", "text", "aug1", "aug2")
+
+
+class MissingOutputError(KeyError):
+    """An objective was given model outputs that lack a key it reads."""
+
+    def __str__(self) -> str:
+        # KeyError's default str() wraps the message in quotes.
+        return str(self.args[0])
+
+
+def _full_precision(tensor: Tensor) -> Tensor:
+    """Upcast half/bfloat16 to float32; float32 and float64 are kept."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def _union_inputs(groups: Iterable[tuple[str, ...]]) -> tuple[str, ...]:
+    """Union of input-key tuples, ordered image, text, aug1, aug2, then any others by first appearance."""
+    seen = list(dict.fromkeys(key for group in groups for key in group))
+    rank = {key: i for i, key in enumerate(_INPUT_ORDER)}
+    return tuple(sorted(seen, key=lambda key: (rank.get(key, len(rank)), seen.index(key))))
+
+
+def _top1(logits: Tensor, labels: Tensor) -> Tensor:
+    """Percentage of rows whose arg-max is the label, as a detached float32 scalar."""
+    return (logits.detach().argmax(dim=-1) == labels).float().mean() * 100
+
+
+class Objective(nn.Module):
+    """Base class: maps a model's outputs dict to a dict holding `loss` plus named terms and metrics."""
+
+    inputs: tuple[str, ...] = ()
+
+    def __init__(self, gather: Gather | None = None) -> None:
+        super().__init__()
+        self._gather: Gather = gather if gather is not None else local_gather
+
+    def set_gather(self, gather: Gather) -> None:
+        """Use `gather` to collect the global batch (e.g. `make_gather(world)` once distributed is up)."""
+        self._gather = gather
+
+    def _read(self, outputs: Mapping[str, Tensor], *keys: str) -> list[Tensor]:
+        """Fetch `keys` from `outputs`, upcast to at least float32, with a clear error on a missing key."""
+        for key in keys:
+            if key not in outputs:
+                raise MissingOutputError(
+                    f"{type(self).__name__} needs outputs[{key!r}], which is missing (got {sorted(outputs)})"
+                )
+        return [_full_precision(outputs[key]) for key in keys]
+
+    def forward(self, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Compute the loss and metrics from the model outputs."""
+        raise NotImplementedError
+
+
+def _check_pair(objective: Objective, a_key: str, a: Tensor, b_key: str, b: Tensor) -> None:
+    """Raise if two paired embedding batches differ in shape."""
+    if a.ndim != 2 or a.shape != b.shape:
+        raise ValueError(
+            f"{type(objective).__name__} needs 2-D {a_key} and {b_key} of equal shape, "
+            f"got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+
+
+class CLIPLoss(Objective):
+    """Symmetric InfoNCE between image and text embeddings (Radford et al. 2021)."""
+
+    inputs = ("image", "text")
+
+    def forward(self, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Mean of the image->text and text->image cross-entropies over the global batch."""
+        image, text, scale = self._read(outputs, "image_embed", "text_embed", "logit_scale")
+        _check_pair(self, "image_embed", image, "text_embed", text)
+        with torch.autocast(image.device.type, enabled=False):
+            image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+            all_image, offset = self._gather(image)
+            all_text, _ = self._gather(text)
+            labels = offset + torch.arange(image.shape[0], device=image.device)
+            logits_per_image = scale * image @ all_text.T
+            logits_per_text = scale * text @ all_image.T
+            loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+        return {"loss": loss, "clip_loss": loss.detach(), "clip_acc": _top1(logits_per_image, labels)}
+
+
+class SimCLRLoss(Objective):
+    """NT-Xent between two augmented views (Chen et al. 2020), with each row's own view-mate excluded."""
+
+    inputs = ("aug1", "aug2")
+
+    def __init__(self, temperature: float = 0.1, gather: Gather | None = None) -> None:
+        super().__init__(gather)
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"SimCLRLoss temperature must be a finite number > 0, got {temperature}")
+        self.temperature = float(temperature)
+
+    def extra_repr(self) -> str:
+        """Shown by print(module)."""
+        return f"temperature={self.temperature}"
+
+    def forward(self, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Mean over both views of the cross-entropy against 2N-1 candidates (N = global batch)."""
+        q_a, q_b = self._read(outputs, "aug1_embed", "aug2_embed")
+        _check_pair(self, "aug1_embed", q_a, "aug2_embed", q_b)
+        with torch.autocast(q_a.device.type, enabled=False):
+            q_a, q_b = F.normalize(q_a, dim=-1), F.normalize(q_b, dim=-1)
+            k_a, offset = self._gather(q_a)
+            k_b, _ = self._gather(q_b)
+            labels = offset + torch.arange(q_a.shape[0], device=q_a.device)
+            # A row's similarity to itself is not a candidate; its column index equals its label.
+            is_self = labels[:, None] == torch.arange(k_a.shape[0], device=q_a.device)
+            logits_aa = (q_a @ k_a.T / self.temperature).masked_fill(is_self, float("-inf"))
+            logits_bb = (q_b @ k_b.T / self.temperature).masked_fill(is_self, float("-inf"))
+            logits_a = torch.cat([q_a @ k_b.T / self.temperature, logits_aa], dim=1)
+            logits_b = torch.cat([q_b @ k_a.T / self.temperature, logits_bb], dim=1)
+            loss = (F.cross_entropy(logits_a, labels) + F.cross_entropy(logits_b, labels)) / 2
+        return {"loss": loss, "ssl_loss": loss.detach(), "ssl_acc": _top1(logits_a, labels)}
+
+
+class SigLIPLoss(Objective):
+    """Pairwise sigmoid loss between image and text embeddings (Zhai et al. 2023), with a learnable bias."""
+
+    inputs = ("image", "text")
+
+    def __init__(self, init_logit_bias: float = -10.0, gather: Gather | None = None) -> None:
+        super().__init__(gather)
+        self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))
+
+    def forward(self, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Sum over local images and global texts of -log sigmoid(+-logit), divided by the local batch."""
+        image, text, scale = self._read(outputs, "image_embed", "text_embed", "logit_scale")
+        _check_pair(self, "image_embed", image, "text_embed", text)
+        with torch.autocast(image.device.type, enabled=False):
+            image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+            all_text, offset = self._gather(text)
+            labels = offset + torch.arange(image.shape[0], device=image.device)
+            logits = scale * image @ all_text.T + _full_precision(self.logit_bias)
+            is_match = labels[:, None] == torch.arange(all_text.shape[0], device=image.device)
+            signs = is_match.to(logits.dtype) * 2 - 1
+            loss = -F.logsigmoid(signs * logits).sum() / image.shape[0]
+        return {"loss": loss, "siglip_loss": loss.detach(), "siglip_acc": _top1(logits, labels)}
+
+
+class WeightedObjectives(Objective):
+    """Weighted sum of named objectives; their metrics are merged into one result dict."""
+
+    def __init__(
+        self,
+        objectives: Mapping[str, Objective],
+        weights: Mapping[str, float],
+        gather: Gather | None = None,
+    ) -> None:
+        super().__init__(gather)
+        if not objectives:
+            raise ValueError("WeightedObjectives needs at least one objective")
+        if set(weights) != set(objectives):
+            raise ValueError(
+                f"WeightedObjectives weights keys {sorted(weights)} must match objectives keys {sorted(objectives)}"
+            )
+        for name, weight in weights.items():
+            if not math.isfinite(weight):
+                raise ValueError(f"WeightedObjectives weight {name!r} must be finite, got {weight}")
+        self.objectives = nn.ModuleDict(objectives)
+        self.weights = {name: float(weights[name]) for name in objectives}
+        self.inputs = _union_inputs(child.inputs for child in self.objectives.values())
+        # With gather=None the children keep whatever gather they were built with (local by default).
+        if gather is not None:
+            self.set_gather(gather)
+
+    def set_gather(self, gather: Gather) -> None:
+        """Use `gather` here and in every child objective."""
+        super().set_gather(gather)
+        for child in self.objectives.values():
+            child.set_gather(gather)
+
+    def extra_repr(self) -> str:
+        """Shown by print(module)."""
+        return f"weights={self.weights}"
+
+    def forward(self, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """loss = sum of weight * child loss, plus every child's terms and metrics."""
+        result: dict[str, Tensor] = {}
+        total: Tensor | None = None
+        for name, child in self.objectives.items():
+            child_result = child(outputs)
+            term = self.weights[name] * child_result["loss"]
+            total = term if total is None else total + term
+            for key, value in child_result.items():
+                if key == "loss":
+                    continue
+                if key in result:
+                    raise ValueError(f"WeightedObjectives: objective {name!r} returns {key!r}, already set by another")
+                result[key] = value
+        assert total is not None  # guaranteed by the non-empty check in __init__
+        return {"loss": total, **result}
+
+
+class SLIPLoss(WeightedObjectives):
+    """SLIP (Mu et al. 2021): CLIP loss + ssl_scale * SimCLR loss."""
+
+    def __init__(self, ssl_scale: float = 1.0, ssl_temperature: float = 0.1, gather: Gather | None = None) -> None:
+        if not (math.isfinite(ssl_scale) and ssl_scale >= 0):
+            raise ValueError(f"SLIPLoss ssl_scale must be a finite number >= 0, got {ssl_scale}")
+        super().__init__(
+            {"clip": CLIPLoss(), "ssl": SimCLRLoss(ssl_temperature)},
+            {"clip": 1.0, "ssl": ssl_scale},
+            gather,
+        )

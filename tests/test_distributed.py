@@ -1,0 +1,211 @@
+"""WorldInfo parsing, and objectives on two real gloo processes against the single-process result."""
+from __future__ import annotations
+
+import multiprocessing
+import socket
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from slip.distributed import WorldInfo, all_gather_with_grad, init_process_group, local_gather, make_gather
+from slip.losses import CLIPLoss, Objective, SigLIPLoss, SimCLRLoss, SLIPLoss
+
+# ---------------------------------------------------------------- WorldInfo
+
+
+def test_world_defaults_to_single_process() -> None:
+    world = WorldInfo.from_env({})
+    assert world == WorldInfo(rank=0, world_size=1, local_rank=0)
+    assert world.is_main and not world.is_distributed
+
+
+def test_world_from_torchrun() -> None:
+    world = WorldInfo.from_env({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"})
+    assert world == WorldInfo(rank=5, world_size=8, local_rank=1)
+    assert not world.is_main and world.is_distributed
+
+
+def test_world_from_slurm() -> None:
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0"}
+    assert WorldInfo.from_env(env) == WorldInfo(rank=0, world_size=4, local_rank=0)
+
+
+def test_torchrun_takes_precedence_over_slurm() -> None:
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+    assert WorldInfo.from_env(env) == WorldInfo(rank=1, world_size=2, local_rank=1)
+
+
+def test_world_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert WorldInfo.from_env() == WorldInfo(rank=2, world_size=3, local_rank=0)
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"RANK": "one", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK"),
+        ({"RANK": "0", "WORLD_SIZE": "2.0", "LOCAL_RANK": "0"}, "WORLD_SIZE"),
+        ({"RANK": "0", "WORLD_SIZE": "2"}, "LOCAL_RANK"),
+        ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK"),
+        ({"RANK": "0", "WORLD_SIZE": "0", "LOCAL_RANK": "0"}, "WORLD_SIZE"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "-1"}, "LOCAL_RANK"),
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "", "SLURM_LOCALID": "0"}, "SLURM_NTASKS"),
+    ],
+)
+def test_world_rejects_bad_values(env: dict[str, str], named: str) -> None:
+    with pytest.raises(ValueError, match=named) as info:
+        WorldInfo.from_env(env)
+    assert "\n" not in str(info.value)
+
+
+def test_world_validates_direct_construction() -> None:
+    with pytest.raises(ValueError, match="rank"):
+        WorldInfo(rank=3, world_size=2)
+
+
+def test_single_process_gather_is_identity() -> None:
+    t = torch.randn(3, 4)
+    assert make_gather(WorldInfo()) is local_gather
+    gathered, offset = local_gather(t)
+    assert gathered is t and offset == 0
+
+
+def test_all_gather_without_process_group_raises() -> None:
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with pytest.raises(RuntimeError, match="process group"):
+        all_gather_with_grad(torch.zeros(2, 3))
+
+
+# ---------------------------------------------------------------- two real processes
+
+WORLD_SIZE, LOCAL_BATCH, DIM = 2, 5, 16
+SCALE = 1 / 0.07
+OBJECTIVES: dict[str, type[Objective]] = {
+    "clip": CLIPLoss,
+    "simclr": SimCLRLoss,
+    "slip": SLIPLoss,
+    "siglip": SigLIPLoss,
+}
+EMBED_KEYS = ("image_embed", "text_embed", "aug1_embed", "aug2_embed")
+
+
+def global_outputs() -> dict[str, Tensor]:
+    """The same seeded global batch in every process."""
+    gen = torch.Generator().manual_seed(1234)
+    n = WORLD_SIZE * LOCAL_BATCH
+    outputs = {key: torch.randn(n, DIM, generator=gen) for key in EMBED_KEYS}
+    outputs["logit_scale"] = torch.tensor(SCALE)
+    return outputs
+
+
+def run_objective(objective: Objective, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Loss and the gradients of every input and parameter, from leaf copies of `outputs`."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in outputs.items()}
+    loss = objective(leaves)["loss"]
+    objective.zero_grad()
+    loss.backward()
+    result = {"loss": loss.detach()}
+    for key, leaf in leaves.items():
+        result[key] = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+    for name, param in objective.named_parameters():
+        result[name] = param.grad.clone()
+    return result
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    """One rank: run every objective on its half of the global batch and save the results."""
+    torch.set_num_threads(1)
+    try:
+        world = WorldInfo(rank=rank, world_size=WORLD_SIZE, local_rank=rank)
+        init_process_group(world, backend="gloo", init_method=f"tcp://127.0.0.1:{port}")
+        rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        local = {k: (v[rows] if v.dim() else v) for k, v in global_outputs().items()}
+        results: dict[str, object] = {}
+        for name, make in OBJECTIVES.items():
+            results[name] = run_objective(make(gather=make_gather(world)), local)
+
+        # d/dx of sum_r <w_r, gather(x)> is sum_r w_r[this rank's rows].
+        x = torch.full((2, 3), float(rank + 1), requires_grad=True)
+        weights = torch.arange(WORLD_SIZE * 6, dtype=torch.float32).view(WORLD_SIZE * 2, 3) * (rank + 1)
+        gathered = all_gather_with_grad(x)
+        (gathered * weights).sum().backward()
+        results["gathered"] = gathered.detach()
+        results["gather_grad"] = x.grad
+
+        try:
+            all_gather_with_grad(torch.zeros(3 + rank, 4))
+            results["unequal_error"] = ""
+        except ValueError as error:
+            results["unequal_error"] = str(error)
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        dist.destroy_process_group()
+    except BaseException:
+        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """Results of `_worker` from two spawned gloo processes."""
+    out_dir = tmp_path_factory.mktemp("ranks")
+    ctx = multiprocessing.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(rank, port, str(out_dir))) for rank in range(WORLD_SIZE)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=60)
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    errors = [p.read_text() for p in sorted(out_dir.glob("*.err"))]
+    assert not errors, "\n".join(errors)
+    assert [p.exitcode for p in procs] == [0] * WORLD_SIZE
+    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_two_ranks_match_single_process(rank_results: list[dict], name: str) -> None:
+    single = run_objective(OBJECTIVES[name](), global_outputs())
+    ranks = [r[name] for r in rank_results]
+    mean_loss = sum(r["loss"] for r in ranks) / WORLD_SIZE
+    torch.testing.assert_close(mean_loss, single["loss"], rtol=1e-6, atol=0.0)
+    for key in EMBED_KEYS:
+        # DDP averages gradients over ranks, hence the division by the world size.
+        rank_rows = torch.cat([r[key] for r in ranks]) / WORLD_SIZE
+        torch.testing.assert_close(rank_rows, single[key], rtol=1e-5, atol=1e-6 * single[key].abs().max().item())
+    for key in ["logit_scale"] + [k for k in single if k.startswith("logit_bias")]:
+        mean_grad = sum(r[key] for r in ranks) / WORLD_SIZE
+        torch.testing.assert_close(mean_grad, single[key], rtol=1e-5, atol=1e-7)
+    assert (single["logit_scale"] != 0) == (name != "simclr")
+
+
+def test_all_gather_forward_and_backward(rank_results: list[dict]) -> None:
+    expected = torch.cat([torch.full((2, 3), float(rank + 1)) for rank in range(WORLD_SIZE)])
+    weights = torch.arange(WORLD_SIZE * 6, dtype=torch.float32).view(WORLD_SIZE * 2, 3)
+    summed = sum(weights * (rank + 1) for rank in range(WORLD_SIZE))
+    for rank, result in enumerate(rank_results):
+        torch.testing.assert_close(result["gathered"], expected, rtol=0, atol=0)
+        torch.testing.assert_close(result["gather_grad"], summed[rank * 2 : (rank + 1) * 2], rtol=0, atol=0)
+
+
+def test_all_gather_rejects_unequal_batches_on_every_rank(rank_results: list[dict]) -> None:
+    for result in rank_results:
+        assert "same shape on every rank" in result["unequal_error"]
+        assert "(3, 4)" in result["unequal_error"] and "(4, 4)" in result["unequal_error"]
