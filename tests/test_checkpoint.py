@@ -1,0 +1,298 @@
+"""load_pretrained on our own, original-SLIP and OpenAI-CLIP files, against the original implementations."""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import pathlib
+from collections import OrderedDict
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from slip.checkpoint import CheckpointError, atomic_save, load_pretrained, save_model
+from slip.models import build_resnet_model, build_vit_model
+
+TINY_TEXT = dict(text_width=64, text_layers=2, text_heads=1, context_length=16, vocab_size=300)
+RTOL = 1e-5
+
+
+def assert_embeddings_equal(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal within 1e-5 relative to the embedding's scale (fp32)."""
+    assert got.shape == want.shape
+    scale = want.abs().max().item()
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=RTOL * scale)
+
+
+def perturb(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Move every weight and batch statistic off its initial value, so zero-inits can't hide a mismatch."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in module.state_dict().items():
+            if not tensor.is_floating_point():
+                continue
+            noise = torch.randn(tensor.shape, generator=gen)
+            if name.endswith("running_var"):
+                tensor.copy_(0.5 + noise.abs())
+            else:
+                tensor.add_(0.05 * noise)
+    return module
+
+
+def images(size: int, batch: int = 3, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def tokens(vocab: int, context: int, batch: int = 3, seed: int = 2) -> torch.Tensor:
+    """Caption-like rows: SOT, a few ids, EOT (the largest id, as in CLIP), zero padding."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.zeros(batch, context, dtype=torch.long)
+    for row, length in enumerate([3, context - 2, 6][:batch]):
+        rows[row, 0] = vocab - 2
+        rows[row, 1 : length + 1] = torch.randint(1, vocab - 2, (length,), generator=gen)
+        rows[row, length + 1] = vocab - 1
+    return rows
+
+
+# ---------------------------------------------------------------- own format
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: build_vit_model(image_size=32, patch_size=16, vision_width=64, vision_layers=2, vision_heads=2,
+                                embed_dim=32, ssl_mlp_dim=48, ssl_embed_dim=16, **TINY_TEXT),
+        lambda: build_vit_model(image_size=32, patch_size=16, vision_width=64, vision_layers=2, vision_heads=2,
+                                ssl_mlp_dim=48, ssl_embed_dim=16, inputs=("aug1", "aug2")),
+        lambda: build_resnet_model(image_size=64, vision_layers=(1, 1, 1, 1), vision_width=8, embed_dim=32,
+                                   inputs=("image", "text"), **TINY_TEXT),
+    ],
+    ids=["vit-slip", "vit-simclr", "resnet-clip"],
+)
+def test_own_format_round_trip(tmp_path: pathlib.Path, build) -> None:
+    model = perturb(build()).eval()
+    path = save_model(model, tmp_path / "model.pt")
+    loaded = load_pretrained(path)
+    assert not loaded.training
+    assert loaded.arch == model.arch
+    size = model.arch["image_size"]
+    batch = {k: images(size, seed=i) for i, k in enumerate(("image", "aug1", "aug2")) if k in model.inputs}
+    if "text" in model.inputs:
+        batch["text"] = tokens(TINY_TEXT["vocab_size"], TINY_TEXT["context_length"])
+    with torch.no_grad():
+        want, got = model(batch), loaded(batch)
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- OpenAI CLIP
+
+OPENAI_TEXT = dict(context_length=77, vocab_size=49408, transformer_width=128, transformer_heads=2,
+                   transformer_layers=2)
+
+
+def openai_vit(openai_clip) -> nn.Module:
+    torch.manual_seed(0)
+    model = openai_clip.model.CLIP(embed_dim=64, image_resolution=32, vision_layers=2, vision_width=128,
+                                   vision_patch_size=8, **OPENAI_TEXT)
+    return perturb(model).eval()
+
+
+def openai_resnet(openai_clip) -> nn.Module:
+    torch.manual_seed(0)
+    model = openai_clip.model.CLIP(embed_dim=64, image_resolution=64, vision_layers=(1, 2, 1, 1),
+                                   vision_width=16, vision_patch_size=None, **OPENAI_TEXT)
+    return perturb(model).eval()
+
+
+def check_against_openai(loaded, reference: nn.Module, openai_clip, resolution: int) -> None:
+    text = openai_clip.tokenize(["a photo of a cat", "", "x " * 100], truncate=True)
+    pixels = images(resolution)
+    with torch.no_grad():
+        assert_embeddings_equal(loaded.encode_image(pixels), reference.encode_image(pixels))
+        assert_embeddings_equal(loaded.encode_text(text), reference.encode_text(text))
+        assert loaded({"image": pixels, "text": text})["logit_scale"].item() == pytest.approx(
+            reference.logit_scale.exp().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("make, resolution", [(openai_vit, 32), (openai_resnet, 64)], ids=["vit", "resnet"])
+def test_openai_state_dict(tmp_path: pathlib.Path, openai_clip, make, resolution: int) -> None:
+    reference = make(openai_clip)
+    state = dict(reference.state_dict())
+    # OpenAI's released files carry these three entries besides the weights.
+    state.update(input_resolution=torch.tensor(resolution), context_length=torch.tensor(77),
+                 vocab_size=torch.tensor(49408))
+    torch.save(state, tmp_path / "openai.pt")
+    loaded = load_pretrained(tmp_path / "openai.pt")
+    assert loaded.arch["image_size"] == resolution and loaded.arch["text_width"] == 128
+    check_against_openai(loaded, reference, openai_clip, resolution)
+
+
+@pytest.mark.parametrize("make, resolution", [(openai_vit, 32), (openai_resnet, 64)], ids=["vit", "resnet"])
+def test_openai_half_precision_state_dict(tmp_path: pathlib.Path, openai_clip, make, resolution: int) -> None:
+    reference = make(openai_clip)
+    half = copy.deepcopy(reference)
+    openai_clip.model.convert_weights(half)  # what OpenAI did before releasing the weights
+    torch.save(half.state_dict(), tmp_path / "half.pt")
+    # The fp32 reference with the same (fp16-rounded) weights.
+    reference.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
+    loaded = load_pretrained(tmp_path / "half.pt")
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    check_against_openai(loaded, reference, openai_clip, resolution)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("make, resolution", [(openai_vit, 32), (openai_resnet, 64)], ids=["vit", "resnet"])
+def test_openai_torchscript_archive(tmp_path: pathlib.Path, openai_clip, make, resolution: int) -> None:
+    reference = make(openai_clip)
+    scripted_source = copy.deepcopy(reference)
+    for name, value in (("input_resolution", resolution), ("context_length", 77), ("vocab_size", 49408)):
+        if hasattr(scripted_source, name):
+            delattr(scripted_source, name)  # a plain int attribute there; the released archives hold tensors
+        scripted_source.register_buffer(name, torch.tensor(value))
+    example = (images(resolution, batch=2), openai_clip.tokenize(["a", "b"]))
+    traced = torch.jit.trace(scripted_source, example, check_trace=False)
+    traced.save(str(tmp_path / "openai_jit.pt"))
+    loaded = load_pretrained(tmp_path / "openai_jit.pt")
+    check_against_openai(loaded, reference, openai_clip, resolution)
+
+
+# ---------------------------------------------------------------- original SLIP
+
+
+def reference_ssl_mlp(in_dim: int, hidden: int, out: int) -> nn.Sequential:
+    """SLIP's image_mlp as the paper defines it: Linear-BN-ReLU-Linear-BN-ReLU-Linear."""
+    return nn.Sequential(OrderedDict([
+        ("layer1", nn.Linear(in_dim, hidden)), ("bn1", nn.BatchNorm1d(hidden)), ("relu1", nn.ReLU()),
+        ("layer2", nn.Linear(hidden, hidden)), ("bn2", nn.BatchNorm1d(hidden)), ("relu2", nn.ReLU()),
+        ("layer3", nn.Linear(hidden, out)),
+    ]))
+
+
+def original_slip_parts(openai_clip, objective: str) -> dict[str, nn.Module | torch.Tensor]:
+    """The modules the SLIP code builds for `objective` with a ViT-S/16 at 64 px and a small text tower."""
+    torch.manual_seed(0)
+    parts: dict[str, nn.Module | torch.Tensor] = {
+        "visual": perturb(timm.models.vision_transformer.VisionTransformer(
+            img_size=64, patch_size=16, embed_dim=384, depth=12, num_heads=12, num_classes=0)).eval(),
+    }
+    if objective in ("SLIP", "CLIP"):
+        parts["clip"] = perturb(openai_clip.model.CLIP(
+            embed_dim=96, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=16,
+            **OPENAI_TEXT)).eval()
+        parts["image_projection"] = torch.randn(384, 96) * 384**-0.5
+    if objective in ("SLIP", "SIMCLR"):
+        parts["image_mlp"] = perturb(reference_ssl_mlp(384, 64, 32)).eval()
+    return parts
+
+
+def original_slip_checkpoint(parts: dict, model_name: str) -> dict:
+    state: dict[str, torch.Tensor] = {f"visual.{k}": v for k, v in parts["visual"].state_dict().items()}
+    if "clip" in parts:
+        text_state = parts["clip"].state_dict()
+        state.update({k: v for k, v in text_state.items() if not k.startswith("visual.")})
+        state["image_projection"] = parts["image_projection"]
+    if "image_mlp" in parts:
+        state.update({f"image_mlp.{k}": v for k, v in parts["image_mlp"].state_dict().items()})
+    return {
+        "epoch": 25,
+        "state_dict": {f"module.{k}": v for k, v in state.items()},
+        "args": argparse.Namespace(model=model_name, ssl_scale=1.0, lr=3e-3),
+        "best_acc1": 42.0,
+    }
+
+
+@pytest.mark.parametrize("objective", ["SLIP", "CLIP", "SIMCLR"])
+def test_original_slip_checkpoint(tmp_path: pathlib.Path, openai_clip, objective: str) -> None:
+    parts = original_slip_parts(openai_clip, objective)
+    torch.save(original_slip_checkpoint(parts, f"{objective}_VITS16"), tmp_path / "checkpoint_best.pt")
+    loaded = load_pretrained(tmp_path / "checkpoint_best.pt")
+    assert loaded.arch["vision_heads"] == 12 and loaded.arch["vision_width"] == 384
+    pixels = images(64)
+    with torch.no_grad():
+        features = parts["visual"](pixels)
+        assert_embeddings_equal(loaded.image_features(pixels), features)
+        if "clip" in parts:
+            text = openai_clip.tokenize(["a small red circle", "two dogs on a beach at sunset"])
+            assert_embeddings_equal(loaded.encode_image(pixels), features @ parts["image_projection"])
+            assert_embeddings_equal(loaded.encode_text(text), parts["clip"].encode_text(text))
+        else:
+            assert loaded.text is None
+        if "image_mlp" in parts:
+            out = loaded({"aug1": pixels, "aug2": pixels.flip(-1)})
+            assert_embeddings_equal(out["aug1_embed"], parts["image_mlp"](features))
+            assert_embeddings_equal(out["aug2_embed"], parts["image_mlp"](parts["visual"](pixels.flip(-1))))
+        else:
+            assert loaded.image_mlp is None
+
+
+# ---------------------------------------------------------------- security and bad input
+
+
+class WritesAFile:
+    """Unpickling this calls Path.touch: what a malicious checkpoint would do."""
+
+    def __init__(self, target: pathlib.Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.target,))
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path: pathlib.Path) -> None:
+    target = tmp_path / "pwned"
+    payload = {"state_dict": {"module.x": torch.zeros(1)}, "args": WritesAFile(target)}
+    torch.save(payload, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="evil.pt.*refused"):
+        load_pretrained(tmp_path / "evil.pt")
+    assert not target.exists()
+    # The payload is live: an unsafe load does run it (so the check above can fail).
+    torch.load(tmp_path / "evil.pt", weights_only=False)
+    assert target.exists()
+
+
+def one_line_error(path: pathlib.Path, error: type[Exception] = CheckpointError) -> str:
+    with pytest.raises(error) as info:
+        load_pretrained(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    return message
+
+
+def test_missing_file(tmp_path: pathlib.Path) -> None:
+    assert "no such" in one_line_error(tmp_path / "nope.pt", FileNotFoundError)
+
+
+def test_garbage_bytes(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "garbage.pt").write_bytes(os.urandom(1000))
+    one_line_error(tmp_path / "garbage.pt")
+
+
+def test_unrelated_dict(tmp_path: pathlib.Path) -> None:
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    assert "not a slip" in one_line_error(tmp_path / "other.pt")
+
+
+def test_unknown_slip_model_name(tmp_path: pathlib.Path, openai_clip) -> None:
+    checkpoint = original_slip_checkpoint(original_slip_parts(openai_clip, "SIMCLR"), "MOCO_VITS16")
+    torch.save(checkpoint, tmp_path / "moco.pt")
+    assert "MOCO_VITS16" in one_line_error(tmp_path / "moco.pt")
+
+
+def test_weights_that_do_not_fit(tmp_path: pathlib.Path, openai_clip) -> None:
+    checkpoint = original_slip_checkpoint(original_slip_parts(openai_clip, "SIMCLR"), "SIMCLR_VITS16")
+    del checkpoint["state_dict"]["module.image_mlp.bn1.running_mean"]
+    torch.save(checkpoint, tmp_path / "partial.pt")
+    assert "bn1.running_mean" in one_line_error(tmp_path / "partial.pt")
+
+
+def test_failed_save_keeps_previous_file(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "last.pt"
+    atomic_save({"step": 1}, path)
+    with pytest.raises(Exception):
+        atomic_save({"step": 2, "unpicklable": lambda: None}, path)
+    assert torch.load(path) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
