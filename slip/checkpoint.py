@@ -12,7 +12,8 @@ from typing import Any, Mapping
 
 import torch
 
-from slip.models import ALL_INPUTS, ImageTextModel, build_from_arch
+from slip.models import (ALL_INPUTS, IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,
+                         ImageTextModel, build_from_arch)
 
 FORMAT_NAME = "slip"
 FORMAT_VERSION = 1
@@ -144,7 +145,7 @@ def _from_openai(state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[s
     """OpenAI CLIP state dict (ViT or ModifiedResNet) -> (arch record, our state dict)."""
     state = {k: v.float() for k, v in state.items() if k not in OPENAI_METADATA_KEYS}
     arch: dict[str, Any] = dict(_text_arch(state), embed_dim=state["text_projection"].shape[1],
-                                inputs=("image", "text"))
+                                inputs=("image", "text"), image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
     if "visual.proj" in state:
         width = state["visual.conv1.weight"].shape[0]
         patch = state["visual.conv1.weight"].shape[-1]
@@ -184,7 +185,7 @@ def _from_original_slip(checkpoint: Mapping[str, Any], path: Path) -> tuple[dict
     arch: dict[str, Any] = dict(
         family="vit", patch_size=patch, image_size=patch * grid, vision_width=width,
         vision_heads=SLIP_VISION_HEADS[vision], vision_layers=_count_blocks(state, "visual.blocks."),
-        inputs=SLIP_OBJECTIVE_INPUTS[objective],
+        inputs=SLIP_OBJECTIVE_INPUTS[objective], image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
     )
     if "text_projection" in state:
         arch.update(_text_arch(state, "text."), embed_dim=state["text_projection"].shape[1])

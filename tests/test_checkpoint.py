@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from slip.checkpoint import CheckpointError, atomic_save, load_pretrained, save_model
-from slip.models import build_resnet_model, build_vit_model
+from slip.models import (IMAGENET_MEAN, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, build_resnet_model,
+                         build_vit_model)
 
 TINY_TEXT = dict(text_width=64, text_layers=2, text_heads=1, context_length=16, vocab_size=300)
 RTOL = 1e-5
@@ -128,6 +129,7 @@ def test_openai_state_dict(tmp_path: pathlib.Path, openai_clip, make, resolution
     torch.save(state, tmp_path / "openai.pt")
     loaded = load_pretrained(tmp_path / "openai.pt")
     assert loaded.arch["image_size"] == resolution and loaded.arch["text_width"] == 128
+    assert loaded.arch["image_mean"] == OPENAI_CLIP_MEAN and loaded.arch["image_std"] == OPENAI_CLIP_STD
     check_against_openai(loaded, reference, openai_clip, resolution)
 
 
@@ -211,6 +213,7 @@ def test_original_slip_checkpoint(tmp_path: pathlib.Path, openai_clip, objective
     torch.save(original_slip_checkpoint(parts, f"{objective}_VITS16"), tmp_path / "checkpoint_best.pt")
     loaded = load_pretrained(tmp_path / "checkpoint_best.pt")
     assert loaded.arch["vision_heads"] == 12 and loaded.arch["vision_width"] == 384
+    assert loaded.arch["image_mean"] == IMAGENET_MEAN  # SLIP trained with ImageNet statistics
     pixels = images(64)
     with torch.no_grad():
         features = parts["visual"](pixels)

@@ -10,10 +10,25 @@ from slip.models.text import TextTransformer
 from slip.models.vision import ModifiedResNet, vit_tower
 
 __all__ = [
-    "ALL_INPUTS", "ImageTextModel", "MODEL_BUILDERS", "build_from_arch", "build_resnet_model",
+    "ALL_INPUTS", "IMAGENET_MEAN", "IMAGENET_STD", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "ImageTextModel", "MODEL_BUILDERS", "build_from_arch", "build_resnet_model",
     "build_vit_model", "rn50", "rn101", "rn50x4", "rn50x16", "rn50x64", "vit_b16", "vit_l16",
     "vit_s16", "vit_ti16",
 ]
+
+
+# Pixel normalisation is part of a model: SLIP trained with ImageNet statistics, OpenAI CLIP with its own.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _normalization(mean: Sequence[float], std: Sequence[float]) -> dict[str, tuple[float, ...]]:
+    """Validated per-channel mean and std, as plain tuples for the arch record."""
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"image_mean and image_std need 3 values each, std > 0; got {mean} and {std}")
+    return {"image_mean": mean, "image_std": std}
 
 
 def _parts_for(inputs: Sequence[str]) -> tuple[bool, bool]:
@@ -69,10 +84,12 @@ def build_vit_model(
     ssl_mlp_dim: int = 4096,
     ssl_embed_dim: int = 256,
     logit_scale_init: float = CLIP_INITIAL_LOGIT_SCALE,
+    image_mean: Sequence[float] = IMAGENET_MEAN,
+    image_std: Sequence[float] = IMAGENET_STD,
     inputs: Sequence[str] = ALL_INPUTS,
 ) -> ImageTextModel:
     """A model with a timm ViT image tower; text tower and SSL head only where `inputs` need them."""
-    arch = dict(locals(), family="vit", inputs=tuple(inputs))
+    arch = dict(locals(), family="vit", inputs=tuple(inputs), **_normalization(image_mean, image_std))
     visual = vit_tower(
         image_size=image_size,
         patch_size=patch_size,
@@ -100,11 +117,14 @@ def build_resnet_model(
     ssl_mlp_dim: int = 4096,
     ssl_embed_dim: int = 256,
     logit_scale_init: float = CLIP_INITIAL_LOGIT_SCALE,
+    image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
+    image_std: Sequence[float] = OPENAI_CLIP_STD,
     inputs: Sequence[str] = ALL_INPUTS,
 ) -> ImageTextModel:
     """A model with CLIP's ModifiedResNet image tower, whose attention pool projects to `embed_dim`."""
     vision_heads = vision_heads or vision_width * 32 // 64
-    arch = dict(locals(), family="resnet", inputs=tuple(inputs), vision_layers=tuple(vision_layers))
+    arch = dict(locals(), family="resnet", inputs=tuple(inputs), vision_layers=tuple(vision_layers),
+                **_normalization(image_mean, image_std))
     visual = ModifiedResNet(
         layers=tuple(vision_layers),
         output_dim=embed_dim,
