@@ -1,0 +1,1 @@
+"""Data: readers (datasets), view recipes (transforms), the generated default dataset (synthetic), loaders."""

@@ -1,0 +1,174 @@
+"""DataLoader construction: batching, and splitting the data over ranks (and workers) reproducibly.
+
+Training loaders are built once per epoch: `build_train_loader(..., epoch=e)` sets the dataset's epoch before
+any worker starts, so caption draws and augmentations are those of epoch `e`. To resume mid-epoch, pass the
+number of batches already consumed as `start_batch`; the loader then yields exactly the remaining batches of
+an uninterrupted epoch, without loading the skipped samples (map-style datasets).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+
+from slip.data.datasets import MAX_SKIPPED_EXAMPLES, derive_seed
+from slip.distributed import WorldInfo
+
+__all__ = ["EpochSampler", "build_eval_loader", "build_train_loader", "collate"]
+
+
+def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Batch sample dicts: stack tensors, sum "_skipped" counts, concatenate (a few) "_skipped_examples"."""
+    if not samples:
+        raise ValueError("cannot collate an empty list of samples")
+    keys = samples[0].keys()
+    for position, sample in enumerate(samples):
+        if sample.keys() != keys:
+            raise ValueError(f"sample {position} has keys {sorted(sample)}, sample 0 has {sorted(keys)}")
+    batch: dict[str, Any] = {}
+    for key in keys:
+        values = [sample[key] for sample in samples]
+        if key == "_skipped":
+            batch[key] = dict(sum((Counter(value) for value in values), Counter()))
+        elif key == "_skipped_examples":
+            batch[key] = [example for value in values for example in value][:MAX_SKIPPED_EXAMPLES]
+        elif isinstance(values[0], torch.Tensor):
+            try:
+                batch[key] = torch.stack(values)
+            except RuntimeError:
+                shapes = sorted({tuple(value.shape) for value in values})
+                raise ValueError(f"cannot stack {key!r}: samples have shapes {shapes}") from None
+        elif isinstance(values[0], (int, float, bool)):
+            batch[key] = torch.tensor(values)
+        else:
+            batch[key] = values
+    return batch
+
+
+class EpochSampler(Sampler[int]):
+    """This rank's indices of a per-(seed, epoch) permutation; every rank gets the same count.
+
+    The permutation's first ``num_samples // world_size * world_size`` entries are dealt out round-robin
+    (rank r takes positions r, r + world_size, ...); the tail is dropped. `start_index` skips the first
+    indices of this rank's share, e.g. those already consumed before a resume.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        world: WorldInfo = WorldInfo(),
+        seed: int = 0,
+        epoch: int = 0,
+        start_index: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        if num_samples < world.world_size:
+            raise ValueError(f"{num_samples} samples cannot be shared by {world.world_size} ranks")
+        self.num_samples, self.world, self.seed, self.shuffle = num_samples, world, seed, shuffle
+        self.per_rank = num_samples // world.world_size
+        self.set_epoch(epoch, start_index)
+
+    def set_epoch(self, epoch: int, start_index: int = 0) -> None:
+        """Use the permutation of `epoch`, starting `start_index` indices into this rank's share."""
+        if not 0 <= start_index <= self.per_rank:
+            raise ValueError(f"start_index must be in [0, {self.per_rank}], got {start_index}")
+        self.epoch, self.start_index = epoch, start_index
+
+    def __len__(self) -> int:
+        """Indices still to come this epoch."""
+        return self.per_rank - self.start_index
+
+    def __iter__(self) -> Iterator[int]:
+        """This rank's remaining indices of the epoch, in order."""
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+            order = torch.randperm(self.num_samples, generator=generator)
+        else:
+            order = torch.arange(self.num_samples)
+        size = self.world.world_size
+        mine = order[: self.per_rank * size][self.world.rank :: size]
+        return iter(mine[self.start_index :].tolist())
+
+
+def _check_batch_size(batch_size: int) -> None:
+    """Raise a one-line ValueError unless `batch_size` is a positive integer."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+def build_train_loader(
+    dataset: Dataset | IterableDataset,
+    batch_size: int,
+    world: WorldInfo,
+    num_workers: int = 0,
+    seed: int = 0,
+    epoch: int = 0,
+    start_batch: int = 0,
+    pin_memory: bool = False,
+    persistent_workers: bool = False,
+) -> DataLoader:
+    """The training DataLoader of one epoch: `batch_size` samples per rank, incomplete batches dropped.
+
+    Map-style datasets are shuffled by an `EpochSampler` (seeded by `seed`, `epoch`) and sharded over ranks;
+    streams (IterableDataset) shard and shuffle themselves (see `WebDatasetStream`) and `seed` is not used.
+    The loader skips the first `start_batch` batches of the epoch. `persistent_workers` keeps workers (and
+    their copy of the dataset) alive between iterations, so only use it to iterate the same epoch again.
+    """
+    _check_batch_size(batch_size)
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if start_batch < 0:
+        raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    sampler = None
+    if isinstance(dataset, IterableDataset):
+        if hasattr(dataset, "configure"):
+            dataset.configure(world, num_workers, batch_size, start_batch)
+        elif start_batch:
+            raise ValueError(f"{type(dataset).__name__} cannot skip batches (start_batch={start_batch})")
+    else:
+        size, global_batch = len(dataset), batch_size * world.world_size
+        if size < global_batch:
+            raise ValueError(
+                f"dataset of {size} samples is smaller than one global batch of {global_batch} "
+                f"(batch_size {batch_size} x world_size {world.world_size})"
+            )
+        batches = size // world.world_size // batch_size
+        if start_batch > batches:
+            raise ValueError(f"start_batch={start_batch} is past the {batches} batches of an epoch")
+        sampler = EpochSampler(size, world, seed, epoch, start_index=start_batch * batch_size)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        drop_last=True,
+        persistent_workers=persistent_workers and num_workers > 0,
+        # Our own generator: the workers' base seed would otherwise be drawn from the caller's global RNG.
+        generator=torch.Generator().manual_seed(derive_seed(seed, epoch, world.rank, "loader")),
+    )
+
+
+def build_eval_loader(
+    dataset: Dataset | IterableDataset, batch_size: int, num_workers: int = 0, pin_memory: bool = False
+) -> DataLoader:
+    """A plain evaluation DataLoader: every sample once, in order, last batch kept even if smaller."""
+    _check_batch_size(batch_size)
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        drop_last=False,
+        generator=torch.Generator().manual_seed(0),
+    )
