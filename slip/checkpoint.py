@@ -210,6 +210,17 @@ def _identify(content: Any, path: Path) -> tuple[dict[str, Any], Mapping[str, to
     raise CheckpointError(f"{path}: not a slip, original-SLIP or OpenAI-CLIP checkpoint ({kind} with keys: {keys})")
 
 
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read one of this toolkit's checkpoints (e.g. a training run's last.pt) safely, as a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    content = _read_file(path)
+    if not (isinstance(content, Mapping) and content.get("format") == FORMAT_NAME):
+        raise CheckpointError(f"{path}: not a slip checkpoint")
+    return dict(content)
+
+
 def _describe_mismatch(missing: list[str], unexpected: list[str]) -> str:
     parts = []
     if missing:
@@ -243,4 +254,4 @@ def load_pretrained(path: str | os.PathLike) -> ImageTextModel:
     return model.eval()
 
 
-__all__ = ["CheckpointError", "atomic_save", "load_pretrained", "model_checkpoint", "save_model"]
+__all__ = ["CheckpointError", "atomic_save", "load_pretrained", "model_checkpoint", "read_checkpoint", "save_model"]

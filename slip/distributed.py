@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -73,12 +74,38 @@ class WorldInfo:
         return self.world_size > 1
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list such as 'gpu[003-005,010],cpu01' (-> 'gpu003')."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match or not match.group(1):
+        raise ValueError(f"cannot read a host name from SLURM node list {nodelist!r}")
+    prefix, ranges = match.groups()
+    return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "")
+
+
+def rendezvous_env(env: Mapping[str, str]) -> dict[str, str]:
+    """MASTER_ADDR/MASTER_PORT for env:// init: as given (torchrun), else derived from SLURM's job variables."""
+    if "MASTER_ADDR" in env and "MASTER_PORT" in env:
+        return {"MASTER_ADDR": env["MASTER_ADDR"], "MASTER_PORT": env["MASTER_PORT"]}
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist:
+        raise ValueError("distributed run without MASTER_ADDR/MASTER_PORT or SLURM_JOB_NODELIST: "
+                         "launch with torchrun or srun")
+    # Every task of a job computes the same port, and concurrent jobs on one node get different ones.
+    port = env.get("MASTER_PORT") or str(15000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+    return {"MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodelist), "MASTER_PORT": port}
+
+
 def init_process_group(world: WorldInfo, backend: str | None = None, init_method: str = "env://") -> None:
     """Join the default process group (nccl when CUDA is available, else gloo); no-op for one process."""
     if not world.is_distributed:
         return
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if init_method == "env://":
+        os.environ.update(rendezvous_env(os.environ))
+    if backend == "nccl":
+        torch.cuda.set_device(world.local_rank)
     dist.init_process_group(backend, init_method=init_method, rank=world.rank, world_size=world.world_size)
 
 
@@ -141,3 +168,43 @@ def make_gather(world: WorldInfo) -> Gather:
         return all_gather_with_grad(tensor), world.rank * tensor.shape[0]
 
     return gather
+
+
+class SyncBatchNorm1d(torch.nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics cover the global batch of all ranks, on any backend (gloo too).
+
+    torch.nn.SyncBatchNorm only runs on GPUs; this one uses autograd-aware all-reduces, so CPU runs under
+    torchrun give the same result as one process on the global batch. Its state dict keys are BatchNorm1d's.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalise with the statistics of the global batch while training with several ranks."""
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        count = x.shape[0] * dist.get_world_size()  # all ranks hold equal batches (all_gather_with_grad needs it)
+        mean = all_reduce(x.sum(dim=0)) / count
+        centred = x - mean
+        var = all_reduce((centred * centred).sum(dim=0)) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                momentum = self.momentum if self.momentum is not None else 1 / (int(self.num_batches_tracked) + 1)
+                self.running_mean.lerp_(mean.detach(), momentum)
+                self.running_var.lerp_(var.detach() * count / max(count - 1, 1), momentum)
+                self.num_batches_tracked.add_(1)
+        out = centred * torch.rsqrt(var + self.eps)
+        return out * self.weight + self.bias if self.affine else out
+
+
+def convert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Replace every BatchNorm1d in `module` by a SyncBatchNorm1d with the same parameters and statistics."""
+    for name, child in module.named_children():
+        if type(child) is torch.nn.BatchNorm1d:
+            synced = SyncBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine,
+                                     child.track_running_stats).to(child.weight.device if child.affine else "cpu")
+            synced.load_state_dict(child.state_dict())
+            setattr(module, name, synced)
+        else:
+            convert_sync_batchnorm(child)
+    return module

@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from slip.distributed import WorldInfo, all_gather_with_grad, init_process_group, local_gather, make_gather
+from slip.distributed import (WorldInfo, all_gather_with_grad, convert_sync_batchnorm, first_host, init_process_group, local_gather,
+                              make_gather, rendezvous_env)
 from slip.losses import CLIPLoss, Objective, SigLIPLoss, SimCLRLoss, SLIPLoss
 
 # ---------------------------------------------------------------- WorldInfo
@@ -121,6 +122,26 @@ def run_objective(objective: Objective, outputs: dict[str, Tensor]) -> dict[str,
     return result
 
 
+def batchnorm() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    layer = torch.nn.BatchNorm1d(DIM)
+    torch.nn.init.normal_(layer.weight)
+    torch.nn.init.normal_(layer.bias)
+    return torch.nn.Sequential(layer).train()
+
+
+def batchnorm_results(module: torch.nn.Module, rows: slice) -> dict[str, Tensor]:
+    """Output, input gradient and running statistics of a batch norm on `rows` of a fixed global batch."""
+    gen = torch.Generator().manual_seed(7)
+    x_all = torch.randn(WORLD_SIZE * LOCAL_BATCH, DIM, generator=gen) * 3 + 1
+    weights = torch.randn(WORLD_SIZE * LOCAL_BATCH, DIM, generator=gen)
+    x = x_all[rows].clone().requires_grad_()
+    y = module(x)
+    (y * weights[rows]).sum().backward()
+    return {"bn_out": y.detach(), "bn_grad": x.grad, "bn_mean": module[0].running_mean.clone(),
+            "bn_var": module[0].running_var.clone()}
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     """One rank: run every objective on its half of the global batch and save the results."""
     torch.set_num_threads(1)
@@ -140,6 +161,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         (gathered * weights).sum().backward()
         results["gathered"] = gathered.detach()
         results["gather_grad"] = x.grad
+
+        results.update(batchnorm_results(convert_sync_batchnorm(batchnorm()), rows))
 
         try:
             all_gather_with_grad(torch.zeros(3 + rank, 4))
@@ -209,3 +232,31 @@ def test_all_gather_rejects_unequal_batches_on_every_rank(rank_results: list[dic
     for result in rank_results:
         assert "same shape on every rank" in result["unequal_error"]
         assert "(3, 4)" in result["unequal_error"] and "(4, 4)" in result["unequal_error"]
+
+
+# ---------------------------------------------------------------- SLURM rendezvous
+
+
+@pytest.mark.parametrize(
+    ("nodelist", "host"),
+    [("gpu[003-005,010],cpu01", "gpu003"), ("node17", "node17"), ("a-b[1,2]", "a-b1"), ("x[7]", "x7")],
+)
+def test_first_host_of_slurm_node_list(nodelist: str, host: str) -> None:
+    assert first_host(nodelist) == host
+
+
+def test_rendezvous_prefers_explicit_address_then_slurm() -> None:
+    assert rendezvous_env({"MASTER_ADDR": "h", "MASTER_PORT": "1"}) == {"MASTER_ADDR": "h", "MASTER_PORT": "1"}
+    derived = rendezvous_env({"SLURM_JOB_NODELIST": "gpu[12-13]", "SLURM_JOB_ID": "4242"})
+    assert derived == {"MASTER_ADDR": "gpu12", "MASTER_PORT": str(15000 + 4242)}
+    with pytest.raises(ValueError, match="SLURM_JOB_NODELIST"):
+        rendezvous_env({})
+
+
+def test_sync_batchnorm_equals_batchnorm_on_the_global_batch(rank_results: list[dict]) -> None:
+    single = batchnorm_results(batchnorm(), slice(None))
+    for key in ("bn_out", "bn_grad"):
+        torch.testing.assert_close(torch.cat([r[key] for r in rank_results]), single[key], rtol=1e-5, atol=1e-5)
+    for result in rank_results:
+        torch.testing.assert_close(result["bn_mean"], single["bn_mean"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(result["bn_var"], single["bn_var"], rtol=1e-5, atol=1e-6)

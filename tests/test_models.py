@@ -264,3 +264,32 @@ def test_vit_accepts_other_image_sizes():
     assert model.encode_image(images).shape == (2, 24)
     with pytest.raises(ValueError, match="multiple of patch_size"):
         tiny_vit(image_size=50)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: build_vit_model(image_size=32, patch_size=16, vision_width=64, vision_layers=2, vision_heads=2,
+                                embed_dim=32, text_width=32, text_layers=2, text_heads=1, vocab_size=100,
+                                context_length=8, inputs=("image", "text")),
+        lambda: build_resnet_model(image_size=64, vision_layers=(1, 1, 1, 1), vision_width=8, embed_dim=32,
+                                   text_width=32, text_layers=2, text_heads=1, vocab_size=100, context_length=8,
+                                   inputs=("image", "text")),
+    ],
+    ids=["vit", "resnet"],
+)
+def test_grad_checkpointing_gives_the_same_gradients(build) -> None:
+    torch.manual_seed(0)
+    model = build().eval()  # eval: BatchNorm must not see the recomputed forward as a second batch
+    size = model.arch["image_size"]
+    batch = {"image": torch.randn(2, 3, size, size), "text": torch.randint(1, 99, (2, 8))}
+    grads = []
+    for checkpointing in (False, True):
+        model.set_grad_checkpointing(checkpointing)
+        model.zero_grad()
+        out = model(batch)
+        (out["image_embed"].square().sum() + out["text_embed"].square().sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)

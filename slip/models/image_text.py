@@ -85,6 +85,13 @@ class ImageTextModel(nn.Module):
             raise RuntimeError("this model was built without a text tower (an SSL-only objective)")
         return self.text(tokens) @ self.text_projection
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute tower activations in backward to save memory (where the tower supports it)."""
+        if hasattr(self.visual, "set_grad_checkpointing"):
+            self.visual.set_grad_checkpointing(enable)
+        if self.text is not None:
+            self.text.transformer.grad_checkpointing = enable
+
     def scaled_logit_scale(self) -> torch.Tensor:
         """exp(logit_scale), clamped to at most `max_logit_scale`."""
         return self.logit_scale.exp().clamp(max=self.max_logit_scale)

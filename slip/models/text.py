@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -68,10 +69,15 @@ class Transformer(nn.Module):
         self.width = width
         self.layers = layers
         self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(layers)])
+        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Run all blocks on [B, L, W]."""
-        return self.resblocks(x)
+        """Run all blocks on [B, L, W]; with `grad_checkpointing`, activations are recomputed in backward."""
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            return self.resblocks(x)
+        for block in self.resblocks:
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+        return x
 
 
 class TextTransformer(nn.Module):

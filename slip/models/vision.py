@@ -6,6 +6,7 @@ from functools import partial
 from typing import Sequence
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -151,8 +152,13 @@ class ModifiedResNet(nn.Module):
             blocks += [Bottleneck(inplanes, planes) for _ in range(1, depth)]
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.grad_checkpointing = False
         self.attnpool = AttentionPool2d(image_size // 32, width * 32, heads, output_dim)
         self.initialize_parameters()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each stage's activations in backward instead of storing them."""
+        self.grad_checkpointing = enable
 
     def initialize_parameters(self) -> None:
         """CLIP's initialisation: scaled attention-pool projections, zero-gamma last BN of each block."""
@@ -169,7 +175,11 @@ class ModifiedResNet(nn.Module):
         x = self.relu2(self.bn2(self.conv2(x)))
         x = self.relu3(self.bn3(self.conv3(x)))
         x = self.avgpool(x)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False)
+            else:
+                x = stage(x)
         return self.attnpool(x)
 
 
