@@ -1,0 +1,409 @@
+"""The training loop: AMP, accumulation, clipping, schedule, checkpoints, resume, preemption, telemetry."""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from slip.checkpoint import FORMAT_NAME, FORMAT_VERSION, atomic_save
+from slip.distributed import WorldInfo
+from slip.losses import Objective
+from slip.models import ImageTextModel
+from slip.monitor import Monitor, peak_memory_mib
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MAX_LOGIT_SCALE = math.log(100.0)
+LoaderForEpoch = Callable[[int, int], Iterable[dict]]
+"""(epoch, number of batches to skip) -> the batches of that epoch."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (too many bad samples, repeated non-finite losses); the message says why."""
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """How long and how to train; validated on construction so bad values fail before any work."""
+
+    epochs: int = 1
+    max_steps: int | None = None
+    update_freq: int = 1
+    precision: str = "auto"
+    grad_clip: float | None = None
+    grad_checkpointing: bool = False
+    compile: bool = False
+    device: str = "auto"
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 500
+    eval_every: int | None = None
+    resume: str = "auto"
+    max_bad_fraction: float = 0.05
+    max_nonfinite_steps: int = 5
+    log_images: bool = True
+    stop_after: int | None = None
+
+    def __post_init__(self) -> None:
+        positive = {"epochs": self.epochs, "update_freq": self.update_freq, "log_every": self.log_every,
+                    "max_nonfinite_steps": self.max_nonfinite_steps}
+        for key, value in positive.items():
+            if value < 1:
+                raise ValueError(f"trainer.{key} must be >= 1, got {value}")
+        for key in ("max_steps", "eval_every", "stop_after"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"trainer.{key} must be >= 1 or null, got {value}")
+        if self.save_every < 0:
+            raise ValueError(f"trainer.save_every must be >= 0 (0: only at epoch ends), got {self.save_every}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"trainer.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"trainer.grad_clip must be > 0 or null, got {self.grad_clip}")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ValueError(f"trainer.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in checkpoints so a resumed run continues exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    samples_seen: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    nonfinite_in_a_row: int = 0
+
+
+class TrainTask(nn.Module):
+    """Model plus objective: the one module that owns every trainable parameter (what DDP wraps)."""
+
+    def __init__(self, model: ImageTextModel, objective: Objective) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Batch -> the objective's result dict (loss, terms, accuracies)."""
+        return self.objective(self.model(batch))
+
+
+class PreemptionFlag:
+    """Set by SIGTERM (SLURM preemption); the loop saves and returns at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "PreemptionFlag":
+        with contextlib.suppress(ValueError):  # signal handlers only install in the main thread
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def resolve_device(name: str, world: WorldInfo) -> torch.device:
+    """'auto' -> this rank's GPU when CUDA is available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `precision` on `device` (None: plain fp32). 'auto' is bf16 on GPU, fp32 on CPU."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision != "fp32" and device.type != "cuda":
+        raise ValueError(f"trainer.precision={precision} needs a GPU; use fp32 on {device.type}")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def seed_everything(seed: int, world: WorldInfo) -> None:
+    """Seed torch and Python's RNG differently on each rank."""
+    torch.manual_seed(seed + world.rank)
+    random.seed(seed + world.rank)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states, as plain tensors and tuples."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what `rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _all_ranks(value: Any, world: WorldInfo) -> list[Any]:
+    if not world.is_distributed:
+        return [value]
+    gathered: list[Any] = [None] * world.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def _any_rank(flag: bool, world: WorldInfo, device: torch.device) -> bool:
+    if not world.is_distributed:
+        return flag
+    tensor = torch.tensor(float(flag), device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def view_grid(batch: Mapping[str, torch.Tensor], mean: Iterable[float], std: Iterable[float], count: int = 8):
+    """One row per image view of the first `count` samples, un-normalised to [0, 1] for TensorBoard."""
+    from torchvision.utils import make_grid
+
+    mean_t = torch.tensor(list(mean)).view(1, 3, 1, 1)
+    std_t = torch.tensor(list(std)).view(1, 3, 1, 1)
+    rows = [batch[k][:count].float().cpu() * std_t + mean_t for k in ("image", "aug1", "aug2") if k in batch]
+    return make_grid(torch.cat(rows).clamp(0, 1), nrow=min(count, rows[0].shape[0]))
+
+
+class Trainer:
+    """Runs `fit`: one instance per training run."""
+
+    def __init__(
+        self,
+        task: TrainTask,
+        optimizer: torch.optim.Optimizer,
+        schedule: Callable[[int], float],
+        settings: TrainerSettings,
+        world: WorldInfo,
+        run_dir: Path,
+        total_steps: int,
+        steps_per_epoch: int,
+        config_text: str = "",
+        evaluate: Callable[[ImageTextModel], dict[str, float]] | None = None,
+    ) -> None:
+        self.task, self.optimizer, self.schedule = task, optimizer, schedule
+        self.settings, self.world, self.run_dir = settings, world, run_dir
+        self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+        self.config_text, self.evaluate = config_text, evaluate
+        self.device = resolve_device(settings.device, world)
+        self.dtype = autocast_dtype(settings.precision, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.state = TrainState()
+        self.checkpoint_path = run_dir / "checkpoints" / "last.pt"
+        self.monitor = Monitor(run_dir, total_steps, settings.log_every, enabled=world.is_main)
+        self.last_eval: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []
+        task.to(self.device)
+        self.wrapped: nn.Module = task
+        if world.is_distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.wrapped = nn.parallel.DistributedDataParallel(task, device_ids=ids)
+        if settings.compile:
+            self.wrapped = torch.compile(self.wrapped)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly; model weights in the format load_pretrained reads."""
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "arch": dict(self.task.model.arch),
+            "model": self.task.model.state_dict(),
+            "objective": self.task.objective.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "state": asdict(self.state),
+            "rng": _all_ranks(rng_state(), self.world),
+            "config": self.config_text,
+        }
+
+    def save(self) -> None:
+        """Atomically replace the latest checkpoint (main rank writes; all ranks take part in gathering)."""
+        checkpoint = self.state_dict()
+        if self.world.is_main:
+            atomic_save(checkpoint, self.checkpoint_path)
+        if self.world.is_distributed:
+            dist.barrier()
+
+    def load_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        """Restore a `state_dict` (this rank's RNG included)."""
+        self.task.model.load_state_dict(checkpoint["model"])
+        self.task.objective.load_state_dict(checkpoint["objective"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        self.state = TrainState(**checkpoint["state"])
+        rng = checkpoint["rng"]
+        set_rng_state(rng[self.world.rank] if self.world.rank < len(rng) else rng[0])
+
+    # ------------------------------------------------------------------ the loop
+
+    def _account_bad_samples(self, batch: dict) -> None:
+        skipped = batch.pop("_skipped", None) or {}
+        examples = batch.pop("_skipped_examples", None) or []
+        counts = Counter(self.state.skipped)
+        counts.update({k: int(v) for k, v in skipped.items()})
+        self.state.skipped = dict(counts)
+        bad = sum(counts.values())
+        looked_at = bad + self.state.samples_seen
+        if bad and looked_at >= 100 and bad / looked_at > self.settings.max_bad_fraction:
+            raise TrainingError(
+                f"{bad} of {looked_at} samples were bad ({dict(counts)}), above trainer.max_bad_fraction="
+                f"{self.settings.max_bad_fraction}; e.g. {'; '.join(examples[:3]) or 'see earlier batches'}"
+            )
+
+    def _optimizer_step(self, step_nonfinite: bool) -> bool:
+        """Clip, step and update the scaler; skipped (grads dropped) after a non-finite loss."""
+        if _any_rank(step_nonfinite, self.world, self.device):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.nonfinite_in_a_row += 1
+            self.monitor.message(f"step {self.state.step + 1}: non-finite loss, step skipped "
+                                 f"({self.state.nonfinite_in_a_row} in a row)")
+            if self.state.nonfinite_in_a_row >= self.settings.max_nonfinite_steps:
+                raise TrainingError(f"non-finite loss in {self.state.nonfinite_in_a_row} steps in a row, "
+                                    f"the last at step {self.state.step + 1}; lower the lr or check the data")
+            return False
+        self.state.nonfinite_in_a_row = 0
+        lr = self.schedule(self.state.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.settings.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.task.parameters(), self.settings.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        logit_scale = self.task.model.logit_scale
+        if logit_scale is not None:
+            with torch.no_grad():
+                logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        return True
+
+    def _micro_step(self, batch: dict, sync: bool) -> tuple[dict[str, torch.Tensor], bool]:
+        """Forward and backward of one loader batch; gradients sync across ranks only when `sync`."""
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        no_sync = getattr(self.wrapped, "no_sync", None)
+        context = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
+        with context:
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+                result = self.wrapped(batch)
+            loss = result["loss"]
+            nonfinite = not bool(torch.isfinite(loss.detach()))
+            self.scaler.scale(loss / self.settings.update_freq).backward()
+        return result, nonfinite
+
+    def _log_step(self, sums: dict[str, float], count: int, step_time: float, data_wait: float, images: int) -> None:
+        values = {k: v / count for k, v in sums.items()}
+        if self.world.is_distributed:  # report the mean over ranks: for our losses, the global-batch value
+            keys = sorted(values)
+            stacked = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
+            dist.all_reduce(stacked)
+            values = {k: float(v) / self.world.world_size for k, v in zip(keys, stacked.tolist())}
+        values["lr"] = self.optimizer.param_groups[0]["lr"]
+        if self.task.model.logit_scale is not None:
+            values["logit_scale"] = float(self.task.model.scaled_logit_scale().detach())
+        self.history.append({"step": self.state.step, **values})
+        perf = {
+            "images_per_second": images * self.world.world_size / max(step_time, 1e-9),
+            "data_wait_fraction": data_wait / max(step_time, 1e-9),
+            "peak_memory_mib": peak_memory_mib(self.device),
+        }
+        self.monitor.scalars(self.state.step, {**values, **perf})
+        self.monitor.scalars(self.state.step, {k: float(v) for k, v in self.state.skipped.items()}, "data/skipped_")
+        shown = {k: values[k] for k in ("loss", "clip_acc", "ssl_acc", "siglip_acc") if k in values}
+        shown["img/s"] = perf["images_per_second"]
+        self.monitor.progress(self.state.step, shown)
+
+    def _run_evaluation(self) -> None:
+        if self.evaluate is None:
+            return
+        self.task.model.eval()
+        self.last_eval = self.evaluate(self.task.model)
+        self.task.model.train()
+        self.monitor.scalars(self.state.step, self.last_eval, "eval/")
+
+    def fit(self, loader_for_epoch: LoaderForEpoch, image_mean=(0, 0, 0), image_std=(1, 1, 1)) -> TrainState:
+        """Train until `total_steps` optimizer steps are done, SIGTERM arrives, or an error stops it."""
+        settings, state = self.settings, self.state
+        self._first_step = state.step
+        self.task.train()
+        with PreemptionFlag() as preempted:
+            try:
+                while state.step < self.total_steps:
+                    skip = state.step_in_epoch * settings.update_freq
+                    batches = iter(loader_for_epoch(state.epoch, skip))
+                    if self._train_epoch(batches, preempted, image_mean, image_std):
+                        self.save()
+                        self.monitor.message(f"stopping early (SIGTERM or trainer.stop_after): saved step "
+                                             f"{state.step} to {self.checkpoint_path}; run again to resume")
+                        return state
+                    state.epoch += 1
+                    state.step_in_epoch = 0
+                    self.save()
+                self._run_evaluation()
+            finally:
+                self.monitor.close()
+        return state
+
+    def _train_epoch(self, batches, preempted: PreemptionFlag, image_mean, image_std) -> bool:
+        """One epoch (or what is left of it); True when stopped by preemption."""
+        settings, state = self.settings, self.state
+        sums: dict[str, float] = {}
+        micro, count, data_wait, images, nonfinite = 0, 0, 0.0, 0, False
+        tick = time.perf_counter()
+        while state.step_in_epoch < self.steps_per_epoch and state.step < self.total_steps:
+            waited = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                break
+            data_wait += time.perf_counter() - waited
+            self._account_bad_samples(batch)
+            if state.step == 0 and micro == 0 and settings.log_images:
+                self.monitor.images("views", view_grid(batch, image_mean, image_std))
+            micro += 1
+            result, bad_loss = self._micro_step(batch, sync=micro == settings.update_freq)
+            nonfinite |= bad_loss
+            rows = next(iter(batch.values())).shape[0]
+            images += rows
+            state.samples_seen += rows
+            for key, value in result.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach())
+            count += 1
+            if micro < settings.update_freq:
+                continue
+            stepped = self._optimizer_step(nonfinite)
+            state.step += 1
+            state.step_in_epoch += 1
+            now = time.perf_counter()
+            if stepped and (state.step % settings.log_every == 0 or state.step == self.total_steps or
+                            self.monitor.interactive):
+                self._log_step(sums, count, now - tick, data_wait, images)
+            sums, micro, count, data_wait, images, nonfinite = {}, 0, 0, 0.0, 0, False
+            if settings.save_every and state.step % settings.save_every == 0:
+                self.save()
+            if settings.eval_every and state.step % settings.eval_every == 0 and state.step < self.total_steps:
+                self._run_evaluation()
+            if _any_rank(preempted.requested, self.world, self.device) or (
+                    settings.stop_after is not None and state.step - self._first_step >= settings.stop_after):
+                return True
+            tick = time.perf_counter()
+        return False

@@ -1,0 +1,1 @@
+"""Evaluation tasks on frozen models: zero-shot classification (more in later modules)."""

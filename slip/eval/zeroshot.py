@@ -1,0 +1,104 @@
+"""Zero-shot classification: a text classifier from class names x prompt templates, and top-k accuracy."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from slip.models import ImageTextModel
+
+Tokenize = Callable[[list[str], int], Tensor]
+
+
+@torch.no_grad()
+def text_classifier(
+    model: ImageTextModel,
+    class_names: Sequence[str],
+    templates: Sequence[str],
+    tokenize: Tokenize,
+    batch_size: int = 256,
+) -> Tensor:
+    """[C, D] class embeddings: per class, the mean of its normalised prompt embeddings, renormalised."""
+    if not class_names or not templates:
+        raise ValueError(f"zero-shot needs class names and templates, got {len(class_names)} and {len(templates)}")
+    bad = [t for t in templates if "{}" not in t]
+    if bad:
+        raise ValueError(f"zero-shot template {bad[0]!r} has no '{{}}' placeholder for the class name")
+    context_length = model.text.context_length
+    prompts = [template.format(name) for name in class_names for template in templates]
+    tokens = tokenize(prompts, context_length)
+    device = next(model.parameters()).device
+    embeddings = torch.cat([
+        F.normalize(model.encode_text(chunk.to(device)).float(), dim=-1) for chunk in tokens.split(batch_size)
+    ])
+    per_class = embeddings.view(len(class_names), len(templates), -1).mean(dim=1)
+    return F.normalize(per_class, dim=-1)
+
+
+@torch.no_grad()
+def zero_shot_accuracy(
+    model: ImageTextModel,
+    classifier: Tensor,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    top_k: Sequence[int] = (1, 5),
+) -> dict[str, float]:
+    """Percent top-k accuracy of `classifier` over (images, labels) batches."""
+    device = classifier.device
+    correct = {k: 0 for k in top_k}
+    total = 0
+    for images, labels in batches:
+        image_embed = F.normalize(model.encode_image(images.to(device)).float(), dim=-1)
+        ranked = (image_embed @ classifier.T).topk(min(max(top_k), classifier.shape[0]), dim=-1).indices.cpu()
+        hits = ranked == labels[:, None]
+        for k in top_k:
+            correct[k] += int(hits[:, :k].any(dim=-1).sum())
+        total += labels.shape[0]
+    if total == 0:
+        raise ValueError("zero-shot evaluation got an empty dataset")
+    return {f"top{k}": 100.0 * correct[k] / total for k in top_k}
+
+
+class _Transformed(torch.utils.data.Dataset):
+    """(PIL image, label) items -> (tensor, label) through `transform`."""
+
+    def __init__(self, dataset: Any, transform: Callable[[Any], Tensor]) -> None:
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image, label = self.dataset[index]
+        return self.transform(image), label
+
+
+class ZeroShotEvaluator:
+    """Callable(model) -> {top1, top5}: zero-shot accuracy on a labelled dataset with `classes`/`templates`."""
+
+    def __init__(self, dataset: Any, batch_size: int = 256, num_workers: int = 0) -> None:
+        for attribute in ("classes", "templates"):
+            if not getattr(dataset, attribute, None):
+                raise ValueError(f"zero-shot dataset {type(dataset).__name__} has no {attribute}")
+        self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
+        self.class_names: list[str] = list(dataset.classes)
+        self.templates: list[str] = list(dataset.templates)
+
+    def __call__(self, model: ImageTextModel) -> dict[str, float]:
+        """Build the text classifier with `model`, then score every image of the dataset."""
+        from slip.data.transforms import eval_view
+        from slip.tokenizer import tokenize
+
+        arch = model.arch
+        transform = eval_view(arch["image_size"], arch["image_mean"], arch["image_std"])
+        loader = torch.utils.data.DataLoader(_Transformed(self.dataset, transform), batch_size=self.batch_size,
+                                             num_workers=self.num_workers)
+        classifier = text_classifier(model, self.class_names, self.templates, tokenize)
+        return zero_shot_accuracy(model, classifier, loader)
+
+
+def zero_shot_evaluator(dataset: Any, batch_size: int = 256, num_workers: int = 0) -> ZeroShotEvaluator:
+    """The evaluator the training loop calls periodically and at the end."""
+    return ZeroShotEvaluator(dataset, batch_size, num_workers)

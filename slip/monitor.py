@@ -1,0 +1,93 @@
+"""Training telemetry: TensorBoard scalars and images, plus a console progress bar (TTY) or periodic lines."""
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator peak on GPU, peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _format_seconds(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+class Monitor:
+    """Writes what the engine measures; everything is a no-op on ranks other than the main one."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        total_steps: int,
+        log_every: int,
+        enabled: bool = True,
+        stream: TextIO | None = None,
+    ) -> None:
+        self.total_steps = total_steps
+        self.log_every = max(log_every, 1)
+        self.enabled = enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.interactive = enabled and self.stream.isatty()
+        self.writer = None
+        self._start_time = time.perf_counter()
+        self._start_step: int | None = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter  # imported lazily: slow, and only rank 0 needs it
+
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def scalars(self, step: int, values: Mapping[str, float], prefix: str = "train/") -> None:
+        """Log scalar values to TensorBoard."""
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(prefix + key, value, step)
+
+    def images(self, tag: str, grid: torch.Tensor, step: int = 0) -> None:
+        """Log a [3, H, W] image grid with values in [0, 1]."""
+        if self.writer is not None:
+            self.writer.add_image(tag, grid, step)
+
+    def message(self, text: str) -> None:
+        """A line for the user (ends any progress bar line first)."""
+        if self.enabled:
+            if self.interactive:
+                self.stream.write("\n")
+            print(text, file=self.stream, flush=True)
+
+    def progress(self, step: int, values: Mapping[str, float]) -> None:
+        """Progress with ETA: redrawn in place on a TTY, else one line every `log_every` steps."""
+        if not self.enabled:
+            return
+        if self._start_step is None:
+            self._start_step, self._start_time = step - 1, time.perf_counter()
+        done = step - self._start_step
+        elapsed = time.perf_counter() - self._start_time
+        eta = elapsed / max(done, 1) * (self.total_steps - step)
+        shown = " ".join(f"{key} {value:.4g}" for key, value in values.items())
+        line = f"step {step}/{self.total_steps} [{100 * step / self.total_steps:3.0f}%] {shown} ETA {_format_seconds(eta)}"
+        if self.interactive:
+            self.stream.write("\r" + line[:200].ljust(120))
+            self.stream.flush()
+        elif step % self.log_every == 0 or step == self.total_steps:
+            print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        """Flush TensorBoard and end the progress line."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if self.interactive:
+            self.stream.write("\n")
+            self.stream.flush()

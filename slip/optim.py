@@ -1,0 +1,77 @@
+"""Optimiser parameter groups (no weight decay where it does harm) and the per-step learning-rate schedule."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import nn
+
+# Parameters matched by these name fragments are embeddings or scales, not weights to shrink.
+NO_DECAY_NAME_PARTS = ("logit_scale", "logit_bias", "token_embedding", "positional_embedding", "pos_embed",
+                       "cls_token", "class_embedding")
+
+
+def _decays(name: str, ndim: int) -> bool:
+    """True for weight matrices and kernels; biases, norm scales (1-D) and embeddings are excluded."""
+    return ndim >= 2 and not any(part in name for part in NO_DECAY_NAME_PARTS)
+
+
+def param_groups(*modules: nn.Module) -> list[dict]:
+    """Trainable parameters of `modules` in two AdamW groups: with weight decay, and with weight_decay=0."""
+    decay, no_decay = [], []
+    seen: set[int] = set()
+    for module in modules:
+        for name, param in module.named_parameters():
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            (decay if _decays(name, param.ndim) else no_decay).append(param)
+    groups = [{"params": decay}] if decay else []
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    if not groups:
+        raise ValueError("no trainable parameters to optimise")
+    return groups
+
+
+@dataclass(frozen=True)
+class WarmupCosine:
+    """Learning rate per optimizer step: linear warmup from `start_lr`, then cosine decay to `end_lr`."""
+
+    base_lr: float
+    total_steps: int
+    warmup_steps: int = 0
+    start_lr: float = 1e-6
+    end_lr: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.total_steps < 1:
+            raise ValueError(f"schedule total_steps must be >= 1, got {self.total_steps}")
+        if not 0 <= self.warmup_steps <= self.total_steps:
+            raise ValueError(f"schedule warmup_steps must be in [0, total_steps={self.total_steps}], "
+                             f"got {self.warmup_steps}")
+        for name in ("base_lr", "start_lr", "end_lr"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"schedule {name} must be a finite number >= 0, got {value}")
+
+    def __call__(self, step: int) -> float:
+        """The learning rate for optimizer step `step` (0-based)."""
+        if step < self.warmup_steps:
+            return self.start_lr + (self.base_lr - self.start_lr) * step / self.warmup_steps
+        decay_steps = self.total_steps - self.warmup_steps
+        progress = min(max(step - self.warmup_steps, 0) / max(decay_steps, 1), 1.0)
+        return self.end_lr + 0.5 * (self.base_lr - self.end_lr) * (1 + math.cos(math.pi * progress))
+
+
+def warmup_cosine(
+    base_lr: float,
+    total_steps: int,
+    steps_per_epoch: int,
+    warmup_epochs: float = 1.0,
+    start_lr: float = 1e-6,
+    end_lr: float = 1e-5,
+) -> WarmupCosine:
+    """The SLIP recipe's schedule with warmup given in epochs (Hydra partial: the engine adds the step counts)."""
+    warmup = min(round(warmup_epochs * steps_per_epoch), total_steps)
+    return WarmupCosine(base_lr, total_steps, warmup, start_lr, end_lr)

@@ -1,0 +1,133 @@
+"""python -m slip.train: compose the config, build model, objective and data, and hand them to the engine."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from slip.checkpoint import CheckpointError, read_checkpoint
+from slip.config import ConfigError, build, first_difference
+from slip.data.datasets import ImageTextDataset
+from slip.data.loader import build_train_loader
+from slip.distributed import WorldInfo, convert_sync_batchnorm, init_process_group, make_gather
+from slip.engine import Trainer, TrainingError, TrainTask, seed_everything
+from slip.eval.zeroshot import zero_shot_evaluator
+from slip.optim import param_groups
+
+# Sections that define what is trained; a resumed run must agree with its checkpoint on all of them.
+RUN_DEFINING_SECTIONS = ("model", "loss", "data", "augment", "optim", "schedule")
+
+
+def _resume_checkpoint(setting: str, run_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
+    """The checkpoint to continue from, per trainer.resume ('auto', 'never' or a path), after a config check."""
+    latest = run_dir / "checkpoints" / "last.pt"
+    if setting == "never":
+        if latest.exists():
+            raise ConfigError(f"trainer.resume: {latest} exists and resume=never would overwrite it; "
+                              "use trainer.resume=auto or another run_name")
+        return None
+    path = latest if setting == "auto" else Path(setting)
+    if setting == "auto" and not latest.exists():
+        return None
+    checkpoint = read_checkpoint(path)
+    saved = OmegaConf.create(checkpoint.get("config") or "{}")
+    for section in RUN_DEFINING_SECTIONS:
+        difference = first_difference(saved.get(section), cfg.get(section), section)
+        if difference is not None:
+            raise ConfigError(f"{difference}: differs from the checkpoint {path}; "
+                              "resume with the same config or use another run_name")
+    return checkpoint
+
+
+def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Train as `cfg` says; returns the results that are also written to results.json in `run_dir`."""
+    started = time.perf_counter()
+    world = WorldInfo.from_env()
+    settings = build(cfg.trainer, "trainer")
+    seed_everything(settings.seed, world)
+
+    objective = build(cfg.loss, "loss")
+    model = build(cfg.model, "model", inputs=list(objective.inputs))
+    arch = model.arch
+    transform = build(cfg.augment, "augment")(
+        inputs=objective.inputs, image_size=arch["image_size"], mean=arch["image_mean"], std=arch["image_std"],
+        context_length=arch["context_length"],
+    )
+    if cfg.data.get("stream") is not None:
+        dataset = build(cfg.data.stream, "data.stream", transform=transform, seed=settings.seed)
+    else:
+        dataset = ImageTextDataset(build(cfg.data.source, "data.source"), transform, seed=settings.seed)
+    batch_size, workers = int(cfg.data.batch_size), int(cfg.data.num_workers)
+    global_batch = batch_size * world.world_size
+    if batch_size < 1 or len(dataset) < global_batch * settings.update_freq:
+        raise ConfigError(f"data.batch_size: {batch_size} x {world.world_size} processes x update_freq "
+                          f"{settings.update_freq} needs at least that many samples; the data has {len(dataset)}")
+    steps_per_epoch = len(dataset) // global_batch // settings.update_freq
+    total_steps = settings.max_steps or settings.epochs * steps_per_epoch
+    optimizer = build(cfg.optim, "optim")(param_groups(model, objective))
+    schedule = build(cfg.schedule, "schedule")(total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    evaluate = None
+    if cfg.get("val"):
+        evaluate = zero_shot_evaluator(build(cfg.val.dataset, "val.dataset"), int(cfg.val.batch_size))
+    checkpoint = _resume_checkpoint(settings.resume, run_dir, cfg)
+
+    init_process_group(world)
+    objective.set_gather(make_gather(world))
+    if world.is_distributed and model.image_mlp is not None:
+        convert_sync_batchnorm(model.image_mlp)
+    if settings.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    trainer = Trainer(TrainTask(model, objective), optimizer, schedule, settings, world, run_dir, total_steps,
+                      steps_per_epoch, OmegaConf.to_yaml(cfg, resolve=True), evaluate)
+    if checkpoint is not None:
+        trainer.load_state_dict(checkpoint)
+        trainer.monitor.message(f"resumed from step {trainer.state.step} ({run_dir / 'checkpoints' / 'last.pt'})")
+    trainer.monitor.message(f"run dir {run_dir}: {total_steps} steps of global batch {global_batch}, "
+                            f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
+
+    def loader_for_epoch(epoch: int, skip_batches: int):
+        return build_train_loader(dataset, batch_size, world, num_workers=workers, seed=settings.seed,
+                                  epoch=epoch, start_batch=skip_batches)
+
+    state = trainer.fit(loader_for_epoch, arch["image_mean"], arch["image_std"])
+    results = {
+        "objective": cfg.loss._target_.rsplit(".", 1)[-1],
+        "step": state.step,
+        "total_steps": total_steps,
+        "finished": state.step >= total_steps,
+        "zeroshot": trainer.last_eval,
+        "skipped_samples": state.skipped,
+        "wall_time_s": round(time.perf_counter() - started, 1),
+        "overrides": list(overrides or []),
+        "history": trainer.history,
+    }
+    if world.is_main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        if trainer.last_eval:
+            chance = 100.0 / len(evaluate.class_names) if evaluate is not None else float("nan")
+            print(f"zero-shot top-1 on the held-out split: {trainer.last_eval['top1']:.1f}% "
+                  f"(chance {chance:.1f}%), results in {run_dir / 'results.json'}")
+    return results
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point: known errors end the run with one line on stderr, without a stack trace."""
+    try:
+        hydra_config = HydraConfig.get()
+        train(cfg, Path(hydra_config.runtime.output_dir), list(hydra_config.overrides.task))
+    except (ConfigError, TrainingError, CheckpointError, FileNotFoundError) as error:
+        print(f"slip.train: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

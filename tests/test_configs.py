@@ -1,0 +1,144 @@
+"""Every shipped config composes and builds: model x loss, each data format on tiny files, augment and optim."""
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from slip.config import ConfigError, build, check_node
+from slip.data.datasets import ImageTextDataset
+from slip.engine import TrainerSettings
+from slip.train import train
+from data_helpers import image_bytes, write_image, write_shard
+from train_helpers import CONF_DIR, FAST, compose_config
+
+MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+LOSSES = sorted(p.stem for p in (CONF_DIR / "loss").glob("*.yaml"))
+DATA = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_and_loss_builds(model: str, loss: str) -> None:
+    cfg = compose_config(f"model={model}", f"loss={loss}", "run_name=x")
+    objective = build(cfg.loss, "loss")
+    with torch.device("meta"):
+        built = build(cfg.model, "model", inputs=list(objective.inputs))
+    assert built.inputs == objective.inputs
+    assert (built.text is None) == ("text" not in objective.inputs)
+    assert (built.image_mlp is None) == ("aug1" not in objective.inputs)
+    transform = build(cfg.augment, "augment")(
+        inputs=objective.inputs, image_size=built.arch["image_size"], mean=built.arch["image_mean"],
+        std=built.arch["image_std"], context_length=built.arch["context_length"])
+    assert set(transform.views) | ({"text"} if "text" in objective.inputs else set()) == set(objective.inputs)
+    optimizer = build(cfg.optim, "optim")([torch.nn.Parameter(torch.zeros(2))])
+    assert optimizer.defaults["betas"] == (0.9, 0.98) and optimizer.defaults["eps"] == 1e-8
+    assert isinstance(build(cfg.trainer, "trainer"), TrainerSettings)
+
+
+def test_paper_recipe_learning_rates() -> None:
+    recipes = {loss: compose_config(f"loss={loss}", "run_name=x").optim for loss in ("clip", "simclr", "slip")}
+    assert (recipes["clip"].lr, recipes["clip"].weight_decay) == (5e-4, 0.5)
+    assert (recipes["slip"].lr, recipes["slip"].weight_decay) == (3e-3, 0.1)
+    assert (recipes["simclr"].lr, recipes["simclr"].weight_decay) == (3e-3, 0.1)
+    schedule = compose_config("run_name=x").schedule
+    assert (schedule.warmup_epochs, schedule.start_lr, schedule.end_lr) == (1.0, 1e-6, 1e-5)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment: str) -> None:
+    cfg = compose_config(f"experiment={experiment}", "run_name=x")
+    for key in ("model", "loss", "trainer", "augment"):
+        check_node(cfg[key], key)
+
+
+# ---------------------------------------------------------------- each data format on tiny files
+
+
+def make_tiny_datasets(root: Path) -> dict[str, list[str]]:
+    """One small dataset per data config, in its published layout; returns the overrides that point at it."""
+    images = root / "images"
+    for name in ("a", "b", "c", "d"):
+        write_image(images / f"{name}.png", color=(40 * ord(name) % 255, 90, 160))
+    (root / "pairs.csv").write_text("filepath,title\n" + "".join(f"images/{n}.png,photo {n}\n" for n in "abcd"))
+    (root / "coco.json").write_text(json.dumps({
+        "images": [{"id": i, "file_name": f"{n}.png"} for i, n in enumerate("abcd")],
+        "annotations": [{"image_id": i, "caption": f"a photo of {n}"} for i, n in enumerate("abcd")],
+    }))
+    np.save(root / "cc3m.npy", np.array([{"image_id": f"{n}.png", "captions": [f"cc {n}"]} for n in "abcd"]),
+            allow_pickle=True)
+    np.save(root / "cc12m.npy", np.array([{"image_id": i, "image_name": f"{n}.png", "captions": [f"cc {n}"]}
+                                          for i, n in enumerate("abcd")]), allow_pickle=True)
+    for n in "abcd":
+        write_image(root / "redcaps" / "pics" / f"{n}.jpg", fmt="JPEG")
+    (root / "redcaps.json").write_text(json.dumps(
+        [{"image_id": n, "subreddit": "pics", "caption": f"reddit {n}"} for n in "abcd"]))
+    ids = [12345000 + i for i in range(4)]
+    (root / "yfcc" / "12").mkdir(parents=True)
+    with zipfile.ZipFile(root / "yfcc" / "12" / "345.zip", "w") as archive:
+        for image_id in ids:
+            archive.writestr(f"{image_id % 1000:03d}.jpg", image_bytes(fmt="JPEG"))
+    (root / "yfcc15m.pkl").write_bytes(pickle.dumps([(i, f"title {i}", f"description {i}") for i in ids]))
+    for shard in range(2):
+        write_shard(root / "shards" / f"{shard:03d}.tar", [f"{shard}_{k}" for k in range(4)])
+    return {
+        "csv": [f"data.source.path={root / 'pairs.csv'}"],
+        "coco": [f"data.source.annotations_json={root / 'coco.json'}", f"data.source.image_root={images}"],
+        "cc3m": [f"data.source.metadata_npy={root / 'cc3m.npy'}", f"data.source.image_root={images}"],
+        "cc12m": [f"data.source.metadata_npy={root / 'cc12m.npy'}", f"data.source.image_root={images}"],
+        "redcaps": [f"data.source.combined_json={root / 'redcaps.json'}",
+                    f"data.source.image_root={root / 'redcaps'}"],
+        "yfcc15m": [f"data.source.metadata_pickle={root / 'yfcc15m.pkl'}", f"data.source.zip_root={root / 'yfcc'}"],
+        "webdataset": [f"data.stream.urls='{root / 'shards'}/{{000..001}}.tar'", "data.stream.samples_per_epoch=8"],
+        "synthetic": [],
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
+    return make_tiny_datasets(tmp_path_factory.mktemp("datasets"))
+
+
+def test_every_data_config_is_covered(tiny_data: dict[str, list[str]]) -> None:
+    assert sorted(tiny_data) == DATA
+
+
+@pytest.mark.parametrize("data", DATA)
+def test_every_data_config_yields_slip_views(tiny_data: dict[str, list[str]], data: str) -> None:
+    cfg = compose_config("loss=slip", "model=tiny", f"data={data}", *tiny_data[data], "run_name=x")
+    transform = build(cfg.augment, "augment")(inputs=("image", "text", "aug1", "aug2"), image_size=32,
+                                              mean=(0.5,) * 3, std=(0.5,) * 3, context_length=16)
+    if "stream" in cfg.data:
+        sample = next(iter(build(cfg.data.stream, "data.stream", transform=transform)))
+    else:
+        sample = ImageTextDataset(build(cfg.data.source, "data.source"), transform)[0]
+    assert sample["image"].shape == sample["aug1"].shape == (3, 32, 32)
+    assert sample["text"].shape == (16,) and sample["_skipped"] == {}
+
+
+@pytest.mark.parametrize("data", ["csv", "webdataset"])
+def test_training_runs_on_file_datasets(tiny_data: dict[str, list[str]], data: str, tmp_path: Path) -> None:
+    synthetic_only = ("data.source.num_samples",)
+    overrides = [*(o for o in FAST if not o.startswith(synthetic_only)), f"data={data}", *tiny_data[data], "data.batch_size=2", "data.num_workers=0",
+                 "trainer.max_steps=2", "loss=slip"]
+    results = train(compose_config(*overrides), tmp_path)
+    assert results["finished"] and results["step"] == 2
+
+
+def test_required_data_path_is_named(tmp_path: Path) -> None:
+    overrides = [o for o in FAST if not o.startswith("data.source")]
+    with pytest.raises(ConfigError, match=r"^data\.source\.path: required"):
+        train(compose_config(*overrides, "data=csv"), tmp_path)
+
+
+def test_shipped_configs_have_no_python_side_defaults() -> None:
+    """Each trainer key in the YAML is a TrainerSettings field and vice versa: no hidden defaults."""
+    yaml_keys = set(OmegaConf.load(CONF_DIR / "trainer" / "default.yaml")) - {"_target_"}
+    assert yaml_keys == set(TrainerSettings.__dataclass_fields__)
