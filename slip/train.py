@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from slip.checkpoint import CheckpointError, read_checkpoint
 from slip.config import ConfigError, build, first_difference
-from slip.data.datasets import ImageTextDataset
+from slip.data.datasets import DataError, ImageTextDataset
 from slip.data.loader import build_train_loader
 from slip.distributed import WorldInfo, convert_sync_batchnorm, init_process_group, make_gather
 from slip.engine import Trainer, TrainingError, TrainTask, seed_everything
@@ -124,8 +124,9 @@ def main(cfg: DictConfig) -> None:
     try:
         hydra_config = HydraConfig.get()
         train(cfg, Path(hydra_config.runtime.output_dir), list(hydra_config.overrides.task))
-    except (ConfigError, TrainingError, CheckpointError, FileNotFoundError) as error:
-        print(f"slip.train: error: {error}", file=sys.stderr)
+    except (ConfigError, TrainingError, CheckpointError, DataError, FileNotFoundError) as error:
+        # Errors re-raised from DataLoader workers carry the worker's traceback; its last line is the message.
+        print(f"slip.train: error: {str(error).strip().splitlines()[-1]}", file=sys.stderr)
         sys.exit(2)
 
 

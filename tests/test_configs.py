@@ -48,7 +48,7 @@ def test_paper_recipe_learning_rates() -> None:
     assert (recipes["clip"].lr, recipes["clip"].weight_decay) == (5e-4, 0.5)
     assert (recipes["slip"].lr, recipes["slip"].weight_decay) == (3e-3, 0.1)
     assert (recipes["simclr"].lr, recipes["simclr"].weight_decay) == (3e-3, 0.1)
-    schedule = compose_config("run_name=x").schedule
+    schedule = OmegaConf.load(CONF_DIR / "schedule" / "cosine.yaml")  # the synthetic default shortens warmup
     assert (schedule.warmup_epochs, schedule.start_lr, schedule.end_lr) == (1.0, 1e-6, 1e-5)
 
 
@@ -142,3 +142,19 @@ def test_shipped_configs_have_no_python_side_defaults() -> None:
     """Each trainer key in the YAML is a TrainerSettings field and vice versa: no hidden defaults."""
     yaml_keys = set(OmegaConf.load(CONF_DIR / "trainer" / "default.yaml")) - {"_target_"}
     assert yaml_keys == set(TrainerSettings.__dataclass_fields__)
+
+
+def test_too_many_bad_samples_stop_the_run_naming_examples(tmp_path: Path) -> None:
+    from slip.engine import TrainingError
+
+    write_image(tmp_path / "images" / "ok.png")
+    (tmp_path / "images" / "broken.png").write_bytes(b"\x89PNG not really")
+    rows = ["images/ok.png,fine"] * 40 + [f"images/gone{i}.png,missing" for i in range(40)]
+    rows += ["images/broken.png,bad"] * 40
+    (tmp_path / "pairs.csv").write_text("filepath,title\n" + "\n".join(rows) + "\n")
+    overrides = [o for o in FAST if not o.startswith("data.source")]
+    cfg = compose_config(*overrides, "data=csv", f"data.source.path={tmp_path / 'pairs.csv'}", "data.batch_size=8",
+                         "data.num_workers=0", "trainer.max_steps=20", "trainer.max_bad_fraction=0.5")
+    with pytest.raises(TrainingError, match=r"above trainer.max_bad_fraction=0.5.*(gone|broken)") as info:
+        train(cfg, tmp_path / "run")
+    assert "\n" not in str(info.value)

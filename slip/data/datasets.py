@@ -89,6 +89,10 @@ class Source(Protocol):
         """The RGB image and its captions (one or more) of record `index`; raises BadSample."""
 
 
+class DataError(RuntimeError):
+    """The data is too broken to go on (e.g. a long run of bad samples); the message names examples."""
+
+
 class BadSample(Exception):
     """A sample that cannot be used: `kind` says why (e.g. "corrupt"), `where` the file/member/record."""
 
@@ -586,13 +590,13 @@ class _SkipLog:
         self.in_a_row = 0
 
     def add(self, error: BadSample) -> None:
-        """Record one bad sample; raise RuntimeError after more than `limit` in a row."""
+        """Record one bad sample; raise DataError after more than `limit` in a row."""
         self.counts[error.kind] += 1
         if len(self.examples) < MAX_SKIPPED_EXAMPLES:
             self.examples.append(str(error))
         self.in_a_row += 1
         if self.in_a_row > self.limit:
-            raise RuntimeError(
+            raise DataError(
                 f"{self.in_a_row} bad samples in a row, giving up (counts {dict(self.counts)}; last: {error})"
             )
 
