@@ -208,6 +208,7 @@ class Trainer:
         self.dtype = autocast_dtype(settings.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.state = TrainState()
+        self._first_step = 0  # the step this invocation started from (trainer.stop_after counts from it)
         self.checkpoint_path = run_dir / "checkpoints" / "last.pt"
         self.monitor = Monitor(run_dir, total_steps, settings.log_every, enabled=world.is_main)
         self.last_eval: dict[str, float] = {}
