@@ -15,7 +15,7 @@ import torch
 from slip.checkpoint import load_pretrained, read_checkpoint
 from slip.config import ConfigError
 from slip.train import train
-from train_helpers import FAST, compose_config
+from train_helpers import FAST, compose_config, subprocess_env
 
 
 def losses_by_step(results: dict) -> dict[int, float]:
@@ -25,7 +25,7 @@ def losses_by_step(results: dict) -> dict[int, float]:
 def run_cli(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m slip.train args` in `cwd`."""
     return subprocess.run([sys.executable, "-m", "slip.train", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+                          timeout=timeout, env=subprocess_env(**(env or {})))
 
 
 def test_resume_gives_the_same_losses_and_weights_as_an_uninterrupted_run(tmp_path: Path) -> None:
@@ -100,18 +100,20 @@ def test_command_line_errors_are_short(tmp_path: Path, override: str, named: str
     assert "Traceback" not in result.stderr
 
 
-def test_sigterm_saves_and_exits_resumably(tmp_path: Path) -> None:
+def test_sigterm_to_the_process_group_saves_and_exits_resumably(tmp_path: Path) -> None:
+    """As under SLURM preemption, the DataLoader worker gets SIGTERM too; the run must still save and exit."""
     args = [*FAST, "trainer.max_steps=10000", "trainer.save_every=0", "data.source.num_samples=100000",
-            f"output_root={tmp_path}"]
+            "data.num_workers=1", f"output_root={tmp_path}"]
     process = subprocess.Popen([sys.executable, "-m", "slip.train", *args], cwd=tmp_path, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                               env=subprocess_env())
     seen = []
     deadline = time.monotonic() + 120
     for line in process.stdout:  # type: ignore[union-attr]
         seen.append(line)
         if line.startswith("step 2/") or time.monotonic() > deadline:
             break
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
     text = "".join(seen) + output
     assert process.returncode == 0, text
@@ -144,7 +146,7 @@ def test_two_process_gloo_run_matches_one_process_on_the_same_global_batch(tmp_p
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
                "-m", "slip.train", *common, "data.batch_size=4", f"output_root={tmp_path / 'two'}"]
     double = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env=subprocess_env(OMP_NUM_THREADS="1"))
     assert double.returncode == 0, double.stderr[-3000:]
     one = json.loads((tmp_path / "one" / "test" / "results.json").read_text())
     two = json.loads((tmp_path / "two" / "test" / "results.json").read_text())

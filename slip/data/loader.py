@@ -7,6 +7,7 @@ an uninterrupted epoch, without loading the skipped samples (map-style datasets)
 """
 from __future__ import annotations
 
+import signal
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -152,7 +153,18 @@ def build_train_loader(
         persistent_workers=persistent_workers and num_workers > 0,
         # Our own generator: the workers' base seed would otherwise be drawn from the caller's global RNG.
         generator=torch.Generator().manual_seed(derive_seed(seed, epoch, world.rank, "loader")),
+        worker_init_fn=ignore_sigterm,
     )
+
+
+def ignore_sigterm(worker_id: int) -> None:
+    """DataLoader worker start-up: leave SIGTERM to the main process.
+
+    SLURM preemption and `kill` of a process group signal the workers too; a worker that died of it would
+    crash the main process before it could save. Workers still exit when the loader is shut down or the
+    main process ends.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_eval_loader(
