@@ -124,13 +124,6 @@ def _name_the_key(message: str, key: str, node: DictConfig) -> str:
     return f"{key}: {message}"
 
 
-def require_keys(cfg: DictConfig, *keys: str) -> None:
-    """Raise ConfigError naming the first of `keys` that is missing or still '???'."""
-    for key in keys:
-        if OmegaConf.select(cfg, key, default=None) is None or OmegaConf.is_missing(cfg, key):
-            raise ConfigError(f"{key}: required but not set")
-
-
 def first_difference(old: Any, new: Any, key: str) -> str | None:
     """The dotted key of the first value that differs between two config trees, or None if equal."""
     old = OmegaConf.to_container(old, resolve=True) if isinstance(old, (DictConfig, ListConfig)) else old

@@ -18,7 +18,7 @@ from slip.data.datasets import DataError, ImageTextDataset
 from slip.data.loader import build_train_loader
 from slip.distributed import WorldInfo, convert_sync_batchnorm, init_process_group, make_gather
 from slip.engine import Trainer, TrainingError, TrainTask, seed_everything
-from slip.eval.zeroshot import zero_shot_evaluator
+from slip.eval.zeroshot import ZeroShotEvaluator
 from slip.optim import param_groups
 
 # Sections that define what is trained; a resumed run must agree with its checkpoint on all of them.
@@ -75,7 +75,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     schedule = build(cfg.schedule, "schedule")(total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     evaluate = None
     if cfg.get("val"):
-        evaluate = zero_shot_evaluator(build(cfg.val.dataset, "val.dataset"), int(cfg.val.batch_size))
+        evaluate = ZeroShotEvaluator(build(cfg.val.dataset, "val.dataset"), int(cfg.val.batch_size))
     checkpoint = _resume_checkpoint(settings.resume, run_dir, cfg)
 
     init_process_group(world)

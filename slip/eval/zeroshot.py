@@ -97,8 +97,3 @@ class ZeroShotEvaluator:
                                              num_workers=self.num_workers)
         classifier = text_classifier(model, self.class_names, self.templates, tokenize)
         return zero_shot_accuracy(model, classifier, loader)
-
-
-def zero_shot_evaluator(dataset: Any, batch_size: int = 256, num_workers: int = 0) -> ZeroShotEvaluator:
-    """The evaluator the training loop calls periodically and at the end."""
-    return ZeroShotEvaluator(dataset, batch_size, num_workers)
