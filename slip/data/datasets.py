@@ -233,7 +233,7 @@ def _encode(value: object) -> bytes:
     return b""  # None or a non-text value: reads back as an empty caption
 
 
-class _PackedRecords:
+class PackedRecords:
     """Records of strings (image reference first, then captions) packed into a few numpy arrays.
 
     Millions of Python strings would be copied page by page into every DataLoader worker as reference counts
@@ -265,7 +265,7 @@ class _PackedRecords:
         return values
 
 
-def _as_path(value: bytes) -> str:
+def as_path(value: bytes) -> str:
     """Inverse of `_encode` for file names (keeps undecodable bytes, so open() sees the original name)."""
     return value.decode("utf-8", "surrogatepass")
 
@@ -284,12 +284,17 @@ def _check_index(index: int, length: int, owner: object) -> int:
 class _FileSource:
     """Shared part of the sources whose records are (image path relative to a root, captions...)."""
 
-    def __init__(self, records: _PackedRecords, image_root: str, name: str, max_pixels: int) -> None:
+    def __init__(self, records: PackedRecords, image_root: str, name: str, max_pixels: int) -> None:
         self._records, self.image_root, self._name, self.max_pixels = records, image_root, name, max_pixels
 
     def __len__(self) -> int:
         """Number of records."""
         return len(self._records)
+
+    def image_path(self, index: int) -> str:
+        """Path of record `index`'s image: root joined with its reference, normalised (no file access)."""
+        index = _check_index(index, len(self), self)
+        return os.path.normpath(os.path.join(self.image_root, as_path(self._records[index][0])))
 
     def load(self, index: int) -> tuple[Image.Image, list[str]]:
         """The RGB image and the captions of record `index`; raises BadSample."""
@@ -298,7 +303,7 @@ class _FileSource:
         captions = _check_captions(raw_captions, f"{self._name}[{index}]")
         if not image_ref:
             raise BadSample("missing", f"{self._name}[{index}]", "no image path")
-        return read_image_file(os.path.join(self.image_root, _as_path(image_ref)), self.max_pixels), captions
+        return read_image_file(os.path.join(self.image_root, as_path(image_ref)), self.max_pixels), captions
 
 
 def _infer_separator(path: str, sep: str | None) -> str:
@@ -320,6 +325,31 @@ def _column(header: list[str], name: str, path: str) -> int:
     return header.index(name)
 
 
+def read_csv_columns(path: str, columns: Sequence[str], sep: str | None = None) -> Iterator[tuple[int, list[str]]]:
+    """(line number, the fields of `columns`) of every non-empty row of a CSV/TSV file with a header row.
+
+    Short rows are padded with empty fields. The separator comes from `sep` or the extension; errors name
+    the file (and the line, for malformed CSV).
+    """
+    delimiter = _infer_separator(path, sep)
+    try:
+        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as file:
+            reader = csv.reader(file, delimiter=delimiter)
+            header = next(reader, None)
+            if header is None:
+                raise ValueError(f"{path}: empty file, expected a header row")
+            positions = [_column(header, name, path) for name in columns]
+            width = max(positions) + 1
+            for row in reader:
+                if row:
+                    row += [""] * (width - len(row))
+                    yield reader.line_num, [row[at] for at in positions]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such CSV file") from None
+    except csv.Error as error:
+        raise ValueError(f"{path}: line {reader.line_num}: {error}") from None
+
+
 class CsvSource(_FileSource):
     """Images and captions listed in a CSV or TSV file with a header row (open_clip's layout).
 
@@ -337,23 +367,9 @@ class CsvSource(_FileSource):
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         path = os.fspath(path)
-        delimiter = _infer_separator(path, sep)
-        try:
-            with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as file:
-                reader = csv.reader(file, delimiter=delimiter)
-                header = next(reader, None)
-                if header is None:
-                    raise ValueError(f"{path}: empty file, expected a header row")
-                image_at = _column(header, image_column, path)
-                caption_at = _column(header, caption_column, path)
-                width = max(image_at, caption_at) + 1
-                rows = (row + [""] * (width - len(row)) for row in reader if row)
-                records = _PackedRecords((row[image_at], row[caption_at]) for row in rows)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no such CSV file") from None
-        except csv.Error as error:
-            raise ValueError(f"{path}: line {reader.line_num}: {error}") from None
-        super().__init__(records, os.path.dirname(os.path.abspath(path)), path, max_pixels)
+        rows = read_csv_columns(path, (image_column, caption_column), sep)
+        super().__init__(PackedRecords(fields for _, fields in rows), os.path.dirname(os.path.abspath(path)), path,
+                         max_pixels)
 
 
 def _load_json(path: str) -> Any:
@@ -411,7 +427,7 @@ class CocoCaptionsSource(_FileSource):
                 else:
                     raise ValueError(f"{path}: image_id {image_id!r} is not in the images list")
 
-        super().__init__(_PackedRecords(records()), os.fspath(image_root), path, max_pixels)
+        super().__init__(PackedRecords(records()), os.fspath(image_root), path, max_pixels)
 
 
 class ConceptualCaptionsSource(_FileSource):
@@ -449,7 +465,7 @@ class ConceptualCaptionsSource(_FileSource):
                     raise ValueError(f"{path}: {where} has captions of type {type(texts).__name__}")
                 yield [str(name), *texts]
 
-        super().__init__(_PackedRecords(records()), os.fspath(image_root), path, max_pixels)
+        super().__init__(PackedRecords(records()), os.fspath(image_root), path, max_pixels)
 
 
 class RedCapsSource(_FileSource):
@@ -472,7 +488,7 @@ class RedCapsSource(_FileSource):
                 subreddit = _field(annotation, "subreddit", path, where)
                 yield [f"{subreddit}/{image_id}.jpg", _field(annotation, "caption", path, where)]
 
-        super().__init__(_PackedRecords(records()), os.fspath(image_root), path, max_pixels)
+        super().__init__(PackedRecords(records()), os.fspath(image_root), path, max_pixels)
 
 
 class _ZipReader:
@@ -549,7 +565,7 @@ class YFCC15MSource:
                     raise ValueError(f"{path}: record {i} is not an (image_id: int, title, description)")
                 yield str(sample[0]), sample[1], sample[2]
 
-        self._records, self._name = _PackedRecords(records()), path
+        self._records, self._name = PackedRecords(records()), path
         self.zip_root, self.max_pixels = os.fspath(zip_root), max_pixels
         self._zips = _ZipReader()
 
