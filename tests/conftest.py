@@ -30,3 +30,14 @@ def _import_openai_clip() -> types.ModuleType:
 def openai_clip() -> types.ModuleType:
     """OpenAI's reference `clip` module (tokenize, model.build_model, ...)."""
     return _import_openai_clip()
+
+
+@pytest.fixture
+def one_thread():
+    """Run tiny models on one thread: on a busy 2-core machine a second one only spins and waits."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,80 @@
+"""Weighted k-nearest-neighbour classification on frozen features (the InstDisc / DINO evaluation rule).
+
+Features are L2-normalised, so similarity is cosine. Each test row takes its k most similar training rows;
+neighbour j votes for its label with weight exp(s_j / temperature). Scores are the votes per class divided by
+the row's total vote, i.e. a softmax of s / temperature over the k neighbours: the same ranking as the raw
+sums, and free of overflow at any temperature. Test rows are processed in chunks, so memory stays at
+chunk_size x N_train similarities.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from slip.eval.features import check_features
+from slip.eval.metrics import topk_accuracy
+
+__all__ = ["knn_accuracy", "knn_predict"]
+
+
+def _check_knn_args(k: int, temperature: float, chunk_size: int, num_train: int) -> None:
+    """k in [1, num_train], a positive finite temperature, a positive chunk size."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_train:
+        raise ValueError(f"k must be an int in [1, {num_train}] (the number of training rows), got {k!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+        math.isfinite(temperature) and temperature > 0
+    ):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
+@torch.no_grad()
+def knn_predict(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """Class scores [N_test, C]: the exp(cosine / temperature)-weighted votes of the k nearest training rows.
+
+    Each row sums to 1. Runs in float32 on the features' device.
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    check_features("train", train_x, train_y, num_classes)
+    check_features("test", test_x)
+    if train_x.shape[1] != test_x.shape[1]:
+        raise ValueError(f"train features have {train_x.shape[1]} dims but test features {test_x.shape[1]}")
+    _check_knn_args(k, temperature, chunk_size, train_x.shape[0])
+    train = F.normalize(train_x.float(), dim=1)
+    train_y = train_y.long()
+    chunks = []
+    for rows in F.normalize(test_x.float(), dim=1).split(chunk_size):
+        similarity, neighbours = (rows @ train.T).topk(k, dim=1)
+        weights = (similarity / temperature).softmax(dim=1)
+        scores = rows.new_zeros(rows.shape[0], num_classes)
+        chunks.append(scores.scatter_add_(1, train_y[neighbours], weights))
+    return torch.cat(chunks)
+
+
+def knn_accuracy(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk_size: int = 1024,
+) -> dict[str, float]:
+    """Percent {"top1", "top5" (with >= 5 classes)} of `knn_predict` on labelled test features."""
+    check_features("test", test_x, test_y, num_classes if isinstance(num_classes, int) else None)
+    scores = knn_predict(train_x, train_y, test_x, num_classes, k, temperature, chunk_size)
+    return topk_accuracy(scores, test_y.to(scores.device).long())

@@ -1,0 +1,309 @@
+"""Linear probes on frozen features: L-BFGS logistic regression with a regularisation sweep (the CLIP paper's
+protocol), and SLIP's SGD protocol as an option.
+
+`linear_probe` follows CLIP: a multinomial logistic regression fitted with L-BFGS, its L2 strength chosen on
+a validation split carved from the training set, then refitted on the whole training set. CLIP sweeps sklearn's
+C over 1e-6..1e6 and refines with a parametric binary search; here a coarse log grid of `l2` (one value per
+decade) is refined by bisection in log space around the best point, each fit warm-started from the nearest
+solution already found. Our objective is the *mean* cross-entropy plus l2/2 ||W||^2 (bias not penalised), so
+sklearn's C on N samples corresponds to l2 = 1 / (C N).
+
+Features are standardised (per dimension, with the mean and standard deviation of the rows being fitted; the
+same affine map is applied to the rows being scored). The problem stays a linear classifier of the raw
+features, but the Hessian becomes far better conditioned, so L-BFGS needs several times fewer iterations; the
+penalty then acts on standardised weights, so chosen `l2` values are not comparable with CLIP's C.
+
+`sgd_linear_probe` is the protocol of SLIP's `main_linear.py` (MoCo v3's `main_lincls.py`): a linear layer
+initialised N(0, 0.01^2) with zero bias, trained with momentum SGD under a per-epoch cosine schedule and no
+weight decay, no normalisation layer before the classifier. SLIP trains on freshly augmented images every
+epoch (random resized crop + flip); here the features are the cached centre crops, so every epoch sees the
+same inputs, which is cheaper and usually scores a little lower than SLIP's numbers.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from slip.eval.features import check_features
+from slip.eval.metrics import topk_accuracy
+
+__all__ = [
+    "DEFAULT_L2_GRID",
+    "SLIP_SGD_BATCH_SIZE",
+    "SLIP_SGD_EPOCHS",
+    "SLIP_SGD_LR",
+    "fit_logistic_regression",
+    "linear_probe",
+    "log_grid_search",
+    "sgd_linear_probe",
+    "standardize",
+    "stratified_split",
+]
+
+DEFAULT_L2_GRID = tuple(10.0 ** e for e in range(2, -7, -1))  # 1e2 .. 1e-6, strongest first
+# SLIP's main_linear.py on one 8-GPU node: 128 images per GPU (global batch 1024), 90 epochs, momentum 0.9,
+# no weight decay, and a learning rate of 0.1 * int(128 / 8) / 256 = 0.00625 (it scales its base rate by
+# int(per-GPU batch / world size) / 256).
+SLIP_SGD_EPOCHS = 90
+SLIP_SGD_BATCH_SIZE = 1024
+SLIP_SGD_LR = 0.1 * (128 // 8) / 256
+_LBFGS_HISTORY = 20
+
+
+def _check_num_classes(num_classes: int) -> int:
+    """An int >= 2."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    return num_classes
+
+
+def _check_positive_int(name: str, value: int) -> int:
+    """An int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _check_train_test(
+    train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, num_classes: int
+) -> None:
+    """Both splits are valid labelled features of the same width, on one device."""
+    _check_num_classes(num_classes)
+    check_features("train", train_x, train_y, num_classes)
+    check_features("test", test_x, test_y, num_classes)
+    if train_x.shape[1] != test_x.shape[1]:
+        raise ValueError(f"train features have {train_x.shape[1]} dims but test features {test_x.shape[1]}")
+    if len({t.device for t in (train_x, train_y, test_x, test_y)}) != 1:
+        raise ValueError("train and test features and labels must be on one device")
+
+
+def stratified_split(labels: Tensor, val_fraction: float, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Sorted indices (fit, val): per class, a seeded random share `val_fraction` of its rows goes to val.
+
+    Every class with at least two rows gives at least one to val and keeps at least one; a class with a
+    single row keeps it. The result depends only on (labels, val_fraction, seed).
+    """
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    if labels.ndim != 1 or labels.dtype.is_floating_point:
+        raise ValueError(f"labels must be an integer tensor [N], got {tuple(labels.shape)} {labels.dtype}")
+    generator = torch.Generator().manual_seed(seed)
+    cpu_labels = labels.cpu()
+    fit, val = [], []
+    for label in torch.unique(cpu_labels).tolist():
+        rows = (cpu_labels == label).nonzero().flatten()
+        rows = rows[torch.randperm(len(rows), generator=generator)]
+        n_val = min(len(rows) - 1, max(1, round(val_fraction * len(rows))))
+        val.append(rows[:n_val])
+        fit.append(rows[n_val:])
+    val_idx = torch.cat(val).sort().values
+    if len(val_idx) == 0:
+        raise ValueError("the validation split is empty: every class has a single training row")
+    return torch.cat(fit).sort().values.to(labels.device), val_idx.to(labels.device)
+
+
+def standardize(reference: Tensor) -> Callable[[Tensor], Tensor]:
+    """The map x -> (x - mean) / std with the per-dimension statistics of `reference` (constant dims: std 1)."""
+    mean = reference.mean(dim=0)
+    std = reference.std(dim=0, unbiased=False)
+    # A dimension that is constant up to rounding would otherwise turn rounding noise into unit-scale noise.
+    floor = 1e-6 * float(std.max()) if std.numel() else 0.0
+    std = torch.where(std > floor, std, torch.ones_like(std))
+    return lambda x: (x - mean) / std
+
+
+def _regularised_loss(x: Tensor, y: Tensor, weight: Tensor, bias: Tensor, l2: float) -> Tensor:
+    """Mean cross-entropy of the linear classifier plus l2/2 ||weight||^2, summed in float64.
+
+    The logits stay in the features' dtype; only the reductions are float64. Near the optimum the line
+    search compares losses that differ by less than float32 resolution, and would stall far from it.
+    """
+    per_sample = F.cross_entropy(x @ weight.T + bias, y, reduction="none")
+    return per_sample.double().mean() + 0.5 * l2 * weight.double().square().sum()
+
+
+def fit_logistic_regression(
+    x: Tensor,
+    y: Tensor,
+    num_classes: int,
+    l2: float,
+    max_iter: int = 1000,
+    init: tuple[Tensor, Tensor] | None = None,
+    tol: float = 1e-4,
+) -> tuple[Tensor, Tensor]:
+    """(weight [C, D], bias [C]) minimising mean cross-entropy + l2/2 ||weight||^2 with full-batch L-BFGS.
+
+    Runs torch.optim.LBFGS with a strong-Wolfe line search from `init` (else zeros) until the largest
+    gradient entry is at most `tol * l2`, the loss stops changing (the float32 floor), or `max_iter`
+    iterations. The objective is l2-strongly convex in the weights, so the stopping rule bounds their error
+    by about `tol` whatever l2 is (sklearn's lbfgs stopping rule, in our scaling). The computation stays in
+    the dtype and on the device of `x`; the features are used as given (no standardisation).
+    """
+    num_classes = _check_num_classes(num_classes)
+    check_features("fit", x, y, num_classes)
+    max_iter = _check_positive_int("max_iter", max_iter)
+    if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not (math.isfinite(l2) and l2 >= 0):
+        raise ValueError(f"l2 must be a finite number >= 0, got {l2!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
+    shape = (num_classes, x.shape[1])
+    if init is None:
+        weight, bias = x.new_zeros(shape), x.new_zeros(num_classes)
+    else:
+        weight, bias = (t.detach().to(x).clone() for t in init)
+        if weight.shape != shape or bias.shape != (num_classes,):
+            raise ValueError(f"init must be (weight {shape}, bias ({num_classes},)), got "
+                             f"({tuple(weight.shape)}, {tuple(bias.shape)})")
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    y = y.long()
+    optimizer = torch.optim.LBFGS(
+        [weight, bias], lr=1.0, max_iter=max_iter, tolerance_grad=tol * l2, tolerance_change=1e-12,
+        history_size=_LBFGS_HISTORY, line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> Tensor:
+        optimizer.zero_grad(set_to_none=False)
+        loss = _regularised_loss(x, y, weight, bias, float(l2))
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def log_grid_search(
+    score: Callable[[float], tuple[float, ...]], grid: Sequence[float], refinements: int = 4
+) -> tuple[float, dict[float, tuple[float, ...]]]:
+    """Maximise `score(v)` over positive v: a coarse grid, then bisection in log10 space around the best.
+
+    The grid is evaluated in the order given. Each refinement halves the log step (starting from the grid's
+    median log spacing) and scores the two points one step either side of the current best. Returns the best
+    value and every score computed, by value; ties keep the value found first.
+    """
+    values = [float(v) for v in grid]
+    if not values or any(not (math.isfinite(v) and v > 0) for v in values):
+        raise ValueError(f"the l2 grid must be non-empty positive finite numbers, got {list(grid)}")
+    if isinstance(refinements, bool) or not isinstance(refinements, int) or refinements < 0:
+        raise ValueError(f"refinements must be an int >= 0, got {refinements!r}")
+    scores: dict[float, tuple[float, ...]] = {}
+    best = values[0]
+    for value in values:
+        if value not in scores:
+            scores[value] = score(value)
+            if scores[value] > scores[best]:
+                best = value
+    logs = sorted({math.log10(v) for v in values})
+    gaps = sorted(b - a for a, b in zip(logs, logs[1:]))
+    step = gaps[len(gaps) // 2] if gaps else 1.0
+    for _ in range(refinements):
+        step /= 2
+        centre = math.log10(best)
+        for candidate in (10.0 ** (centre + step), 10.0 ** (centre - step)):
+            if candidate not in scores:
+                scores[candidate] = score(candidate)
+            if scores[candidate] > scores[best]:
+                best = candidate
+    return best, scores
+
+
+def linear_probe(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    num_classes: int,
+    l2_grid: Sequence[float] | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    refinements: int = 4,
+    max_iter: int = 1000,
+) -> dict[str, object]:
+    """CLIP's linear probe: sweep l2 on a stratified validation split, refit on all of train, score test.
+
+    Returns {"top1", "top5" (with >= 5 classes), "l2", "val_top1", "sweep": [[l2, val_top1], ...]}
+    (accuracies in percent; the sweep sorted by l2). The best l2 has the highest validation accuracy;
+    ties go to the lower validation cross-entropy. All work runs in float32 on the features' device.
+    """
+    _check_train_test(train_x, train_y, test_x, test_y, num_classes)
+    grid = DEFAULT_L2_GRID if l2_grid is None else tuple(l2_grid)
+    train_x, test_x = train_x.float(), test_x.float()
+    train_y, test_y = train_y.long(), test_y.long()
+    fit_idx, val_idx = stratified_split(train_y, val_fraction, seed)
+    to_fit_space = standardize(train_x[fit_idx])
+    fit_x, fit_y = to_fit_space(train_x[fit_idx]), train_y[fit_idx]
+    val_x, val_y = to_fit_space(train_x[val_idx]), train_y[val_idx]
+    solutions: dict[float, tuple[Tensor, Tensor]] = {}
+
+    def score(l2: float) -> tuple[float, float]:
+        nearest = min(solutions, key=lambda v: abs(math.log10(v) - math.log10(l2)), default=None)
+        solution = fit_logistic_regression(fit_x, fit_y, num_classes, l2, max_iter,
+                                           init=None if nearest is None else solutions[nearest])
+        solutions[l2] = solution
+        with torch.no_grad():
+            logits = val_x @ solution[0].T + solution[1]
+            return topk_accuracy(logits, val_y, (1,))["top1"], -F.cross_entropy(logits, val_y).item()
+
+    best, scores = log_grid_search(score, grid, refinements)
+    to_train_space = standardize(train_x)
+    weight, bias = fit_logistic_regression(to_train_space(train_x), train_y, num_classes, best, max_iter,
+                                           init=solutions[best])
+    with torch.no_grad():
+        result: dict[str, object] = topk_accuracy(to_train_space(test_x) @ weight.T + bias, test_y)
+    result.update(l2=best, val_top1=scores[best][0], sweep=[[l2, scores[l2][0]] for l2 in sorted(scores)])
+    return result
+
+
+def sgd_linear_probe(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    num_classes: int,
+    epochs: int = SLIP_SGD_EPOCHS,
+    batch_size: int = SLIP_SGD_BATCH_SIZE,
+    lr: float = SLIP_SGD_LR,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    normalize: bool = False,
+    seed: int = 0,
+) -> dict[str, float]:
+    """SLIP's linear-probe protocol on cached features: momentum SGD, per-epoch cosine lr, then test top-k.
+
+    `normalize=True` standardises the features with the training statistics first (what a BatchNorm without
+    affine parameters in front of the classifier does at test time, as in MAE's probe); SLIP has none.
+    Returns {"top1", "top5" (with >= 5 classes)} in percent.
+    """
+    _check_train_test(train_x, train_y, test_x, test_y, num_classes)
+    epochs = _check_positive_int("epochs", epochs)
+    batch_size = _check_positive_int("batch_size", batch_size)
+    for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    train_x, test_x = train_x.float(), test_x.float()
+    train_y, test_y = train_y.long(), test_y.long()
+    if normalize:
+        to_space = standardize(train_x)
+        train_x, test_x = to_space(train_x), to_space(test_x)
+    generator = torch.Generator().manual_seed(seed)
+    weight = (0.01 * torch.randn(num_classes, train_x.shape[1], generator=generator)).to(train_x)
+    bias = train_x.new_zeros(num_classes)
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    optimizer = torch.optim.SGD([weight, bias], lr=lr, momentum=momentum, weight_decay=weight_decay)
+    for epoch in range(epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+        order = torch.randperm(train_x.shape[0], generator=generator).to(train_x.device)
+        for rows in order.split(batch_size):
+            optimizer.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                F.cross_entropy(train_x[rows] @ weight.T + bias, train_y[rows]).backward()
+            optimizer.step()
+    with torch.no_grad():
+        return topk_accuracy(test_x @ weight.T + bias, test_y)

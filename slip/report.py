@@ -1,0 +1,407 @@
+"""Cross-run comparison: the results of many runs -> a Markdown table, a CSV file and a grouped bar chart.
+
+``python -m slip.report <dir> [--out DIR] [--title T] [--size WxH]`` finds every run below <dir> (a directory
+with a training ``results.json`` and/or an ``eval/`` folder of task JSON files, as ``python -m slip.eval``
+writes them; a Hydra multirun gives one ``<n>_<overrides>/`` directory per run) and writes ``report.md``,
+``report.csv`` and ``report.png`` to --out (default: <dir>).
+
+One row per run: its path, the swept parameters (override keys whose values differ between runs, or that only
+some runs set), objective, step, then one column per metric: ``<task>/<dataset>/<metric>`` from the eval
+records, and ``train_zeroshot/top1`` from the training's final zero-shot evaluation. A file that cannot be
+read is skipped with a warning naming it; the rest of the report is still written.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import sys
+import textwrap
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Report",
+    "Run",
+    "build_report",
+    "chart_metrics",
+    "find_run_dirs",
+    "main",
+    "parse_overrides",
+    "read_run",
+    "write_chart",
+    "write_csv",
+    "write_markdown",
+    "write_report",
+]
+
+RESULTS_FILE = "results.json"
+EVAL_DIR = "eval"
+MISSING = "–"
+DEFAULT_SIZE = (1200, 600)
+MAX_CHART_GROUPS = 8
+_MIN_SIDE = 200
+# Column order of the tasks; the chart's first choices, most important first: (task, metric).
+_TASK_ORDER = ("zeroshot", "linear_probe", "knn", "retrieval", "train_zeroshot")
+_CHART_FIRST = (("zeroshot", "top1"), ("linear_probe", "top1"), ("knn", "top1"), ("retrieval", "R@1"),
+                ("train_zeroshot", "top1"))
+_PERCENT_METRIC = re.compile(r"(?:^|_)(top\d+|R@\d+|acc|accuracy)$")
+
+
+@dataclass
+class Run:
+    """One row of the report: the run's path, its Hydra overrides, objective, step and metrics."""
+
+    name: str
+    overrides: dict[str, str] = field(default_factory=dict)
+    objective: str | None = None
+    step: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    """The comparison table: runs (rows), swept parameters and metrics (columns), and warnings met."""
+
+    root: Path
+    runs: list[Run]
+    swept: list[str]
+    metrics: list[str]
+    warnings: list[str]
+
+    @property
+    def header(self) -> list[str]:
+        """Column names, in table order."""
+        return ["run", *self.swept, "objective", "step", *self.metrics]
+
+    def rows(self) -> list[list[str | int | float | None]]:
+        """Cell values per run, in header order; None where a run has no value."""
+        return [
+            [run.name, *(run.overrides.get(key) for key in self.swept), run.objective, run.step,
+             *(run.metrics.get(metric) for metric in self.metrics)]
+            for run in self.runs
+        ]
+
+    def label(self, run: Run) -> str:
+        """A run's name in the chart: its swept parameters (its path when it has none)."""
+        swept = ", ".join(f"{key}={run.overrides[key]}" for key in self.swept if key in run.overrides)
+        return swept or (run.name if run.name != "." else self.root.resolve().name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading runs
+
+
+def _natural_key(text: str) -> list[str | int]:
+    """Sort key that orders embedded numbers by value ("2_x" before "10_x")."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def _has_eval_files(folder: Path) -> bool:
+    """Whether `folder` holds at least one .json file."""
+    return any(path.suffix == ".json" and path.is_file() for path in folder.iterdir())
+
+
+def find_run_dirs(root: Path) -> list[Path]:
+    """Run directories at or below `root` (holding results.json and/or eval/*.json), in natural path order."""
+    found = []
+    for current, dirs, files in os.walk(root):
+        here = Path(current)
+        dirs[:] = [name for name in dirs if not name.startswith(".")]  # Hydra's .hydra/ config copies
+        has_eval = EVAL_DIR in dirs and _has_eval_files(here / EVAL_DIR)
+        if has_eval:
+            dirs.remove(EVAL_DIR)  # the run's own evaluation files, not runs
+        if RESULTS_FILE in files or has_eval:
+            found.append(here)
+    return sorted(found, key=lambda path: _natural_key(path.relative_to(root).as_posix()))
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, str]:
+    """Hydra override strings ("loss=clip", "+trainer.x=1") -> {key: value}; a bare "~key" has value ""."""
+    parsed = {}
+    for override in overrides:
+        key, _, value = override.partition("=")
+        parsed[key.lstrip("+")] = value
+    return parsed
+
+
+def _read_json(path: Path, warnings: list[str]) -> dict[str, Any] | None:
+    """The JSON object in `path`, or None after a warning naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        warnings.append(f"{path}: unreadable JSON ({reason}); skipped")
+        return None
+    if not isinstance(data, dict):
+        warnings.append(f"{path}: expected a JSON object, got {type(data).__name__}; skipped")
+        return None
+    return data
+
+
+def _is_number(value: Any) -> bool:
+    """An int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _typed(data: dict[str, Any], key: str, kind: type, path: Path, warnings: list[str]) -> Any:
+    """data[key] if present and a `kind` (a bool never passes); None if absent or, with a warning, mistyped."""
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, kind) and not isinstance(value, bool):
+        return value
+    warnings.append(f"{path}: key {key!r} is a {type(value).__name__}, not a {kind.__name__}; ignored")
+    return None
+
+
+def _read_training(run: Run, path: Path, warnings: list[str]) -> None:
+    """Fill `run` from a training results.json: overrides, objective, step and the final zero-shot top-1."""
+    data = _read_json(path, warnings)
+    if data is None:
+        return
+    overrides = _typed(data, "overrides", list, path, warnings) or []
+    if not all(isinstance(item, str) for item in overrides):
+        warnings.append(f"{path}: key 'overrides' is not a list of strings; ignored")
+        overrides = []
+    run.overrides = parse_overrides(overrides)
+    run.objective = _typed(data, "objective", str, path, warnings)
+    run.step = _typed(data, "step", int, path, warnings)
+    zeroshot = _typed(data, "zeroshot", dict, path, warnings) or {}
+    if _is_number(zeroshot.get("top1")):
+        run.metrics["train_zeroshot/top1"] = float(zeroshot["top1"])
+    elif "top1" in zeroshot:
+        warnings.append(f"{path}: key 'zeroshot.top1' is not a number; ignored")
+
+
+def _read_eval(run: Run, path: Path, warnings: list[str]) -> None:
+    """Add the records of one eval task file to `run`; objective and step fill in what training did not."""
+    data = _read_json(path, warnings)
+    if data is None:
+        return
+    records = data.get("records")
+    if not isinstance(records, list):
+        warnings.append(f"{path}: no 'records' list; skipped")
+        return
+    step = _typed(data, "step", int, path, warnings)
+    if run.step is None:
+        run.step = step
+    elif step is not None and step != run.step:
+        warnings.append(f"{path}: step {step} differs from the training's step {run.step}")
+    run.objective = run.objective or _typed(data, "objective", str, path, warnings)
+    file_task = data.get("task")
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            warnings.append(f"{path}: records[{i}] is not an object; skipped")
+            continue
+        parts = [record.get("task", file_task), record.get("dataset"), record.get("metric")]
+        if not all(isinstance(part, str) and part for part in parts) or not _is_number(record.get("value")):
+            warnings.append(f"{path}: records[{i}] lacks a task, dataset, metric or numeric value; skipped")
+            continue
+        column = "/".join(parts)
+        if column in run.metrics:
+            warnings.append(f"{path}: records[{i}] repeats {column}; the first value is kept")
+            continue
+        run.metrics[column] = float(record["value"])
+
+
+def read_run(run_dir: Path, root: Path, warnings: list[str]) -> Run:
+    """The row of the run in `run_dir` (named by its path relative to `root`); problems go to `warnings`."""
+    run = Run(name=run_dir.relative_to(root).as_posix())
+    if (run_dir / RESULTS_FILE).is_file():
+        _read_training(run, run_dir / RESULTS_FILE, warnings)
+    eval_dir = run_dir / EVAL_DIR
+    if eval_dir.is_dir():
+        for path in sorted(eval_dir.glob("*.json"), key=lambda p: _natural_key(p.name)):
+            _read_eval(run, path, warnings)
+    return run
+
+
+def _swept_keys(runs: Sequence[Run]) -> list[str]:
+    """Override keys whose value differs between runs (absent counts as a value), in order of appearance."""
+    keys = list(dict.fromkeys(key for run in runs for key in run.overrides))
+    return [key for key in keys if len({run.overrides.get(key) for run in runs}) > 1]
+
+
+def _metric_key(column: str) -> tuple[int, list[str | int]]:
+    """Column order of metrics: by task (known tasks first), then dataset and metric in natural order."""
+    task = column.split("/", 1)[0]
+    rank = _TASK_ORDER.index(task) if task in _TASK_ORDER else len(_TASK_ORDER)
+    return rank, _natural_key(column)
+
+
+def build_report(root: Path) -> Report:
+    """Read every run below `root` into a table; raises FileNotFoundError or ValueError (no runs)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such directory")
+    run_dirs = find_run_dirs(root)
+    if not run_dirs:
+        raise ValueError(f"{root}: no runs found (no {RESULTS_FILE} or {EVAL_DIR}/*.json below it)")
+    warnings: list[str] = []
+    runs = []
+    for run_dir in run_dirs:
+        run = read_run(run_dir, root, warnings)
+        if run.overrides or run.objective or run.step is not None or run.metrics:
+            runs.append(run)
+        else:  # only unreadable files: a row of blanks would just make every override look swept
+            warnings.append(f"{run_dir}: nothing readable; run left out")
+    if not runs:
+        raise ValueError(f"{root}: none of the {len(run_dirs)} runs has readable results ({warnings[0]})")
+    metrics = sorted({metric for run in runs for metric in run.metrics}, key=_metric_key)
+    return Report(root, runs, _swept_keys(runs), metrics, warnings)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _markdown_cell(value: str | int | float | None) -> str:
+    """A table cell: numbers with 1 decimal (steps whole), MISSING for None, pipes escaped."""
+    if value is None:
+        return MISSING
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return str(value).replace("|", "\\|")
+
+
+def write_markdown(report: Report, path: Path, title: str, chart_name: str | None = "report.png") -> None:
+    """The table as Markdown under `title`, with the chart embedded when `chart_name` is given."""
+    numeric = {"step", *report.metrics}
+    lines = [
+        f"# {title}",
+        "",
+        f"{len(report.runs)} runs under `{report.root}`. Numbers are rounded to 1 decimal (report.csv has them in "
+        f"full); {MISSING} means the run has no such value.",
+        "",
+        "| " + " | ".join(name.replace("|", "\\|") for name in report.header) + " |",
+        "|" + "|".join("---:" if name in numeric else "---" for name in report.header) + "|",
+        *("| " + " | ".join(_markdown_cell(value) for value in row) + " |" for row in report.rows()),
+    ]
+    if chart_name:
+        lines += ["", f"![{title}]({chart_name})"]
+    if report.warnings:
+        lines += ["", "Skipped or ignored while reading:", "", *(f"- {warning}" for warning in report.warnings)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def write_csv(report: Report, path: Path) -> None:
+    """The table as CSV at full precision (floats as their shortest exact repr); empty cells where missing."""
+    with open(path, "w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow(report.header)
+        writer.writerows([["" if value is None else repr(value) if isinstance(value, float) else value
+                           for value in row] for row in report.rows()])
+
+
+def chart_metrics(metrics: Sequence[str], limit: int = MAX_CHART_GROUPS) -> list[str]:
+    """The accuracy/recall columns to plot, most important first (zero-shot, linear probe, kNN top-1, R@1)."""
+    def metric_name(column: str) -> str:
+        return column.rsplit("/", 1)[-1]
+
+    def task(column: str) -> str:
+        return column.split("/", 1)[0]
+
+    percent = [column for column in metrics if _PERCENT_METRIC.search(metric_name(column))]
+    first = [column for wanted_task, wanted in _CHART_FIRST for column in percent
+             if task(column) == wanted_task and re.search(rf"(?:^|_){re.escape(wanted)}$", metric_name(column))]
+    rest = [column for column in percent if column not in first]
+    return (first + rest)[:limit]
+
+
+def _tick_label(column: str) -> str:
+    """A metric column as a short multi-line tick label ("retrieval/coco/image_to_text_R@1" -> 3 lines)."""
+    parts = [part.replace("_to_", "→").replace("_", " ") for part in column.split("/")]
+    return "\n".join(textwrap.fill(part, 12) for part in parts)
+
+
+def write_chart(report: Report, path: Path, title: str, size: tuple[int, int] = DEFAULT_SIZE) -> None:
+    """A grouped bar chart (one group per chart metric, one bar per run) as a PNG of `size` pixels."""
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    dpi = 100
+    figure = Figure(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.set_title(title)
+    groups = chart_metrics(report.metrics)
+    if not groups:
+        axes.text(0.5, 0.5, "no accuracy or recall metrics to plot", ha="center", va="center")
+        axes.set_axis_off()
+        figure.savefig(path, dpi=dpi)
+        return
+    labels = [report.label(run) for run in report.runs]
+    labels = [label if labels.count(label) == 1 else f"{label} ({run.name})" for label, run in zip(labels, report.runs)]
+    labels = [textwrap.fill(label, 40) for label in labels]
+    runs = len(report.runs)
+    width = 0.8 / runs
+    colors = colormaps["tab10" if runs <= 10 else "tab20"]
+    rotate = runs * len(groups) > 24  # narrow bars: vertical value labels
+    values = [[run.metrics.get(group, math.nan) for group in groups] for run in report.runs]
+    for i, (label, row) in enumerate(zip(labels, values)):
+        positions = [g + (i - (runs - 1) / 2) * width for g in range(len(groups))]
+        bars = axes.bar(positions, [0.0 if math.isnan(v) else v for v in row], width, label=label,
+                        color=colors(i % colors.N))
+        axes.bar_label(bars, labels=[MISSING if math.isnan(v) else f"{v:.1f}" for v in row], padding=2,
+                       fontsize=8 if rotate else 9, rotation=90 if rotate else 0)
+    top = max((v for row in values for v in row if not math.isnan(v)), default=0.0)
+    axes.set_ylim(0, max(top * (1.25 if rotate else 1.12), 1.0))
+    axes.set_xticks(range(len(groups)), [_tick_label(group) for group in groups], fontsize=9)
+    axes.set_ylabel("%")
+    axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9, frameon=False)
+    figure.savefig(path, dpi=dpi)
+
+
+def write_report(report: Report, out_dir: Path, title: str, size: tuple[int, int] = DEFAULT_SIZE) -> list[Path]:
+    """Write report.md, report.csv and report.png into `out_dir` (created if needed); returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "report.md", out_dir / "report.csv", out_dir / "report.png"]
+    write_markdown(report, paths[0], title, paths[2].name)
+    write_csv(report, paths[1])
+    write_chart(report, paths[2], title, size)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _size(text: str) -> tuple[int, int]:
+    """Parse "WIDTHxHEIGHT" in pixels."""
+    match = re.fullmatch(r"(\d+)x(\d+)", text.strip())
+    if not match or min(int(match[1]), int(match[2])) < _MIN_SIDE:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels, each >= {_MIN_SIDE}, got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line entry: build the report of a directory of runs and write it; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m slip.report", description=__doc__.split("\n")[0])
+    parser.add_argument("dir", type=Path, help="directory to search for runs (e.g. a Hydra multirun dir)")
+    parser.add_argument("--out", type=Path, help="where to write report.md/.csv/.png (default: DIR)")
+    parser.add_argument("--title", help="title of the table and chart (default: the directory name)")
+    parser.add_argument("--size", type=_size, default=DEFAULT_SIZE, metavar="WxH",
+                        help="chart size in pixels (default: 1200x600)")
+    args = parser.parse_args(argv)
+    try:
+        report = build_report(args.dir)
+        for warning in report.warnings:
+            print(f"slip.report: warning: {warning}", file=sys.stderr)
+        title = args.title or f"Run comparison: {args.dir.resolve().name}"
+        paths = write_report(report, args.out or args.dir, title, args.size)
+    except (FileNotFoundError, ValueError, OSError) as error:
+        print(f"slip.report: error: {error}", file=sys.stderr)
+        return 2
+    print(f"slip.report: {len(report.runs)} runs; wrote " + ", ".join(str(path) for path in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Linear probes: L-BFGS logistic regression against float64 references, the l2 sweep, the split, SGD protocol."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from slip.eval.linear_probe import (
+    DEFAULT_L2_GRID,
+    fit_logistic_regression,
+    linear_probe,
+    log_grid_search,
+    sgd_linear_probe,
+    standardize,
+    stratified_split,
+)
+from slip.eval.metrics import topk_accuracy
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def blobs(seed: int, n: int, dims: int = 5, classes: int = 3, spread: float = 1.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Overlapping Gaussian classes, with an offset and uneven scales (not separable)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dims, generator=torch.Generator().manual_seed(1234))
+    y = torch.arange(n) % classes
+    x = centres[y] + spread * torch.randn(n, dims, generator=g)
+    return x * torch.linspace(0.5, 2.0, dims) + 0.3, y
+
+
+def float64_gradient(x, y, weight, bias, l2):
+    """Gradient of mean cross-entropy + l2/2 ||W||^2, written out by hand in float64."""
+    x, weight, bias = x.double(), weight.double(), bias.double()
+    logits = x @ weight.T + bias
+    p = torch.exp(logits - logits.max(dim=1, keepdim=True).values)
+    p = p / p.sum(dim=1, keepdim=True)
+    p[torch.arange(len(y)), y] -= 1.0
+    residual = p / len(y)
+    return residual.T @ x + l2 * weight, residual.sum(dim=0)
+
+
+def newton_reference(x, y, num_classes, l2, max_steps=50):
+    """The regularised optimum by Newton's method in float64 with the exact Hessian."""
+    n, d = x.shape
+    x = x.double()
+    augmented = torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], dim=1)
+    theta = torch.zeros(num_classes, d + 1, dtype=torch.float64)
+    penalty = torch.zeros(num_classes, d + 1, dtype=torch.float64)
+    penalty[:, :d] = l2
+    for _ in range(max_steps):
+        grad_w, grad_b = float64_gradient(x, y, theta[:, :d], theta[:, d], l2)
+        grad = torch.cat([grad_w, grad_b[:, None]], dim=1).flatten()
+        if grad.abs().max() < 1e-14:
+            break
+        probs = torch.softmax(augmented @ theta.T, dim=1)
+        # H[c, j, e, k] = mean_i (p_ic [c == e] - p_ic p_ie) a_ij a_ik, plus the penalty on the weights.
+        curvature = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
+        hessian = torch.einsum("ice,ij,ik->cjek", curvature, augmented, augmented) / n
+        hessian = hessian.reshape(grad.numel(), grad.numel()) + torch.diag(penalty.flatten())
+        # Adding a constant to every bias changes nothing, so the Hessian is singular: use the pseudo-inverse.
+        theta = theta - (torch.linalg.pinv(hessian) @ grad).view(num_classes, d + 1)
+    return theta[:, :d], theta[:, d]
+
+
+@pytest.mark.parametrize("l2", [1e-1, 1e-3])
+def test_lbfgs_solution_is_stationary_and_matches_newton(l2):
+    x, y = blobs(0, 60)
+    weight, bias = fit_logistic_regression(x, y, 3, l2)
+    assert weight.dtype == torch.float32 and weight.shape == (3, 5) and bias.shape == (3,)
+    grad_w, grad_b = float64_gradient(x, y, weight, bias, l2)
+    assert grad_w.abs().max() < 1e-5 and grad_b.abs().max() < 1e-5
+    ref_w, ref_b = newton_reference(x, y, 3, l2)
+    ref_grad_w, ref_grad_b = float64_gradient(x, y, ref_w, ref_b, l2)
+    assert ref_grad_w.abs().max() < 1e-12 and ref_grad_b.abs().max() < 1e-12
+    assert torch.allclose(weight.double(), ref_w, rtol=0, atol=1e-3 * ref_w.abs().max().item())
+    # Biases are defined up to a common shift.
+    assert torch.allclose(bias.double() - bias.double().mean(), ref_b - ref_b.mean(), atol=1e-3)
+
+
+def test_warm_start_reaches_the_same_solution():
+    x, y = blobs(1, 60)
+    cold = fit_logistic_regression(x, y, 3, 1e-2)
+    other_start = fit_logistic_regression(x, y, 3, 1.0)
+    other_start[1].add_(torch.tensor([5.0, -2.0, 0.0]))
+    warm = fit_logistic_regression(x, y, 3, 1e-2, init=other_start)
+    assert torch.allclose(warm[0], cold[0], atol=1e-3)
+    assert torch.allclose(warm[1] - warm[1].mean(), cold[1] - cold[1].mean(), atol=1e-3)
+
+
+def test_fit_rejects_bad_input():
+    x, y = blobs(0, 12)
+    with pytest.raises(ValueError, match="l2"):
+        fit_logistic_regression(x, y, 3, -1.0)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
+        fit_logistic_regression(x, y, 2, 1.0)
+    with pytest.raises(ValueError, match="12 feature rows but 11 labels"):
+        fit_logistic_regression(x, y[:11], 3, 1.0)
+    with pytest.raises(ValueError, match="init"):
+        fit_logistic_regression(x, y, 3, 1.0, init=(torch.zeros(3, 4), torch.zeros(3)))
+    with pytest.raises(ValueError, match="NaN"):
+        fit_logistic_regression(x.masked_fill(x > 1, float("nan")), y, 3, 1.0)
+
+
+def test_standardize_uses_reference_statistics():
+    x, _ = blobs(2, 50)
+    x[:, 2] = 7.0  # a constant column stays finite
+    out = standardize(x[:30])(x)
+    reference = x[:30].double()
+    std = reference.std(dim=0, unbiased=False)
+    std[2] = 1.0
+    expected = (x.double() - reference.mean(dim=0)) / std
+    assert torch.allclose(out.double(), expected, atol=1e-5)
+
+
+def test_stratified_split_is_deterministic_disjoint_and_per_class():
+    shuffle = torch.randperm(25, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0] * 10 + [1] * 5 + [2] * 2 + [3] * 1 + [4] * 7)[shuffle]
+    fit, val = stratified_split(labels, 0.2, seed=3)
+    again_fit, again_val = stratified_split(labels, 0.2, seed=3)
+    assert torch.equal(fit, again_fit) and torch.equal(val, again_val)
+    assert sorted(fit.tolist() + val.tolist()) == list(range(25))
+    assert not set(fit.tolist()) & set(val.tolist())
+    expected_val = {0: 2, 1: 1, 2: 1, 3: 0, 4: 1}  # round(0.2 n), at least 1, keeping one in fit
+    assert {c: int((labels[val] == c).sum()) for c in range(5)} == expected_val
+    other_fit, other_val = stratified_split(labels, 0.2, seed=4)
+    assert not torch.equal(val, other_val)
+    with pytest.raises(ValueError, match="val_fraction"):
+        stratified_split(labels, 1.0)
+
+
+def test_topk_accuracy_matches_a_loop():
+    g = torch.Generator().manual_seed(0)
+    scores, labels = torch.randn(40, 7, generator=g), torch.randint(0, 7, (40,), generator=g)
+    result = topk_accuracy(scores, labels)
+    for k in (1, 5):
+        hits = sum(int(labels[i]) in sorted(range(7), key=lambda c: -scores[i, c].item())[:k] for i in range(40))
+        assert result[f"top{k}"] == pytest.approx(100.0 * hits / 40)
+    assert set(topk_accuracy(scores[:, :3], labels.clamp(max=2))) == {"top1"}
+
+
+def test_log_grid_search_finds_the_peak_by_bisection():
+    calls = []
+
+    def score(value):
+        calls.append(value)
+        return (-(math.log10(value) - 0.37) ** 2,)
+
+    best, scores = log_grid_search(score, DEFAULT_L2_GRID, refinements=4)
+    assert abs(math.log10(best) - 0.37) <= 1 / 16
+    assert len(calls) == len(DEFAULT_L2_GRID) + 2 * 4 and set(calls) == set(scores)
+    assert best == max(scores, key=scores.get)
+    # Ties keep the value found first.
+    first, _ = log_grid_search(lambda value: (1.0,), [1.0, 10.0, 0.1], refinements=2)
+    assert first == 1.0
+
+
+PATTERN = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+
+
+def nuisance_problem(seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """4 classes whose signal is buried in a strong nuisance that a second feature pair measures.
+
+    Only weak regularisation lets the classifier subtract the nuisance; strong regularisation shrinks
+    towards the class-mean direction, which ignores the nuisance pair and is near chance.
+    """
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 4
+    nuisance = 3.0 * torch.randn(n, 2, generator=g)
+    x = torch.cat([PATTERN[y] + nuisance, nuisance + 0.3 * torch.randn(n, 2, generator=g),
+                   torch.randn(n, 20, generator=g)], dim=1)
+    return x, y
+
+
+def val_accuracy(train_x, train_y, l2, val_fraction, seed):
+    """Validation top-1 of a cold-started fit at `l2`, recomputed from the pieces."""
+    fit, val = stratified_split(train_y, val_fraction, seed)
+    to_space = standardize(train_x[fit])
+    weight, bias = fit_logistic_regression(to_space(train_x[fit]), train_y[fit], 4, l2)
+    predictions = (to_space(train_x[val]) @ weight.T + bias).argmax(dim=1)
+    return 100.0 * (predictions == train_y[val]).double().mean().item(), len(val)
+
+
+def test_linear_probe_picks_the_best_validation_l2():
+    train_x, train_y = nuisance_problem(0, 320)
+    test_x, test_y = nuisance_problem(1, 200)
+    result = linear_probe(train_x, train_y, test_x, test_y, 4, val_fraction=0.5, seed=0)
+    sweep = dict((l2, top1) for l2, top1 in result["sweep"])
+    assert [l2 for l2, _ in result["sweep"]] == sorted(sweep)
+    assert set(DEFAULT_L2_GRID) <= set(sweep) and len(sweep) == len(DEFAULT_L2_GRID) + 8
+    assert result["val_top1"] == sweep[result["l2"]] == max(sweep.values())
+    # The constructed problem needs weak regularisation: strong l2 is far worse on validation.
+    assert result["l2"] < 1e-2 and result["val_top1"] > max(sweep[1.0], sweep[100.0]) + 30
+    # The recorded validation accuracies are those of independent cold-started fits.
+    for l2 in (result["l2"], 1.0, 1e-6):
+        accuracy, n_val = val_accuracy(train_x, train_y, l2, 0.5, 0)
+        assert abs(accuracy - sweep[l2]) <= 100.0 / n_val + 1e-9
+    # The test score is that of a refit on all of train at the chosen l2.
+    to_space = standardize(train_x)
+    weight, bias = fit_logistic_regression(to_space(train_x), train_y, 4, result["l2"])
+    test_top1 = 100.0 * ((to_space(test_x) @ weight.T + bias).argmax(dim=1) == test_y).double().mean().item()
+    assert abs(result["top1"] - test_top1) <= 100.0 / len(test_y) + 1e-9
+    assert "top5" not in result
+
+
+def test_linear_probe_reports_top5_with_five_classes_and_checks_inputs():
+    x, y = blobs(3, 100, dims=4, classes=5, spread=0.3)
+    result = linear_probe(x[:70], y[:70], x[70:], y[70:], 5, l2_grid=[1e-2, 1e-4], refinements=1)
+    assert result["top1"] >= 90.0 and result["top5"] == 100.0 and len(result["sweep"]) == 4
+    with pytest.raises(ValueError, match="4 dims but test features 3"):
+        linear_probe(x, y, x[:, :3], y, 5)
+    with pytest.raises(ValueError, match="num_classes"):
+        linear_probe(x, y, x, y, 1)
+
+
+def test_sgd_probe_learns_and_is_seeded():
+    x, y = blobs(4, 400, dims=6, classes=5, spread=0.25)
+    kwargs = dict(epochs=10, batch_size=64, lr=0.1, seed=7)
+    first = sgd_linear_probe(x[:300], y[:300], x[300:], y[300:], 5, **kwargs)
+    second = sgd_linear_probe(x[:300], y[:300], x[300:], y[300:], 5, **kwargs)
+    assert first == second and first["top1"] >= 90.0 and set(first) == {"top1", "top5"}
+    normalized = sgd_linear_probe(x[:300], y[:300], x[300:], y[300:], 5, normalize=True, **kwargs)
+    assert normalized["top1"] >= 90.0
+    # With a zero learning rate the classifier stays at its N(0, 0.01^2) start: near chance, not 90 %.
+    frozen = sgd_linear_probe(x[:300], y[:300], x[300:], y[300:], 5, **{**kwargs, "lr": 0.0})
+    assert frozen["top1"] < 60.0
+    with pytest.raises(ValueError, match="momentum"):
+        sgd_linear_probe(x, y, x, y, 5, momentum=-0.5)
