@@ -1,13 +1,35 @@
 """slip: multi-objective image-text pretraining (CLIP, SimCLR, SLIP, SigLIP)."""
-from slip.checkpoint import load_pretrained, save_model
-from slip.losses import CLIPLoss, Objective, SigLIPLoss, SimCLRLoss, SLIPLoss, WeightedObjectives
-from slip.models import MODEL_BUILDERS, ImageTextModel, build_resnet_model, build_vit_model
-from slip.tokenizer import decode, tokenize
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CLIPLoss", "ImageTextModel", "MODEL_BUILDERS", "Objective", "SLIPLoss", "SigLIPLoss", "SimCLRLoss",
-    "WeightedObjectives", "__version__", "build_resnet_model", "build_vit_model", "decode", "load_pretrained",
-    "save_model", "tokenize",
-]
+# Public names and the module that defines each. They are imported on first use, so that light entry points
+# (python -m slip.report, DataLoader workers) do not pay for importing torch and timm up front.
+_EXPORTS = {
+    "load_pretrained": "slip.checkpoint",
+    "save_model": "slip.checkpoint",
+    "CLIPLoss": "slip.losses",
+    "Objective": "slip.losses",
+    "SigLIPLoss": "slip.losses",
+    "SimCLRLoss": "slip.losses",
+    "SLIPLoss": "slip.losses",
+    "WeightedObjectives": "slip.losses",
+    "MODEL_BUILDERS": "slip.models",
+    "ImageTextModel": "slip.models",
+    "build_resnet_model": "slip.models",
+    "build_vit_model": "slip.models",
+    "decode": "slip.tokenizer",
+    "tokenize": "slip.tokenizer",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name from its module on first access."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'slip' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

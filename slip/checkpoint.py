@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import pickle
 import re
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from omegaconf import OmegaConf
 
 from slip.models import (ALL_INPUTS, IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,
                          ImageTextModel, build_from_arch)
@@ -24,6 +26,7 @@ SLIP_OBJECTIVE_INPUTS: Mapping[str, tuple[str, ...]] = {
     "CLIP": ("image", "text"),
     "SIMCLR": ("aug1", "aug2"),
 }
+SLIP_OBJECTIVE_NAMES: Mapping[str, str] = {"SLIP": "SLIPLoss", "CLIP": "CLIPLoss", "SIMCLR": "SimCLRLoss"}
 SLIP_VISION_HEADS: Mapping[str, int] = {"VITS16": 12, "VITB16": 12, "VITL16": 16}
 SLIP_TEXT_PREFIXES = ("transformer.", "token_embedding.", "positional_embedding", "ln_final.")
 OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -33,6 +36,22 @@ SAFE_GLOBALS = [argparse.Namespace]
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be read as a model; the message names the file and the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint says about how its weights were trained (None where its format does not record it)."""
+
+    format: str  # "slip", "slip-original" or "openai-clip"
+    objective: str | None = None  # the objective's class name, e.g. "SLIPLoss"
+    step: int | None = None
+    config: str | None = None  # the resolved training config (YAML), for our own checkpoints
+
+
+def _objective_from_config(config_text: str | None) -> str | None:
+    """The objective class name recorded in a training config's loss._target_."""
+    target = OmegaConf.select(OmegaConf.create(config_text or "{}"), "loss._target_", default=None)
+    return str(target).rsplit(".", 1)[-1] if target else None
 
 
 def model_checkpoint(model: ImageTextModel) -> dict[str, Any]:
@@ -195,16 +214,20 @@ def _from_original_slip(checkpoint: Mapping[str, Any], path: Path) -> tuple[dict
     return arch, state
 
 
-def _identify(content: Any, path: Path) -> tuple[dict[str, Any], Mapping[str, torch.Tensor]]:
-    """Recognise the format of an unpickled checkpoint and return (arch record, our state dict)."""
+def _identify(content: Any, path: Path) -> tuple[dict[str, Any], Mapping[str, torch.Tensor], CheckpointInfo]:
+    """Recognise the format of an unpickled checkpoint and return (arch record, our state dict, info)."""
     if isinstance(content, Mapping) and content.get("format") == FORMAT_NAME:
-        return dict(content["arch"]), content["model"]
+        config = content.get("config")
+        step = (content.get("state") or {}).get("step")
+        info = CheckpointInfo(FORMAT_NAME, _objective_from_config(config), step, config)
+        return dict(content["arch"]), content["model"], info
     if isinstance(content, Mapping) and "state_dict" in content and "args" in content:
-        return _from_original_slip(content, path)
-    if isinstance(content, Mapping) and "text_projection" in content and "visual.layer1.0.conv1.weight" in content:
-        return _from_openai(dict(content))
-    if isinstance(content, Mapping) and "text_projection" in content and "visual.proj" in content:
-        return _from_openai(dict(content))
+        arch, state = _from_original_slip(content, path)
+        objective = str(getattr(content["args"], "model", "")).partition("_")[0]
+        return arch, state, CheckpointInfo("slip-original", SLIP_OBJECTIVE_NAMES.get(objective))
+    if isinstance(content, Mapping) and "text_projection" in content and (
+            "visual.layer1.0.conv1.weight" in content or "visual.proj" in content):
+        return (*_from_openai(dict(content)), CheckpointInfo("openai-clip", "CLIPLoss"))
     kind = type(content).__name__
     keys = ", ".join(list(content)[:5]) if isinstance(content, Mapping) else ""
     raise CheckpointError(f"{path}: not a slip, original-SLIP or OpenAI-CLIP checkpoint ({kind} with keys: {keys})")
@@ -232,13 +255,19 @@ def _describe_mismatch(missing: list[str], unexpected: list[str]) -> str:
 
 def load_pretrained(path: str | os.PathLike) -> ImageTextModel:
     """Load a model in eval mode from our checkpoints, original SLIP checkpoints or OpenAI CLIP weights."""
+    return load_pretrained_with_info(path)[0]
+
+
+def load_pretrained_with_info(path: str | os.PathLike) -> tuple[ImageTextModel, CheckpointInfo]:
+    """`load_pretrained`, plus what the checkpoint records about its training (format, objective, step)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     if _is_torchscript_archive(path):
         arch, state = _from_openai(_read_torchscript_tensors(path))
+        info = CheckpointInfo("openai-clip", "CLIPLoss")
     else:
-        arch, state = _identify(_read_file(path), path)
+        arch, state, info = _identify(_read_file(path), path)
     try:
         model = build_from_arch(arch)
     except (TypeError, ValueError, KeyError) as error:
@@ -251,7 +280,8 @@ def load_pretrained(path: str | os.PathLike) -> ImageTextModel:
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not fit the architecture: "
                               f"{_describe_mismatch(missing, unexpected)}")
-    return model.eval()
+    return model.eval(), info
 
 
-__all__ = ["CheckpointError", "atomic_save", "load_pretrained", "model_checkpoint", "read_checkpoint", "save_model"]
+__all__ = ["CheckpointError", "CheckpointInfo", "atomic_save", "load_pretrained", "load_pretrained_with_info",
+           "model_checkpoint", "read_checkpoint", "save_model"]

@@ -236,6 +236,7 @@ class Trainer:
             "state": asdict(self.state),
             "rng": _all_ranks(rng_state(), self.world),
             "config": self.config_text,
+            "history": self.history,
         }
 
     def save(self) -> None:
@@ -253,6 +254,7 @@ class Trainer:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scaler.load_state_dict(checkpoint["scaler"])
         self.state = TrainState(**checkpoint["state"])
+        self.history = list(checkpoint.get("history", []))
         rng = checkpoint["rng"]
         set_rng_state(rng[self.world.rank] if self.world.rank < len(rng) else rng[0])
 
@@ -346,6 +348,7 @@ class Trainer:
         """Train until `total_steps` optimizer steps are done, SIGTERM arrives, or an error stops it."""
         settings, state = self.settings, self.state
         self._first_step = state.step
+        self.monitor.begin(state.step)
         self.task.train()
         with PreemptionFlag() as preempted:
             try:

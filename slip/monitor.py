@@ -66,12 +66,16 @@ class Monitor:
                 self.stream.write("\n")
             print(text, file=self.stream, flush=True)
 
+    def begin(self, step: int) -> None:
+        """Start the ETA clock at optimizer step `step` (the step a fresh or resumed run starts from)."""
+        self._start_step, self._start_time = step, time.perf_counter()
+
     def progress(self, step: int, values: Mapping[str, float]) -> None:
         """Progress with ETA: redrawn in place on a TTY, else one line every `log_every` steps."""
         if not self.enabled:
             return
         if self._start_step is None:
-            self._start_step, self._start_time = step - 1, time.perf_counter()
+            self.begin(step - 1)
         done = step - self._start_step
         elapsed = time.perf_counter() - self._start_time
         eta = elapsed / max(done, 1) * (self.total_steps - step)

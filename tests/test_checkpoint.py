@@ -12,7 +12,8 @@ import timm
 import torch
 from torch import nn
 
-from slip.checkpoint import CheckpointError, atomic_save, load_pretrained, save_model
+from slip.checkpoint import (CheckpointError, CheckpointInfo, atomic_save, load_pretrained, load_pretrained_with_info,
+                             save_model)
 from slip.models import (IMAGENET_MEAN, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, build_resnet_model,
                          build_vit_model)
 
@@ -127,7 +128,8 @@ def test_openai_state_dict(tmp_path: pathlib.Path, openai_clip, make, resolution
     state.update(input_resolution=torch.tensor(resolution), context_length=torch.tensor(77),
                  vocab_size=torch.tensor(49408))
     torch.save(state, tmp_path / "openai.pt")
-    loaded = load_pretrained(tmp_path / "openai.pt")
+    loaded, info = load_pretrained_with_info(tmp_path / "openai.pt")
+    assert info == CheckpointInfo("openai-clip", "CLIPLoss")
     assert loaded.arch["image_size"] == resolution and loaded.arch["text_width"] == 128
     assert loaded.arch["image_mean"] == OPENAI_CLIP_MEAN and loaded.arch["image_std"] == OPENAI_CLIP_STD
     check_against_openai(loaded, reference, openai_clip, resolution)
@@ -158,7 +160,8 @@ def test_openai_torchscript_archive(tmp_path: pathlib.Path, openai_clip, make, r
     example = (images(resolution, batch=2), openai_clip.tokenize(["a", "b"]))
     traced = torch.jit.trace(scripted_source, example, check_trace=False)
     traced.save(str(tmp_path / "openai_jit.pt"))
-    loaded = load_pretrained(tmp_path / "openai_jit.pt")
+    loaded, info = load_pretrained_with_info(tmp_path / "openai_jit.pt")
+    assert info.format == "openai-clip"
     check_against_openai(loaded, reference, openai_clip, resolution)
 
 
@@ -211,7 +214,9 @@ def original_slip_checkpoint(parts: dict, model_name: str) -> dict:
 def test_original_slip_checkpoint(tmp_path: pathlib.Path, openai_clip, objective: str) -> None:
     parts = original_slip_parts(openai_clip, objective)
     torch.save(original_slip_checkpoint(parts, f"{objective}_VITS16"), tmp_path / "checkpoint_best.pt")
-    loaded = load_pretrained(tmp_path / "checkpoint_best.pt")
+    loaded, info = load_pretrained_with_info(tmp_path / "checkpoint_best.pt")
+    expected_objective = {"SLIP": "SLIPLoss", "CLIP": "CLIPLoss", "SIMCLR": "SimCLRLoss"}[objective]
+    assert info == CheckpointInfo("slip-original", expected_objective)
     assert loaded.arch["vision_heads"] == 12 and loaded.arch["vision_width"] == 384
     assert loaded.arch["image_mean"] == IMAGENET_MEAN  # SLIP trained with ImageNet statistics
     pixels = images(64)

@@ -21,7 +21,8 @@ from train_helpers import CONF_DIR, FAST, compose_config
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 LOSSES = sorted(p.stem for p in (CONF_DIR / "loss").glob("*.yaml"))
 DATA = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml"))
-EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+EXPERIMENTS = sorted(p.relative_to(CONF_DIR / "experiment").with_suffix("").as_posix()
+                     for p in (CONF_DIR / "experiment").rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("loss", LOSSES)
@@ -57,6 +58,20 @@ def test_every_experiment_composes(experiment: str) -> None:
     cfg = compose_config(f"experiment={experiment}", "run_name=x")
     for key in ("model", "loss", "trainer", "augment"):
         check_node(cfg[key], key)
+
+
+@pytest.mark.parametrize("model", ["vit_s16", "vit_b16", "vit_l16"])
+@pytest.mark.parametrize(("loss", "lr", "weight_decay"), [("clip", 5e-4, 0.5), ("simclr", 3.2e-3, 0.1),
+                                                          ("slip", 3e-3, 0.1)])
+def test_paper_recipes_are_the_papers(model: str, loss: str, lr: float, weight_decay: float) -> None:
+    cfg = compose_config(f"experiment=paper/{model}_{loss}")
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.trainer.epochs) == (lr, weight_decay, 25)
+    assert cfg.data.batch_size * 64 == 4096 and cfg.data.source._target_.endswith("YFCC15MSource")
+    assert (cfg.schedule.warmup_epochs, cfg.model._target_) == (1.0, f"slip.models.{model}")
+    objective = build(cfg.loss, "loss")
+    with torch.device("meta"):
+        built = build(cfg.model, "model", inputs=list(objective.inputs))
+    assert built.arch["image_size"] == 224 and built.inputs == objective.inputs
 
 
 # ---------------------------------------------------------------- each data format on tiny files

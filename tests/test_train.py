@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from slip.checkpoint import load_pretrained, read_checkpoint
+from slip.checkpoint import load_pretrained_with_info, read_checkpoint
 from slip.config import ConfigError
 from slip.train import train
 from train_helpers import FAST, compose_config, subprocess_env
@@ -36,7 +36,8 @@ def test_resume_gives_the_same_losses_and_weights_as_an_uninterrupted_run(tmp_pa
     second = train(compose_config(*overrides), tmp_path / "split")
     assert second["finished"] and second["step"] == 6
     full_losses = losses_by_step(full)
-    resumed = {**losses_by_step(first), **losses_by_step(second)}
+    assert losses_by_step(second) == {**losses_by_step(first), **losses_by_step(second)}  # history survives
+    resumed = losses_by_step(second)
     assert sorted(resumed) == sorted(full_losses) == list(range(1, 7))
     for step, loss in full_losses.items():
         assert resumed[step] == pytest.approx(loss, rel=1e-5), f"step {step}"
@@ -49,10 +50,17 @@ def test_resume_gives_the_same_losses_and_weights_as_an_uninterrupted_run(tmp_pa
 
 def test_training_checkpoint_loads_as_a_pretrained_model(tmp_path: Path) -> None:
     train(compose_config(*FAST, "loss=clip", "trainer.max_steps=2"), tmp_path)
-    model = load_pretrained(tmp_path / "checkpoints" / "last.pt")
+    model, info = load_pretrained_with_info(tmp_path / "checkpoints" / "last.pt")
     assert not model.training and model.image_mlp is None
+    assert (info.format, info.objective, info.step) == ("slip", "CLIPLoss", 2)
     config = (tmp_path / "config.yaml").read_text()
     assert "slip.losses.CLIPLoss" in config and "${" not in config
+
+
+def test_an_objective_without_text_trains_with_the_default_validation_configured(tmp_path: Path) -> None:
+    results = train(compose_config(*FAST, "loss=simclr", "val=synthetic", "val.dataset.num_samples=24",
+                                   "trainer.max_steps=1"), tmp_path)
+    assert results["finished"] and not results["zeroshot"]
 
 
 def test_refuses_to_overwrite_an_existing_run_unless_resuming(tmp_path: Path) -> None:
@@ -130,7 +138,24 @@ def test_multirun_writes_sibling_run_directories(tmp_path: Path) -> None:
     assert len(results) == 3
     objectives = sorted(json.loads(path.read_text())["objective"] for path in results)
     assert objectives == ["CLIPLoss", "SLIPLoss", "SimCLRLoss"]
-    assert len({path.parent.parent for path in results}) == 1
+    (sweep,) = {path.parent.parent for path in results}
+    names = sorted(path.parent.name for path in results)
+    assert [name[:2] for name in names] == ["0_", "1_", "2_"] and not any("=" in name for name in names)
+    assert [name.endswith(suffix) or f"+{suffix}+" in name for name, suffix in
+            zip(names, ("loss-clip", "loss-simclr", "loss-slip"))] == [True] * 3
+    # The sweep dir goes straight to evaluation and the comparison report.
+    small = ["catalog.synthetic.train.num_samples=48", "catalog.synthetic.test.num_samples=24",
+             "catalog.synthetic_captions.test.num_samples=16", "knn.k=5"]
+    evaluated = subprocess.run([sys.executable, "-m", "slip.eval", f"checkpoint={sweep}", *small], cwd=tmp_path,
+                               capture_output=True, text=True, timeout=300, env=subprocess_env())
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    reported = subprocess.run([sys.executable, "-m", "slip.report", str(sweep)], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120, env=subprocess_env())
+    assert reported.returncode == 0, reported.stderr[-2000:]
+    table = (sweep / "report.md").read_text()
+    assert all(f"loss-{name}" in table or name in table for name in ("clip", "simclr", "slip"))
+    assert "linear_probe/synthetic/top1" in table and "zeroshot/synthetic/top1" in table
+    assert (sweep / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _free_port() -> int:

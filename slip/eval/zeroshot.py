@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from slip.data.labelled import check_class_names
+from slip.eval.prompts import load_prompts
 from slip.models import ImageTextModel
 
 Tokenize = Callable[[list[str], int], Tensor]
@@ -16,25 +18,28 @@ Tokenize = Callable[[list[str], int], Tensor]
 @torch.no_grad()
 def text_classifier(
     model: ImageTextModel,
-    class_names: Sequence[str],
+    class_names: Sequence[str | Sequence[str]],
     templates: Sequence[str],
     tokenize: Tokenize,
     batch_size: int = 256,
 ) -> Tensor:
-    """[C, D] class embeddings: per class, the mean of its normalised prompt embeddings, renormalised."""
+    """[C, D] class embeddings: per class, the mean of its normalised prompt embeddings, renormalised.
+
+    A class is a name or a sequence of synonyms; the prompts of a class are every template with every name.
+    """
     if not class_names or not templates:
         raise ValueError(f"zero-shot needs class names and templates, got {len(class_names)} and {len(templates)}")
     bad = [t for t in templates if "{}" not in t]
     if bad:
         raise ValueError(f"zero-shot template {bad[0]!r} has no '{{}}' placeholder for the class name")
-    context_length = model.text.context_length
-    prompts = [template.format(name) for name in class_names for template in templates]
-    tokens = tokenize(prompts, context_length)
+    synonyms = [[names] if isinstance(names, str) else list(names) for names in class_names]
+    prompts = [[template.format(name) for name in names for template in templates] for names in synonyms]
+    tokens = tokenize([prompt for per_class in prompts for prompt in per_class], model.text.context_length)
     device = next(model.parameters()).device
     embeddings = torch.cat([
         F.normalize(model.encode_text(chunk.to(device)).float(), dim=-1) for chunk in tokens.split(batch_size)
     ])
-    per_class = embeddings.view(len(class_names), len(templates), -1).mean(dim=1)
+    per_class = torch.stack([group.mean(dim=0) for group in embeddings.split([len(p) for p in prompts])])
     return F.normalize(per_class, dim=-1)
 
 
@@ -76,15 +81,27 @@ class _Transformed(torch.utils.data.Dataset):
 
 
 class ZeroShotEvaluator:
-    """Callable(model) -> {top1, top5}: zero-shot accuracy on a labelled dataset with `classes`/`templates`."""
+    """Callable(model) -> {top1, top5}: zero-shot accuracy on a labelled dataset.
 
-    def __init__(self, dataset: Any, batch_size: int = 256, num_workers: int = 0) -> None:
-        for attribute in ("classes", "templates"):
-            if not getattr(dataset, attribute, None):
+    Class names and templates come from the arguments, else from the dataset's `classes` / `templates`.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        class_names: Sequence[str | Sequence[str]] | None = None,
+        templates: Sequence[str] | None = None,
+    ) -> None:
+        class_names = class_names if class_names is not None else getattr(dataset, "classes", None)
+        templates = templates if templates is not None else getattr(dataset, "templates", None)
+        for attribute, value in (("classes", class_names), ("templates", templates)):
+            if not value:
                 raise ValueError(f"zero-shot dataset {type(dataset).__name__} has no {attribute}")
         self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
-        self.class_names: list[str] = list(dataset.classes)
-        self.templates: list[str] = list(dataset.templates)
+        self.class_names: list[str | Sequence[str]] = list(class_names)
+        self.templates: list[str] = list(templates)
 
     def __call__(self, model: ImageTextModel) -> dict[str, float]:
         """Build the text classifier with `model`, then score every image of the dataset."""
@@ -97,3 +114,18 @@ class ZeroShotEvaluator:
                                              num_workers=self.num_workers)
         classifier = text_classifier(model, self.class_names, self.templates, tokenize)
         return zero_shot_accuracy(model, classifier, loader)
+
+
+def zero_shot_evaluator(
+    dataset: Any, prompts: str | None, where: str, batch_size: int = 256, num_workers: int = 0
+) -> ZeroShotEvaluator:
+    """An evaluator for `dataset`, with the class names and templates of prompt set `prompts` when given.
+
+    `where` names the config key of `prompts` in the error raised when its classes do not fit the dataset.
+    """
+    if not prompts:
+        return ZeroShotEvaluator(dataset, batch_size, num_workers)
+    prompt_set = load_prompts(prompts)
+    check_class_names(list(dataset.classes), list(prompt_set.classes), where)
+    return ZeroShotEvaluator(dataset, batch_size, num_workers, prompt_set.synonyms or prompt_set.classes,
+                             prompt_set.templates)

@@ -1,0 +1,190 @@
+"""Run the configured evaluation tasks on checkpoints and write one results JSON per task."""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from slip.checkpoint import CheckpointInfo, load_pretrained_with_info
+from slip.config import ConfigError, build
+from slip.eval.features import FeatureCache, checkpoint_fingerprint, extract_features
+from slip.eval.knn import knn_accuracy
+from slip.eval.linear_probe import linear_probe, sgd_linear_probe
+from slip.eval.retrieval import retrieval_scores
+from slip.eval.zeroshot import zero_shot_evaluator
+from slip.models import ImageTextModel
+
+CHECKPOINT_IN_RUN = Path("checkpoints") / "last.pt"
+
+
+@dataclass
+class EvalContext:
+    """One loaded checkpoint and the settings every task shares."""
+
+    model: ImageTextModel
+    info: CheckpointInfo
+    checkpoint: Path
+    cfg: DictConfig
+    cache: FeatureCache
+    fingerprint: str
+
+    def dataset(self, name: str, split: str) -> Any:
+        """Build split `split` of catalog entry `name`."""
+        entry = self.cfg.catalog.get(name)
+        if entry is None:
+            raise ConfigError(f"catalog.{name}: no such dataset in the catalog; known: {', '.join(self.cfg.catalog)}")
+        if entry.get(split) is None:
+            raise ConfigError(f"catalog.{name}.{split}: this dataset has no {split} split")
+        dataset = build(entry[split], f"catalog.{name}.{split}")
+        if len(dataset) == 0:
+            raise ConfigError(f"catalog.{name}.{split}: the dataset is empty")
+        return dataset
+
+    def features(self, name: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen backbone features and labels of a catalog split, from the cache when present."""
+        spec = OmegaConf.to_container(self.cfg.catalog[name][split], resolve=True)
+        key = {"checkpoint": self.fingerprint, "dataset": name, "split": split, "spec": spec,
+               "image_size": self.model.arch["image_size"], "kind": "backbone"}
+        features, labels = self.cache.load_or_compute(key, lambda: extract_features(
+            self.model, self.dataset(name, split), batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers))
+        device = next(self.model.parameters()).device
+        return features.to(device), labels.to(device)
+
+
+def zero_shot_task(context: EvalContext, name: str) -> dict[str, float]:
+    """Top-1/top-5 of the text classifier built from the entry's class names and templates."""
+    evaluator = zero_shot_evaluator(context.dataset(name, "test"), context.cfg.catalog[name].get("prompts"),
+                                    f"catalog.{name}.prompts", context.cfg.batch_size, context.cfg.num_workers)
+    return evaluator(context.model)
+
+
+def linear_probe_task(context: EvalContext, name: str) -> dict[str, float]:
+    """Logistic regression on frozen features (CLIP's L-BFGS protocol, or SLIP's SGD one)."""
+    settings = context.cfg.linear_probe
+    train_x, train_y = context.features(name, "train")
+    test_x, test_y = context.features(name, "test")
+    num_classes = len(context.dataset(name, "test").classes)
+    if settings.method == "lbfgs":
+        result = linear_probe(train_x, train_y, test_x, test_y, num_classes, val_fraction=settings.val_fraction,
+                              seed=settings.seed, refinements=settings.refinements, max_iter=settings.max_iter)
+    elif settings.method == "sgd":
+        result = sgd_linear_probe(train_x, train_y, test_x, test_y, num_classes, seed=settings.seed)
+    else:
+        raise ConfigError(f"linear_probe.method: {settings.method!r} is not one of lbfgs, sgd")
+    return {key: value for key, value in result.items() if isinstance(value, (int, float))}
+
+
+def knn_task(context: EvalContext, name: str) -> dict[str, float]:
+    """Cosine kNN with temperature-weighted votes on frozen features."""
+    train_x, train_y = context.features(name, "train")
+    test_x, test_y = context.features(name, "test")
+    num_classes = len(context.dataset(name, "test").classes)
+    return knn_accuracy(train_x, train_y, test_x, test_y, num_classes,
+                        k=context.cfg.knn.k, temperature=context.cfg.knn.temperature)
+
+
+def retrieval_task(context: EvalContext, name: str) -> dict[str, float]:
+    """Image-to-text and text-to-image recall@1/5/10."""
+    return retrieval_scores(context.model, context.dataset(name, "test"), batch_size=context.cfg.batch_size,
+                            num_workers=context.cfg.num_workers)
+
+
+TASKS: dict[str, Callable[[EvalContext, str], dict[str, float]]] = {
+    "zeroshot": zero_shot_task,
+    "linear_probe": linear_probe_task,
+    "knn": knn_task,
+    "retrieval": retrieval_task,
+}
+# Tasks that need the joint image-text space; they are skipped for models without a text tower (SimCLR).
+TEXT_TASKS = ("zeroshot", "retrieval")
+# Values a task returns that are settings it chose, not scores (kept on the records as extras).
+CHOSEN_SETTINGS = ("l2",)
+
+
+def find_checkpoints(path: Path) -> list[Path]:
+    """A checkpoint file as is; a run dir's checkpoints/last.pt; or that of every run dir below a directory."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
+    if (path / CHECKPOINT_IN_RUN).is_file():
+        return [path / CHECKPOINT_IN_RUN]
+    found = sorted(path.glob(f"**/{CHECKPOINT_IN_RUN.as_posix()}"))
+    if not found:
+        raise FileNotFoundError(f"{path}: no {CHECKPOINT_IN_RUN} in this directory or below it")
+    return found
+
+
+def default_output_dir(checkpoint: Path) -> Path:
+    """<run>/eval for a run's checkpoints/last.pt; <file>.eval beside any other checkpoint file."""
+    if checkpoint.parts[-2:] == CHECKPOINT_IN_RUN.parts:
+        return checkpoint.parent.parent / "eval"
+    return checkpoint.with_name(checkpoint.name + ".eval")
+
+
+def _device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(setting)
+    except RuntimeError:
+        raise ConfigError(f"device: {setting!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+
+
+def _check_tasks(cfg: DictConfig) -> None:
+    for task, names in cfg.tasks.items():
+        if task not in TASKS:
+            raise ConfigError(f"tasks.{task}: unknown task; choose from {', '.join(TASKS)}")
+        for name in names or []:
+            if name not in cfg.catalog:
+                raise ConfigError(f"tasks.{task}: {name!r} is not in the catalog; known: {', '.join(cfg.catalog)}")
+
+
+def evaluate_checkpoint(cfg: DictConfig, checkpoint: Path, output_dir: Path | None = None) -> dict[str, Path]:
+    """Run every configured task on one checkpoint; returns {task: results file}."""
+    model, info = load_pretrained_with_info(checkpoint)
+    model.to(_device(cfg.device))
+    output_dir = output_dir or default_output_dir(checkpoint)
+    cache_dir = Path(cfg.feature_cache) if cfg.feature_cache else output_dir / "feature_cache"
+    context = EvalContext(model, info, checkpoint, cfg, FeatureCache(str(cache_dir)), checkpoint_fingerprint(str(checkpoint)))
+    written = {}
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config.pop("catalog", None)
+    for task, names in cfg.tasks.items():
+        if not names:
+            continue
+        if task in TEXT_TASKS and model.text is None:
+            print(f"{checkpoint}: {task} skipped: the model has no text tower ({info.objective or 'image only'})",
+                  flush=True)
+            continue
+        header = {"task": task, "checkpoint": str(checkpoint.resolve()), "objective": info.objective,
+                  "step": info.step}
+        records = []
+        for name in names:
+            scores = TASKS[task](context, name)
+            extras = {key: scores[key] for key in CHOSEN_SETTINGS if key in scores}
+            records += [{**header, "dataset": name, "metric": metric, "value": float(value), **extras}
+                        for metric, value in scores.items() if metric not in CHOSEN_SETTINGS]
+            print(f"{checkpoint}: {task} on {name}: " +
+                  ", ".join(f"{metric} {value:.2f}" for metric, value in scores.items()), flush=True)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        path = output_dir / f"{task}.json"
+        path.write_text(json.dumps({**header, "config": config, "records": records}, indent=2) + "\n")
+        written[task] = path
+    return written
+
+
+def evaluate(cfg: DictConfig) -> dict[Path, dict[str, Path]]:
+    """Evaluate the checkpoint(s) that `cfg.checkpoint` points at; returns {checkpoint: {task: file}}."""
+    _check_tasks(cfg)
+    checkpoints = find_checkpoints(Path(cfg.checkpoint))
+    if cfg.output_dir and len(checkpoints) > 1:
+        raise ConfigError(f"output_dir: {cfg.checkpoint} holds {len(checkpoints)} runs; leave output_dir unset "
+                          "so that each run gets its own eval/ folder")
+    return {checkpoint: evaluate_checkpoint(cfg, checkpoint, Path(cfg.output_dir) if cfg.output_dir else None)
+            for checkpoint in checkpoints}

@@ -1,0 +1,162 @@
+"""python -m slip.eval: every task on trained checkpoints, the result files, the feature cache, and bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from data_helpers import write_image
+from slip.checkpoint import load_pretrained
+from slip.config import ConfigError
+from slip.data.synthetic import SyntheticClassification
+from slip.eval.runner import evaluate
+from slip.eval.zeroshot import ZeroShotEvaluator
+from slip.train import train
+from train_helpers import CONF_DIR, FAST, compose_config, subprocess_env
+
+# Small catalog entries so that every task runs in seconds.
+SMALL = ["catalog.synthetic.train.num_samples=96", "catalog.synthetic.test.num_samples=48",
+         "catalog.synthetic_captions.test.num_samples=24", "batch_size=32", "linear_probe.max_iter=100",
+         "linear_probe.refinements=1"]
+
+
+def eval_config(*overrides: str) -> DictConfig:
+    """The eval config as `python -m slip.eval <overrides>` composes it."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("eval", overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def trained_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sweep-like directory with a 2-step SLIP run and a 2-step SimCLR run."""
+    root = tmp_path_factory.mktemp("sweep")
+    for number, loss in enumerate(("slip", "simclr")):
+        train(compose_config(*FAST, f"loss={loss}", "trainer.max_steps=2"), root / f"{number}_loss-{loss}")
+    return root
+
+
+def read_task(run: Path, task: str) -> dict:
+    return json.loads((run / "eval" / f"{task}.json").read_text())
+
+
+def test_every_task_writes_records_with_checkpoint_objective_and_step(trained_runs: Path) -> None:
+    run = trained_runs / "0_loss-slip"
+    written = evaluate(eval_config(f"checkpoint={run}", *SMALL))
+    checkpoint = run / "checkpoints" / "last.pt"
+    assert set(written[checkpoint]) == {"zeroshot", "linear_probe", "knn", "retrieval"}
+    for task in written[checkpoint]:
+        result = read_task(run, task)
+        assert (result["task"], result["objective"], result["step"]) == (task, "SLIPLoss", 2)
+        assert result["checkpoint"] == str(checkpoint.resolve()) and result["config"]["tasks"]
+        assert result["records"], task
+        for record in result["records"]:
+            assert record["dataset"] in ("synthetic", "synthetic_captions")
+            assert 0.0 <= record["value"] <= 100.0
+            assert (record["task"], record["objective"], record["step"]) == (task, "SLIPLoss", 2)
+    metrics = {task: {r["metric"] for r in read_task(run, task)["records"]} for task in written[checkpoint]}
+    assert {"top1", "top5"} <= metrics["zeroshot"] and {"top1"} <= metrics["knn"]
+    assert "top1" in metrics["linear_probe"] and "l2" in read_task(run, "linear_probe")["records"][0]
+    assert {f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)} <= metrics["retrieval"]
+
+
+def test_zero_shot_record_equals_the_evaluator_on_the_same_data(trained_runs: Path) -> None:
+    run = trained_runs / "0_loss-slip"
+    evaluate(eval_config(f"checkpoint={run}", *SMALL, "tasks.linear_probe=[]", "tasks.knn=[]",
+                         "tasks.retrieval=[]"))
+    recorded = {r["metric"]: r["value"] for r in read_task(run, "zeroshot")["records"]}
+    model = load_pretrained(run / "checkpoints" / "last.pt")
+    direct = ZeroShotEvaluator(SyntheticClassification(num_samples=48, image_size=64, seed=1), 32)(model)
+    assert recorded == pytest.approx(direct)
+
+
+def test_features_are_extracted_once_per_split_and_shared_by_probe_and_knn(trained_runs: Path, tmp_path: Path) -> None:
+    run = trained_runs / "0_loss-slip"
+    cache = tmp_path / "cache"
+    config = eval_config(f"checkpoint={run}", *SMALL, f"feature_cache={cache}", f"output_dir={tmp_path / 'out'}",
+                         "tasks.zeroshot=[]", "tasks.retrieval=[]")
+    evaluate(config)
+    files = sorted(cache.iterdir())
+    assert len(files) == 2  # train and test features, read by both the probe and kNN
+    stamps = [f.stat().st_mtime_ns for f in files]
+    first = json.loads((tmp_path / "out" / "knn.json").read_text())["records"]
+    evaluate(config)
+    assert [f.stat().st_mtime_ns for f in sorted(cache.iterdir())] == stamps
+    assert json.loads((tmp_path / "out" / "knn.json").read_text())["records"] == first
+
+
+def test_a_directory_evaluates_every_run_and_skips_text_tasks_without_a_text_tower(trained_runs: Path) -> None:
+    written = evaluate(eval_config(f"checkpoint={trained_runs}", *SMALL, "tasks.linear_probe=[]"))
+    assert len(written) == 2
+    simclr = trained_runs / "1_loss-simclr"
+    assert set(written[simclr / "checkpoints" / "last.pt"]) == {"knn"}
+    assert read_task(simclr, "knn")["objective"] == "SimCLRLoss"
+
+
+def test_an_unknown_dataset_or_task_names_the_key(trained_runs: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^tasks\.knn: 'nope' is not in the catalog"):
+        evaluate(eval_config(f"checkpoint={trained_runs}", "tasks.knn=[nope]"))
+    with pytest.raises(ConfigError, match=r"^tasks\.segmentation: unknown task"):
+        evaluate(eval_config(f"checkpoint={trained_runs}", "+tasks.segmentation=[synthetic]"))
+
+
+def run_eval_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "slip.eval", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env=subprocess_env())
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def test_cli_refuses_a_file_that_is_not_a_checkpoint(tmp_path: Path) -> None:
+    (tmp_path / "notes.pt").write_bytes(b"not a checkpoint at all")
+    assert "notes.pt" in one_line_error(run_eval_cli(f"checkpoint={tmp_path / 'notes.pt'}", cwd=tmp_path))
+
+
+def image_folder(root: Path, classes: list[str], per_class: int = 2) -> Path:
+    for index, name in enumerate(classes):
+        for item in range(per_class):
+            write_image(root / name / f"{item}.png", color=(40 * index, 100, 200 - 40 * item))
+    return root
+
+
+def single_line_error(*overrides: str) -> str:
+    """The message of the error that evaluate() stops with; it must be one line."""
+    with pytest.raises((ConfigError, ValueError, FileNotFoundError)) as info:
+        evaluate(eval_config("tasks.zeroshot=[]", "tasks.linear_probe=[]", "tasks.knn=[]", "tasks.retrieval=[]",
+                             *overrides))
+    message = str(info.value)
+    assert "\n" not in message.strip(), message
+    return message
+
+
+def test_class_names_that_do_not_fit_name_the_prompt_key(trained_runs: Path, tmp_path: Path) -> None:
+    root = image_folder(tmp_path / "three", ["a", "b", "c"])
+    message = single_line_error(f"checkpoint={trained_runs / '0_loss-slip'}", f"output_dir={tmp_path / 'out'}",
+                                f"catalog.cifar10.test.root={root}", "tasks.zeroshot=[cifar10]")
+    assert "catalog.cifar10.prompts" in message
+
+
+def test_an_empty_image_folder_is_named(trained_runs: Path, tmp_path: Path) -> None:
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    message = single_line_error(f"checkpoint={trained_runs / '0_loss-slip'}", f"output_dir={tmp_path / 'out'}",
+                                f"catalog.imagenet.train.root={tmp_path / 'empty'}",
+                                f"catalog.imagenet.test.root={tmp_path / 'empty'}", "tasks.knn=[imagenet]")
+    assert str(tmp_path / "empty") in message
+
+
+def test_a_missing_image_of_a_captions_csv_is_named(trained_runs: Path, tmp_path: Path) -> None:
+    write_image(tmp_path / "there.png")
+    (tmp_path / "captions.csv").write_text("filepath,title\nthere.png,a red square\ngone.png,a lost picture\n")
+    message = single_line_error(f"checkpoint={trained_runs / '0_loss-slip'}", f"output_dir={tmp_path / 'out'}",
+                                f"catalog.flickr30k.test.path={tmp_path / 'captions.csv'}",
+                                "tasks.retrieval=[flickr30k]")
+    assert "gone.png" in message
