@@ -160,3 +160,24 @@ def test_a_missing_image_of_a_captions_csv_is_named(trained_runs: Path, tmp_path
                                 f"catalog.flickr30k.test.path={tmp_path / 'captions.csv'}",
                                 "tasks.retrieval=[flickr30k]")
     assert "gone.png" in message
+
+
+def test_a_catalog_entry_added_on_the_command_line_runs_a_csv_list_with_a_class_names_file(
+        trained_runs: Path, tmp_path: Path) -> None:
+    rows = []
+    for index in range(12):
+        label = ["red circle", "blue square", "green triangle"][index % 3]
+        write_image(tmp_path / "images" / f"{index}.png", color=[(220, 20, 20), (20, 20, 220), (20, 200, 20)][index % 3])
+        rows.append(f"images/{index}.png,{label}\n")
+    (tmp_path / "list.csv").write_text("filepath,label\n" + "".join(rows))
+    (tmp_path / "classes.json").write_text(json.dumps({"classes": ["red circle", "blue square", "green triangle"],
+                                                       "templates": ["a {}."]}))
+    entry = [f"+catalog.mine.{split}._target_=slip.data.labelled.LabelledCsvDataset" for split in ("train", "test")]
+    entry += [f"+catalog.mine.{split}.path={tmp_path / 'list.csv'}" for split in ("train", "test")]
+    entry += [f"+catalog.mine.{split}.classes={tmp_path / 'classes.json'}" for split in ("train", "test")]
+    evaluate(eval_config(f"checkpoint={trained_runs / '0_loss-slip'}", f"output_dir={tmp_path / 'out'}", *entry,
+                         "tasks.zeroshot=[mine]", "tasks.linear_probe=[]", "tasks.knn=[mine]", "knn.k=4",
+                         "tasks.retrieval=[]"))
+    zero_shot = json.loads((tmp_path / "out" / "zeroshot.json").read_text())["records"]
+    assert {(r["dataset"], r["metric"]) for r in zero_shot} == {("mine", "top1")}  # 3 classes: no top-5
+    assert json.loads((tmp_path / "out" / "knn.json").read_text())["records"][0]["dataset"] == "mine"

@@ -73,3 +73,9 @@ def test_a_named_prompt_set_replaces_folder_names_and_must_fit(model, tmp_path) 
     write_image(tmp_path / "three" / "a" / "0.png")
     with pytest.raises(ValueError, match="val.prompts"):
         zero_shot_evaluator(ImageFolderDataset(str(tmp_path / "three")), "cifar10", "val.prompts")
+
+
+def test_top_k_beyond_the_class_count_is_not_reported(model) -> None:
+    classifier = F.normalize(torch.randn(3, 24), dim=-1)
+    got = zero_shot_accuracy(model, classifier, [(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]))])
+    assert set(got) == {"top1"}

@@ -30,6 +30,7 @@ from slip.models import ImageTextModel
 
 __all__ = [
     "CACHE_FORMAT",
+    "EvalViewDataset",
     "FEATURE_KINDS",
     "REQUIRED_KEY_FIELDS",
     "FeatureCache",
@@ -65,7 +66,7 @@ def check_features(name: str, x: Tensor, y: Tensor | None = None, num_classes: i
         raise ValueError(f"{name} labels must lie in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
 
 
-class _EvalViewDataset(torch.utils.data.Dataset):
+class EvalViewDataset(torch.utils.data.Dataset):
     """(PIL image, label) items -> (normalised tensor, label) through the evaluation view."""
 
     def __init__(self, dataset: Any, transform: Callable[[Image.Image], Tensor], num_classes: int | None) -> None:
@@ -126,7 +127,7 @@ def extract_features(
     classes = getattr(dataset, "classes", None)
     transform = eval_view(arch["image_size"], arch["image_mean"], arch["image_std"])
     loader = torch.utils.data.DataLoader(
-        _EvalViewDataset(dataset, transform, len(classes) if classes else None),
+        EvalViewDataset(dataset, transform, len(classes) if classes else None),
         batch_size=batch_size, num_workers=num_workers,
     )
     encode = model.image_features if kind == "backbone" else model.encode_image

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from slip.data.labelled import check_class_names
+from slip.eval.features import EvalViewDataset
 from slip.eval.prompts import load_prompts
 from slip.models import ImageTextModel
 
@@ -50,13 +51,14 @@ def zero_shot_accuracy(
     batches: Iterable[tuple[Tensor, Tensor]],
     top_k: Sequence[int] = (1, 5),
 ) -> dict[str, float]:
-    """Percent top-k accuracy of `classifier` over (images, labels) batches."""
+    """Percent top-k accuracy of `classifier` over (images, labels) batches, for each k up to the class count."""
     device = classifier.device
+    top_k = [k for k in top_k if k <= classifier.shape[0]]
     correct = {k: 0 for k in top_k}
     total = 0
     for images, labels in batches:
         image_embed = F.normalize(model.encode_image(images.to(device)).float(), dim=-1)
-        ranked = (image_embed @ classifier.T).topk(min(max(top_k), classifier.shape[0]), dim=-1).indices.cpu()
+        ranked = (image_embed @ classifier.T).topk(max(top_k), dim=-1).indices.cpu()
         hits = ranked == labels[:, None]
         for k in top_k:
             correct[k] += int(hits[:, :k].any(dim=-1).sum())
@@ -64,20 +66,6 @@ def zero_shot_accuracy(
     if total == 0:
         raise ValueError("zero-shot evaluation got an empty dataset")
     return {f"top{k}": 100.0 * correct[k] / total for k in top_k}
-
-
-class _Transformed(torch.utils.data.Dataset):
-    """(PIL image, label) items -> (tensor, label) through `transform`."""
-
-    def __init__(self, dataset: Any, transform: Callable[[Any], Tensor]) -> None:
-        self.dataset, self.transform = dataset, transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        image, label = self.dataset[index]
-        return self.transform(image), label
 
 
 class ZeroShotEvaluator:
@@ -110,7 +98,7 @@ class ZeroShotEvaluator:
 
         arch = model.arch
         transform = eval_view(arch["image_size"], arch["image_mean"], arch["image_std"])
-        loader = torch.utils.data.DataLoader(_Transformed(self.dataset, transform), batch_size=self.batch_size,
+        loader = torch.utils.data.DataLoader(EvalViewDataset(self.dataset, transform, len(self.class_names)), batch_size=self.batch_size,
                                              num_workers=self.num_workers)
         classifier = text_classifier(model, self.class_names, self.templates, tokenize)
         return zero_shot_accuracy(model, classifier, loader)
