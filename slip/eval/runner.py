@@ -171,7 +171,7 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: Path, output_dir: Path | No
             records += [{**header, "dataset": name, "metric": metric, "value": float(value), **extras}
                         for metric, value in scores.items() if metric not in CHOSEN_SETTINGS]
             print(f"{checkpoint}: {task} on {name}: " +
-                  ", ".join(f"{metric} {value:.2f}" for metric, value in scores.items()), flush=True)
+                  ", ".join(f"{metric} {value:.4g}" for metric, value in scores.items()), flush=True)
         output_dir.mkdir(parents=True, exist_ok=True)
         path = output_dir / f"{task}.json"
         path.write_text(json.dumps({**header, "config": config, "records": records}, indent=2) + "\n")
