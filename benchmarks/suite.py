@@ -1,0 +1,385 @@
+"""The benchmark suite: train step, model FLOP/s against the measured matmul peak, the 3-view data pipeline,
+evaluation against one feature-extraction pass, and the contrastive loss against global batch size.
+
+Usage: python benchmarks/suite.py [--quick] [--sections train,data,eval,loss] [--device cpu|cuda]
+           [--out benchmarks/results]
+Everything runs in one invocation on whatever device is present (fp32 on CPU, bf16 autocast on GPU). Each
+measurement runs in a fresh child process, so that peak memory is that measurement's own (peak resident set
+size on CPU, the CUDA allocator's peak on GPU). Writes suite.json and suite.md (with the command and the
+machine) under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REAL_CAPTIONS = [  # web alt-text / COCO-like lengths (10-25 tokens)
+    "a man riding a wave on top of a surfboard",
+    "two dogs playing with a frisbee in a grassy park on a sunny afternoon",
+    "close up of a bowl of fresh fruit salad with strawberries, blueberries and mint",
+    "the skyline of a city at night reflected in the river",
+    "a kitchen with white cabinets, a stainless steel refrigerator and a wooden table",
+    "portrait of a young woman smiling in front of a brick wall",
+    "aerial view of a winding road through autumn forest",
+    "a red double decker bus driving down a busy street in london",
+]
+OBJECTIVES = {"clip": "CLIPLoss", "simclr": "SimCLRLoss", "slip": "SLIPLoss"}
+
+
+# ---------------------------------------------------------------- helpers run in the child processes
+
+
+def _device(name: str):
+    import torch
+
+    return torch.device(name)
+
+
+def _synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory_mib(device) -> float:
+    from slip.monitor import peak_memory_mib
+
+    return peak_memory_mib(device)
+
+
+def _timed(fn: Callable[[], Any], device, repeats: int) -> list[float]:
+    """Wall times of `repeats` calls of fn(), after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        fn()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def matmul_peak(device_name: str, size: int, repeats: int) -> dict[str, Any]:
+    """Best dense-matmul throughput of this device: fp32 on CPU, bf16 on GPU."""
+    import torch
+
+    device = _device(device_name)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    times = _timed(lambda: a @ b, device, repeats)
+    return {"size": size, "dtype": str(dtype).removeprefix("torch."), "tflops": 2 * size**3 / min(times) / 1e12}
+
+
+def _train_batch(inputs: tuple[str, ...], batch_size: int, image_size: int, context_length: int, device):
+    import torch
+
+    from slip.tokenizer import tokenize
+
+    generator = torch.Generator().manual_seed(0)
+    batch = {}
+    for name in inputs:
+        if name == "text":
+            captions = [REAL_CAPTIONS[i % len(REAL_CAPTIONS)] for i in range(batch_size)]
+            batch[name] = tokenize(captions, context_length)
+        else:
+            batch[name] = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def train_step(device_name: str, model_name: str, loss: str, batch_size: int, repeats: int) -> dict[str, Any]:
+    """img/s, model FLOP/s and peak memory of full training steps (fwd, bwd, AdamW) on real-length captions."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import slip.losses
+    from slip.engine import TrainTask
+    from slip.models import MODEL_BUILDERS
+    from slip.optim import param_groups
+
+    device = _device(device_name)
+    torch.manual_seed(0)
+    objective = getattr(slip.losses, OBJECTIVES[loss])()
+    model = MODEL_BUILDERS[model_name](inputs=objective.inputs)
+    task = TrainTask(model, objective).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, objective), lr=1e-4, betas=(0.9, 0.98), eps=1e-8)
+    arch = model.arch
+    batch = _train_batch(objective.inputs, batch_size, arch["image_size"], arch["context_length"], device)
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            result = task(batch)
+        result["loss"].backward()
+        optimizer.step()
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    times = _timed(step, device, repeats)
+    seconds = statistics.median(times)
+    return {"model": model_name, "objective": loss, "batch_size": batch_size, "step_s": seconds,
+            "images_per_s": batch_size / seconds, "model_tflops_per_step": flops / 1e12,
+            "achieved_tflops": flops / seconds / 1e12, "peak_memory_mib": _peak_memory_mib(device),
+            "parameters_m": sum(p.numel() for p in task.parameters()) / 1e6}
+
+
+def photo_jpeg(width: int = 640, height: int = 430, seed: int = 0) -> bytes:
+    """JPEG bytes of a photo-like image (smooth gradients, shapes and sensor noise) of a typical web size."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    base = np.stack([120 + 100 * np.sin(3 * x + rng.uniform(0, 6)), 110 + 90 * np.cos(2 * y + rng.uniform(0, 6)),
+                     100 + 80 * np.sin(2 * (x + y))], axis=-1)
+    image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(12):
+        x0, y0 = rng.integers(0, width), rng.integers(0, height)
+        draw.ellipse((x0, y0, x0 + rng.integers(20, 200), y0 + rng.integers(20, 200)),
+                     fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    image = image.filter(ImageFilter.GaussianBlur(2))
+    noisy = np.asarray(image).astype(np.int16) + rng.integers(-12, 13, (height, width, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def data_pipeline(device_name: str, samples: int) -> dict[str, Any]:
+    """Samples/s on one core of the 3-view SLIP pipeline (CLIP view + 2 SSL views + tokenizer) from JPEG bytes."""
+    import torch
+
+    from slip.data.datasets import decode_image
+    from slip.data.transforms import build_multiview
+    from slip.models import IMAGENET_MEAN, IMAGENET_STD
+
+    torch.set_num_threads(1)
+    jpegs = [photo_jpeg(seed=seed) for seed in range(8)]
+    transform = build_multiview(("image", "text", "aug1", "aug2"), 224, IMAGENET_MEAN, IMAGENET_STD)
+    caption = REAL_CAPTIONS[0]
+    transform(decode_image(jpegs[0], "warm-up"), caption)
+    start = time.perf_counter()
+    for index in range(samples):
+        transform(decode_image(jpegs[index % len(jpegs)], "bench"), caption)
+    seconds = time.perf_counter() - start
+    return {"pipeline": "slip 3-view (image, aug1, aug2) + text", "source": "640x430 JPEG q90",
+            "samples": samples, "samples_per_s_per_core": samples / seconds,
+            "jpeg_kib": statistics.mean(len(j) for j in jpegs) / 1024}
+
+
+def evaluation(device_name: str, model_name: str, num_train: int, num_test: int, batch_size: int) -> dict[str, Any]:
+    """Zero-shot and linear-probe wall time against one feature-extraction pass over the same images."""
+    import torch
+
+    from slip.data.synthetic import SyntheticClassification
+    from slip.eval.features import extract_features
+    from slip.eval.linear_probe import linear_probe
+    from slip.eval.zeroshot import ZeroShotEvaluator
+    from slip.models import MODEL_BUILDERS
+
+    device = _device(device_name)
+    torch.manual_seed(0)
+    model = MODEL_BUILDERS[model_name](inputs=("image", "text")).to(device).eval()
+    train = SyntheticClassification(num_samples=num_train, image_size=64, seed=2)
+    test = SyntheticClassification(num_samples=num_test, image_size=64, seed=1)
+
+    def clock(fn: Callable[[], Any]) -> tuple[Any, float]:
+        _synchronize(device)
+        start = time.perf_counter()
+        result = fn()
+        _synchronize(device)
+        return result, time.perf_counter() - start
+
+    (test_x, test_y), test_extraction_s = clock(lambda: extract_features(model, test, batch_size=batch_size))
+    (train_x, train_y), train_extraction_s = clock(lambda: extract_features(model, train, batch_size=batch_size))
+    _, zero_shot_s = clock(lambda: ZeroShotEvaluator(test, batch_size)(model))
+    _, probe_s = clock(lambda: linear_probe(train_x.to(device), train_y.to(device), test_x.to(device),
+                                            test_y.to(device), len(train.classes)))
+    return {"model": model_name, "num_train": num_train, "num_test": num_test,
+            "extraction_s": train_extraction_s + test_extraction_s, "test_extraction_s": test_extraction_s,
+            "zero_shot_s": zero_shot_s, "zero_shot_x_test_extraction": zero_shot_s / test_extraction_s,
+            "linear_probe_s": probe_s, "linear_probe_x_extraction": probe_s / (train_extraction_s + test_extraction_s)}
+
+
+def contrastive_loss(device_name: str, batch_size: int, embed_dim: int, repeats: int) -> dict[str, Any]:
+    """Time and peak memory of CLIPLoss forward + backward at one global batch size."""
+    import torch
+
+    from slip.losses import CLIPLoss
+
+    device = _device(device_name)
+    torch.manual_seed(0)
+    image = torch.randn(batch_size, embed_dim, device=device, requires_grad=True)
+    text = torch.randn(batch_size, embed_dim, device=device, requires_grad=True)
+    scale = torch.tensor(1 / 0.07, device=device)
+    objective = CLIPLoss()
+
+    def step() -> None:
+        objective({"image_embed": image, "text_embed": text, "logit_scale": scale})["loss"].backward()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = statistics.median(_timed(step, device, repeats))
+    return {"global_batch": batch_size, "embed_dim": embed_dim, "fwd_bwd_ms": 1000 * seconds,
+            "peak_memory_mib": _peak_memory_mib(device)}
+
+
+# ---------------------------------------------------------------- the parent
+
+
+def _child(queue, fn: Callable[..., dict], args: tuple) -> None:
+    try:
+        queue.put(("ok", fn(*args)))
+    except Exception as error:  # reported in the table, so one failing measurement does not end the suite
+        queue.put(("error", f"{type(error).__name__}: {error}"))
+
+
+def isolated(fn: Callable[..., dict], *args: Any) -> dict[str, Any]:
+    """fn(*args) in a fresh process (its own peak memory); an error comes back as {"error": ...}."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_child, args=(queue, fn, args))
+    process.start()
+    status, value = queue.get()
+    process.join()
+    return value if status == "ok" else {"error": value}
+
+
+def plan(quick: bool, device_type: str) -> dict[str, Any]:
+    """What each section measures; --quick shrinks everything to a smoke test of the suite itself."""
+    on_gpu = device_type == "cuda"
+    return {
+        "matmul": {"size": 8192 if on_gpu else (1024 if quick else 2048), "repeats": 3 if quick else 10},
+        "train": {"models": ["vit_ti16"] if quick else ["vit_ti16", "vit_s16", "vit_b16"],
+                  "batch_size": 2 if quick else (128 if on_gpu else 8), "repeats": 1 if quick else 3},
+        "data": {"samples": 20 if quick else 200},
+        "eval": {"model": "vit_ti16" if quick else "vit_s16", "num_train": 48 if quick else (20000 if on_gpu else 600),
+                 "num_test": 24 if quick else (5000 if on_gpu else 300), "batch_size": 16 if quick else 64},
+        "loss": {"batches": [64, 256] if quick else [256, 1024, 4096, 8192] + ([32768] if on_gpu else []),
+                 "embed_dim": 512, "repeats": 2 if quick else 5},
+    }
+
+
+def run(sections: list[str], device_name: str, quick: bool) -> dict[str, Any]:
+    """Run the chosen sections; returns every result."""
+    settings = plan(quick, device_name.split(":")[0])
+    results: dict[str, Any] = {}
+    peak = isolated(matmul_peak, device_name, settings["matmul"]["size"], settings["matmul"]["repeats"])
+    results["matmul_peak"] = peak
+    print(f"matmul peak: {peak}", flush=True)
+    if "train" in sections:
+        rows = []
+        for model_name in settings["train"]["models"]:
+            for loss in OBJECTIVES:
+                row = isolated(train_step, device_name, model_name, loss, settings["train"]["batch_size"],
+                               settings["train"]["repeats"])
+                row = {"model": model_name, "objective": loss, **row}
+                if "achieved_tflops" in row and "tflops" in peak:
+                    row["fraction_of_peak"] = row["achieved_tflops"] / peak["tflops"]
+                rows.append(row)
+                print(f"train step: {row}", flush=True)
+        results["train_step"] = rows
+    if "data" in sections:
+        results["data_pipeline"] = isolated(data_pipeline, device_name, settings["data"]["samples"])
+        print(f"data pipeline: {results['data_pipeline']}", flush=True)
+    if "eval" in sections:
+        e = settings["eval"]
+        results["evaluation"] = isolated(evaluation, device_name, e["model"], e["num_train"], e["num_test"],
+                                         e["batch_size"])
+        print(f"evaluation: {results['evaluation']}", flush=True)
+    if "loss" in sections:
+        results["contrastive_loss"] = [
+            isolated(contrastive_loss, device_name, batch, settings["loss"]["embed_dim"], settings["loss"]["repeats"])
+            for batch in settings["loss"]["batches"]]
+        print(f"contrastive loss: {results['contrastive_loss']}", flush=True)
+    return results
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def markdown(results: dict[str, Any], command: str, machine: dict[str, Any]) -> str:
+    """The results as Markdown tables."""
+    peak = results["matmul_peak"]
+    lines = [f"# Benchmark suite\n", f"Command: `{command}`  ", f"Machine: {machine}\n",
+             f"Dense matmul peak ({peak.get('dtype')}, {peak.get('size')}²): **{_fmt(peak.get('tflops', 0) * 1000)} "
+             "GFLOP/s**, the reference for the fractions below.\n"]
+    if "train_step" in results:
+        lines += ["## Train step (fwd + bwd + AdamW, real-length captions)\n",
+                  "| model | objective | batch | img/s | step s | model GFLOP/step | achieved GFLOP/s | of peak | "
+                  "peak MiB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in results["train_step"]:
+            if "error" in row:
+                lines.append(f"| {row['model']} | {row['objective']} | – | error: {row['error']} | | | | | |")
+                continue
+            lines.append(f"| {row['model']} | {row['objective']} | {row['batch_size']} | {_fmt(row['images_per_s'])} | "
+                         f"{_fmt(row['step_s'])} | {_fmt(row['model_tflops_per_step'] * 1000)} | "
+                         f"{_fmt(row['achieved_tflops'] * 1000)} | {100 * row.get('fraction_of_peak', 0):.0f}% | "
+                         f"{row['peak_memory_mib']:.0f} |")
+        lines.append("")
+    if "data_pipeline" in results:
+        d = results["data_pipeline"]
+        lines += ["## Data pipeline (one core)\n", f"{d.get('pipeline')}, from {d.get('source')} "
+                  f"(~{_fmt(d.get('jpeg_kib', 0))} KiB): **{_fmt(d.get('samples_per_s_per_core', 0))} samples/s per "
+                  f"core** over {d.get('samples')} samples. {d.get('error', '')}\n"]
+    if "evaluation" in results:
+        e = results["evaluation"]
+        lines += ["## Evaluation against one feature-extraction pass\n",
+                  f"{e.get('model')}, {e.get('num_train')} train / {e.get('num_test')} test images: extraction "
+                  f"{_fmt(e.get('extraction_s', 0))} s; zero-shot {_fmt(e.get('zero_shot_s', 0))} s = "
+                  f"{_fmt(e.get('zero_shot_x_test_extraction', 0))}x the test-set extraction; linear probe (L-BFGS "
+                  f"with its l2 sweep) {_fmt(e.get('linear_probe_s', 0))} s = "
+                  f"{_fmt(e.get('linear_probe_x_extraction', 0))}x the extraction. {e.get('error', '')}\n"]
+    if "contrastive_loss" in results:
+        lines += ["## Contrastive loss (CLIPLoss fwd + bwd, embed dim 512)\n", "| global batch | ms | peak MiB |",
+                  "|---:|---:|---:|"]
+        for row in results["contrastive_loss"]:
+            lines.append(f"| {row.get('global_batch', '–')} | {_fmt(row.get('fwd_bwd_ms', 0))} | "
+                         f"{row.get('peak_memory_mib', 0):.0f} |" if "error" not in row else f"| error: {row['error']} | | |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments, run the suite, write suite.json and suite.md."""
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", default="train,data,eval,loss")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the suite runs, numbers mean nothing")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    sections = [s for s in args.sections.split(",") if s]
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+               "cpus": multiprocessing.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
+    command = "python benchmarks/suite.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    started = time.perf_counter()
+    results = run(sections, args.device, args.quick)
+    results["wall_s"] = time.perf_counter() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "suite_quick" if args.quick else "suite"
+    (args.out / f"{stem}.json").write_text(json.dumps({"command": command, "machine": machine, **results},
+                                                      indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(results, command, machine))
+    print(f"wrote {args.out / (stem + '.md')} ({results['wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
