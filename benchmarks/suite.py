@@ -23,16 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REAL_CAPTIONS = [  # web alt-text / COCO-like lengths (10-25 tokens)
-    "a man riding a wave on top of a surfboard",
-    "two dogs playing with a frisbee in a grassy park on a sunny afternoon",
-    "close up of a bowl of fresh fruit salad with strawberries, blueberries and mint",
-    "the skyline of a city at night reflected in the river",
-    "a kitchen with white cabinets, a stainless steel refrigerator and a wooden table",
-    "portrait of a young woman smiling in front of a brick wall",
-    "aerial view of a winding road through autumn forest",
-    "a red double decker bus driving down a busy street in london",
-]
+from captions import REAL_CAPTIONS  # benchmarks/captions.py, beside this script
+
 OBJECTIVES = {"clip": "CLIPLoss", "simclr": "SimCLRLoss", "slip": "SLIPLoss"}
 
 
