@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import os
 import pickle
 import re
@@ -64,20 +65,33 @@ def model_checkpoint(model: ImageTextModel) -> dict[str, Any]:
     }
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
+def atomic_save(obj: Any, path: str | os.PathLike, remove_stale: bool = False) -> Path:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+
+    A failed write (e.g. a full disk) leaves any previous file at `path` as it was; the OSError says so.
+    `remove_stale`: after success, delete the temporary files of earlier saves to `path` that were cut short
+    (e.g. by kill -9); only for a caller that is the one process saving to `path`.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix = f".{path.name}."
+    fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
+    except OSError as error:
+        Path(tmp_name).unlink(missing_ok=True)
+        kept = "the previous file there is intact" if path.exists() else "there was no previous file"
+        raise OSError(error.errno, f"{path}: could not save ({error.strerror or error}); {kept}") from error
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+    if remove_stale:
+        for stale in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+            stale.unlink(missing_ok=True)
     return path
 
 
@@ -238,6 +252,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if _is_torchscript_archive(path):
+        raise CheckpointError(f"{path}: a TorchScript archive, not a slip checkpoint "
+                              "(only load_pretrained reads TorchScript, and uses only its tensors)")
     content = _read_file(path)
     if not (isinstance(content, Mapping) and content.get("format") == FORMAT_NAME):
         raise CheckpointError(f"{path}: not a slip checkpoint")

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from slip.checkpoint import FORMAT_NAME, FORMAT_VERSION, atomic_save
+from slip.config import ConfigError
 from slip.distributed import WorldInfo
 from slip.losses import Objective
 from slip.models import ImageTextModel
@@ -131,7 +132,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     if precision != "fp32" and device.type != "cuda":
-        raise ValueError(f"trainer.precision={precision} needs a GPU; use fp32 on {device.type}")
+        raise ConfigError(f"trainer.precision={precision} needs a GPU; use fp32 on {device.type}")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
@@ -210,6 +211,7 @@ class Trainer:
         self.state = TrainState()
         self._first_step = 0  # the step this invocation started from (trainer.stop_after counts from it)
         self.checkpoint_path = run_dir / "checkpoints" / "last.pt"
+        self._saved_step: int | None = None  # the step this invocation last saved to checkpoint_path
         self.monitor = Monitor(run_dir, total_steps, settings.log_every, enabled=world.is_main)
         self.last_eval: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
@@ -240,10 +242,25 @@ class Trainer:
         }
 
     def save(self) -> None:
-        """Atomically replace the latest checkpoint (main rank writes; all ranks take part in gathering)."""
+        """Atomically replace the latest checkpoint (main rank writes; all ranks take part in gathering).
+
+        A failed write (e.g. a full disk) raises TrainingError saying which step was lost and which is kept.
+        """
         checkpoint = self.state_dict()
         if self.world.is_main:
-            atomic_save(checkpoint, self.checkpoint_path)
+            try:
+                atomic_save(checkpoint, self.checkpoint_path, remove_stale=True)  # one writer per run dir
+            except OSError as error:
+                if not self.checkpoint_path.exists():
+                    kept = "there was no earlier checkpoint"
+                elif self._saved_step is not None:
+                    kept = f"the previous checkpoint (step {self._saved_step}) is intact"
+                else:
+                    kept = "the previous checkpoint is intact"
+                reason = error.__cause__ if isinstance(error.__cause__, OSError) else error  # atomic_save's cause
+                raise TrainingError(f"could not save step {self.state.step} to {self.checkpoint_path} "
+                                    f"({reason.strerror or reason}); {kept}") from error
+            self._saved_step = self.state.step
         if self.world.is_distributed:
             dist.barrier()
 
