@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "cpus": multiprocessing.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
-    command = "python benchmarks/suite.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = ("python benchmarks/suite.py " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
     started = time.perf_counter()
     results = run(sections, args.device, args.quick)
     results["wall_s"] = time.perf_counter() - started
