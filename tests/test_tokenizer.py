@@ -5,6 +5,8 @@ import gzip
 import pickle
 import random
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import torch
 
 from slip import tokenizer as tok_module
 from slip.tokenizer import Tokenizer, decode, default_merges_path, default_tokenizer, tokenize
+from train_helpers import subprocess_env
 
 CONTEXT_LENGTHS = (5, 16, 32, 77)
 TRICKY_CONTEXT_LENGTHS = (2, 3, *CONTEXT_LENGTHS)
@@ -387,3 +390,50 @@ def test_short_merges_file(tmp_path):
         handle.write("#version: 0.2\ni n\nt h\n")
     with pytest.raises(ValueError, match="48894"):
         Tokenizer(merges_path=short)
+
+
+def _scan_bpe(rank_of, symbols: list[str]) -> list[str]:
+    """The textbook BPE loop: find the lowest-rank adjacent pair, merge all its occurrences left to right."""
+    while len(symbols) > 1:
+        ranked = [(rank_of.get(pair), at) for at, pair in enumerate(zip(symbols, symbols[1:]))]
+        ranked = [(rank, at) for rank, at in ranked if rank is not None]
+        if not ranked:
+            break
+        left, right = symbols[min(ranked)[1]], symbols[min(ranked)[1] + 1]
+        merged, at = [], 0
+        while at < len(symbols):
+            if at + 1 < len(symbols) and (symbols[at], symbols[at + 1]) == (left, right):
+                merged.append(left + right)
+                at += 2
+            else:
+                merged.append(symbols[at])
+                at += 1
+        symbols = merged
+    return symbols
+
+
+def test_every_merge_only_uses_tokens_made_by_earlier_merges(tok):
+    # The heap-ordered BPE equals the scan only if a merge never creates a pair of lower rank than its own.
+    made = {symbol for symbol in (tok.id_to_token(i) for i in range(512))}
+    for rank, (left, right) in enumerate(sorted(tok._merge_rank, key=tok._merge_rank.get)):
+        assert left in made and right in made, rank
+        made.add(left + right)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_long_words_match_the_plain_bpe_loop(tok, seed):
+    rng = random.Random(seed)
+    alphabet = ["a", "b", "e", "n", "s", "t", "th", "an", "ing", "é", "ß", "日", "🙂"][: 4 + 3 * seed]
+    word = "".join(rng.choice(alphabet) for _ in range(400 + 300 * seed))
+    spelled = list(word.encode("utf-8").decode("latin-1").translate(tok._byte_translation))
+    spelled[-1] += "</w>"
+    assert tok._bpe(list(spelled)) == _scan_bpe(tok._merge_rank, list(spelled))
+
+
+def test_a_huge_single_word_caption_is_tokenized_without_stalling():
+    # The old per-merge scan took over a minute here; the heap takes well under a second. The generous
+    # limit only detects a hang (a DataLoader worker stuck on one caption), it is not a benchmark.
+    code = "import slip.tokenizer as t; print(t.tokenize(['x' + 'ab' * 50000 + 'q'])[0, :3].tolist())"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env=subprocess_env())
+    assert result.returncode == 0 and result.stdout.startswith("[49406, ")
