@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import nn
 
 # Parameters matched by these name fragments are embeddings or scales, not weights to shrink.
@@ -32,6 +35,35 @@ def param_groups(*modules: nn.Module) -> list[dict]:
     if not groups:
         raise ValueError("no trainable parameters to optimise")
     return groups
+
+
+def _check_number(name: str, value: float, low: float, high: float = math.inf, high_open: bool = False) -> None:
+    """Raise ValueError naming `name` unless low <= value <= high (or < high when `high_open`)."""
+    inside = low <= value < high if high_open else low <= value <= high
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and inside):
+        bound = f"in [{low}, {high})" if high_open else f">= {low}"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def adamw(
+    params: Iterable[Any],
+    lr: float,
+    weight_decay: float,
+    betas: Sequence[float] = (0.9, 0.98),
+    eps: float = 1e-8,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+) -> torch.optim.AdamW:
+    """torch.optim.AdamW over `params` (e.g. `param_groups(...)`), with every setting checked by name first."""
+    _check_number("lr", lr, 0.0)
+    _check_number("weight_decay", weight_decay, 0.0)
+    _check_number("eps", eps, 0.0)
+    if len(betas) != 2:
+        raise ValueError(f"betas must be two numbers, got {list(betas)}")
+    for beta in betas:
+        _check_number("betas", beta, 0.0, 1.0, high_open=True)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps,
+                             foreach=foreach, fused=fused)
 
 
 @dataclass(frozen=True)

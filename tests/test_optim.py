@@ -8,7 +8,7 @@ import torch
 
 from slip.losses import SigLIPLoss
 from slip.models import build_vit_model
-from slip.optim import WarmupCosine, param_groups, warmup_cosine
+from slip.optim import WarmupCosine, adamw, param_groups, warmup_cosine
 
 
 def test_no_weight_decay_on_biases_norms_embeddings_and_scales() -> None:
@@ -62,3 +62,14 @@ def test_warmup_is_given_in_epochs_and_bad_values_are_refused() -> None:
         WarmupCosine(-1.0, 10)
     with pytest.raises(ValueError, match="total_steps"):
         WarmupCosine(1e-3, 0)
+
+
+def test_adamw_checks_each_setting_by_name() -> None:
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    optimizer = adamw(params, lr=1e-3, weight_decay=0.1, betas=[0.9, 0.98], eps=1e-8)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.defaults["betas"] == (0.9, 0.98) and optimizer.defaults["weight_decay"] == 0.1
+    for bad, name in (({"lr": -1.0}, "lr"), ({"weight_decay": float("nan")}, "weight_decay"),
+                      ({"eps": -1e-8}, "eps"), ({"betas": (0.9, 1.0)}, "betas"), ({"betas": (0.9,)}, "betas")):
+        with pytest.raises(ValueError, match=rf"^{name} must"):
+            adamw(params, **{"lr": 1e-3, "weight_decay": 0.1, **bad})

@@ -495,7 +495,7 @@ def test_a_torchscript_archive_is_not_a_training_checkpoint(tmp_path: Path) -> N
 
 @pytest.mark.parametrize(
     ("override", "key", "named"),
-    [("optim.lr=-0.1", "optim", "-0.1"), ("optim.weight_decay=-1", "optim.weight_decay", "-1"),
+    [("optim.lr=-0.1", "optim.lr", "-0.1"), ("optim.weight_decay=-1", "optim.weight_decay", "-1"),
      ("trainer.max_nonfinite_steps=0", "trainer.max_nonfinite_steps", "0"),
      ("trainer.max_bad_fraction=1.5", "trainer.max_bad_fraction", "1.5"),
      ("data.batch_size=-3", "data.batch_size", "-3")],
