@@ -488,3 +488,13 @@ def test_stream_of_unusable_shards_raises_instead_of_spinning(tmp_path):
     stream = WebDatasetStream(str(empty), tiny_transform, resample=True, max_bad_in_a_row=5)
     with pytest.raises(RuntimeError, match="6 bad samples in a row.*empty_shard"):
         next(iter(stream))
+
+
+def test_captions_are_read_without_the_image(tmp_path):
+    (tmp_path / "pairs.csv").write_text("filepath,title\nnot_there.png,a red circle\nalso_gone.png,\n")
+    source = CsvSource(str(tmp_path / "pairs.csv"))
+    assert source.captions(0) == ["a red circle"] and source.captions(-2) == ["a red circle"]
+    with pytest.raises(BadSample):
+        source.captions(1)  # an empty caption is still a bad sample
+    with pytest.raises(BadSample):
+        source.load(0)  # the image itself is missing

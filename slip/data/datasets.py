@@ -296,11 +296,16 @@ class _FileSource:
         index = _check_index(index, len(self), self)
         return os.path.normpath(os.path.join(self.image_root, as_path(self._records[index][0])))
 
+    def captions(self, index: int) -> list[str]:
+        """The captions of record `index`, checked, without reading its image; raises BadSample."""
+        index = _check_index(index, len(self), self)
+        return _check_captions(self._records[index][1:], f"{self._name}[{index}]")
+
     def load(self, index: int) -> tuple[Image.Image, list[str]]:
         """The RGB image and the captions of record `index`; raises BadSample."""
         index = _check_index(index, len(self), self)
-        image_ref, *raw_captions = self._records[index]
-        captions = _check_captions(raw_captions, f"{self._name}[{index}]")
+        captions = self.captions(index)
+        image_ref = self._records[index][0]
         if not image_ref:
             raise BadSample("missing", f"{self._name}[{index}]", "no image path")
         return read_image_file(os.path.join(self.image_root, as_path(image_ref)), self.max_pixels), captions

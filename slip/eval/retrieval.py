@@ -135,9 +135,8 @@ class CaptionedImages:
         records = self.groups[index]
         image, captions = self.source.load(records[0])
         captions = list(captions)
-        for record in records[1:]:
-            # Sources have no caption-only read, so the image is decoded again and dropped.
-            captions.extend(self.source.load(record)[1])
+        for record in records[1:]:  # grouped records come from file sources, which read captions alone
+            captions.extend(self.source.captions(record))
         return image, captions
 
 
