@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +32,15 @@ class EvalContext:
     cfg: DictConfig
     cache: FeatureCache
     fingerprint: str
+    built: dict[tuple[str, str], Any] = field(default_factory=dict)  # datasets by (name, split), built once
 
     def dataset(self, name: str, split: str) -> Any:
-        """Build split `split` of catalog entry `name`."""
+        """Split `split` of catalog entry `name` (built on first use: building may list every file)."""
+        if (name, split) not in self.built:
+            self.built[name, split] = self._build_dataset(name, split)
+        return self.built[name, split]
+
+    def _build_dataset(self, name: str, split: str) -> Any:
         entry = self.cfg.catalog.get(name)
         if entry is None:
             raise ConfigError(f"catalog.{name}: no such dataset in the catalog; known: {', '.join(self.cfg.catalog)}")
