@@ -270,11 +270,13 @@ def as_path(value: bytes) -> str:
     return value.decode("utf-8", "surrogatepass")
 
 
-def _check_index(index: int, length: int, owner: object) -> int:
-    """Validate a record index (negative indices count from the end, as for lists)."""
+def check_index(index: int, length: int, owner: object) -> int:
+    """A sequence index of `owner` (negative ones count from the end, as for lists) as a non-negative int."""
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+        raise TypeError(f"{type(owner).__name__} index must be an int, got {type(index).__name__}")
     if not -length <= index < length:
-        raise IndexError(f"index {index} out of range for {type(owner).__name__} of {length} records")
-    return index % length
+        raise IndexError(f"index {index} out of range for {type(owner).__name__} of {length} items")
+    return int(index) % length
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -293,17 +295,17 @@ class _FileSource:
 
     def image_path(self, index: int) -> str:
         """Path of record `index`'s image: root joined with its reference, normalised (no file access)."""
-        index = _check_index(index, len(self), self)
+        index = check_index(index, len(self), self)
         return os.path.normpath(os.path.join(self.image_root, as_path(self._records[index][0])))
 
     def captions(self, index: int) -> list[str]:
         """The captions of record `index`, checked, without reading its image; raises BadSample."""
-        index = _check_index(index, len(self), self)
+        index = check_index(index, len(self), self)
         return _check_captions(self._records[index][1:], f"{self._name}[{index}]")
 
     def load(self, index: int) -> tuple[Image.Image, list[str]]:
         """The RGB image and the captions of record `index`; raises BadSample."""
-        index = _check_index(index, len(self), self)
+        index = check_index(index, len(self), self)
         captions = self.captions(index)
         image_ref = self._records[index][0]
         if not image_ref:
@@ -588,7 +590,7 @@ class YFCC15MSource:
 
     def load(self, index: int) -> tuple[Image.Image, list[str]]:
         """The image and non-blank ones of (title, description) of record `index`; raises BadSample."""
-        index = _check_index(index, len(self), self)
+        index = check_index(index, len(self), self)
         image_id, title, description = self._records[index]
         captions = _check_captions((title, description), f"{self._name}[{index}]")
         archive, member = self.locate(int(image_id))
@@ -690,7 +692,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """Transform output of record `index` (or of its replacement) plus "_skipped"/"_skipped_examples"."""
-        index = _check_index(index, len(self), self)
+        index = check_index(index, len(self), self)
         log = _SkipLog(self.max_retries)
         for attempt in range(self.max_retries + 1):
             try:

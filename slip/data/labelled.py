@@ -23,6 +23,7 @@ from slip.data.datasets import (
     BadSample,
     PackedRecords,
     as_path,
+    check_index,
     read_csv_columns,
     read_image_file,
 )
@@ -64,26 +65,17 @@ class _LabelledImages:
 
     def image_path(self, index: int) -> str:
         """The file of image `index`."""
-        return as_path(self._paths[self._check_index(index)][0])
+        return as_path(self._paths[check_index(index, len(self), self)][0])
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         """(RGB image, label) of item `index`; ValueError naming the file if the image cannot be read."""
-        index = self._check_index(index)
+        index = check_index(index, len(self), self)
         path = as_path(self._paths[index][0])
         try:
             image = read_image_file(path, self.max_pixels)
         except BadSample as error:
             raise ValueError(f"{type(self).__name__}[{index}]: cannot read image {error}") from None
         return image, int(self.labels[index])
-
-    def _check_index(self, index: int) -> int:
-        """`index` as a non-negative int (negative ones count from the end), or IndexError."""
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
-            raise TypeError(f"{type(self).__name__} index must be an int, got {type(index).__name__}")
-        length = len(self)
-        if not -length <= index < length:
-            raise IndexError(f"index {index} out of range for {type(self).__name__} of {length} images")
-        return int(index) % length
 
 
 def _check_files_exist(paths: Sequence[str], where: str, lines: Sequence[int] | None = None) -> None:

@@ -26,6 +26,8 @@ from types import MappingProxyType
 import numpy as np
 from PIL import Image, ImageDraw
 
+from slip.data.datasets import check_index
+
 __all__ = [
     "COLORS",
     "SHAPES",
@@ -115,15 +117,6 @@ def _check_int(name: str, value: int, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     return int(value)
-
-
-def _check_index(index: int, length: int) -> int:
-    """A sequence index in [-length, length), as a non-negative int."""
-    if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
-        raise TypeError(f"index must be an int, got {type(index).__name__}")
-    if not -length <= index < length:
-        raise IndexError(f"index {index} out of range for {length} samples")
-    return int(index) % length
 
 
 def _unit_outline(shape: str) -> np.ndarray | None:
@@ -279,7 +272,7 @@ class SyntheticShapes:
 
     def scene(self, index: int) -> Scene:
         """The scene description of sample `index` (what `load` draws and captions)."""
-        index = _check_index(index, self.num_samples)
+        index = check_index(index, self.num_samples, self)
         rng = _stream_rng(self.split, self.seed, index)
         size = self.image_size
         background, texture_seed = _background(rng), _texture_seed(rng)
@@ -328,7 +321,7 @@ class SyntheticClassification:
 
     def scene(self, index: int) -> Scene:
         """The scene of sample `index`: one object of class `index % len(classes)`, random size and place."""
-        index = _check_index(index, self.num_samples)
+        index = check_index(index, self.num_samples, self)
         rng = _stream_rng("classification", self.seed, index)
         color, shape = self.classes[index % len(self.classes)].split(" ")
         size = SIZES[rng.integers(len(SIZES))]
@@ -338,7 +331,7 @@ class SyntheticClassification:
 
     def label(self, index: int) -> int:
         """Class index of sample `index` (without drawing it)."""
-        return _check_index(index, self.num_samples) % len(self.classes)
+        return check_index(index, self.num_samples, self) % len(self.classes)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         """RGB image and class index of sample `index`."""
