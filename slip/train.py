@@ -73,13 +73,10 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     total_steps = settings.max_steps or settings.epochs * steps_per_epoch
     optimizer = build(cfg.optim, "optim")(param_groups(model, objective))
     schedule = build(cfg.schedule, "schedule")(total_steps=total_steps, steps_per_epoch=steps_per_epoch)
-    evaluate, notes = None, []
-    if cfg.get("val") and "text" in objective.inputs:
+    evaluate = None
+    if cfg.get("val") and "text" in objective.inputs:  # zero-shot needs a text tower (not SimCLR's)
         evaluate = zero_shot_evaluator(build(cfg.val.dataset, "val.dataset"), cfg.val.get("prompts"), "val.prompts",
                                        int(cfg.val.batch_size))
-    elif cfg.get("val"):
-        notes.append(f"no zero-shot validation: {type(objective).__name__} trains no text tower "
-                     "(evaluate it with python -m slip.eval: linear probe, kNN)")
     checkpoint = _resume_checkpoint(settings.resume, run_dir, cfg)
 
     init_process_group(world)
@@ -93,8 +90,9 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     if checkpoint is not None:
         trainer.load_state_dict(checkpoint)
         trainer.monitor.message(f"resumed from step {trainer.state.step} ({run_dir / 'checkpoints' / 'last.pt'})")
-    for note in notes:
-        trainer.monitor.message(note)
+    if cfg.get("val") and evaluate is None:
+        trainer.monitor.message(f"no zero-shot validation: {type(objective).__name__} trains no text tower "
+                                "(evaluate it with python -m slip.eval: linear probe, kNN)")
     trainer.monitor.message(f"run dir {run_dir}: {total_steps} steps of global batch {global_batch}, "
                             f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
 
