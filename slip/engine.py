@@ -17,7 +17,6 @@ import torch.distributed as dist
 from torch import nn
 
 from slip.checkpoint import FORMAT_NAME, FORMAT_VERSION, atomic_save
-from slip.config import ConfigError
 from slip.distributed import WorldInfo
 from slip.losses import Objective
 from slip.models import ImageTextModel
@@ -52,6 +51,7 @@ class TrainerSettings:
     resume: str = "auto"
     max_bad_fraction: float = 0.05
     max_nonfinite_steps: int = 5
+    init_grad_scale: float = 65536.0
     log_images: bool = True
     stop_after: int | None = None
 
@@ -65,6 +65,8 @@ class TrainerSettings:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ValueError(f"trainer.{key} must be >= 1 or null, got {value}")
+        if not self.init_grad_scale > 0:
+            raise ValueError(f"trainer.init_grad_scale must be > 0, got {self.init_grad_scale}")
         if self.save_every < 0:
             raise ValueError(f"trainer.save_every must be >= 0 (0: only at epoch ends), got {self.save_every}")
         if self.precision not in PRECISIONS:
@@ -131,8 +133,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `precision` on `device` (None: plain fp32). 'auto' is bf16 on GPU, fp32 on CPU."""
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision != "fp32" and device.type != "cuda":
-        raise ConfigError(f"trainer.precision={precision} needs a GPU; use fp32 on {device.type}")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
@@ -207,7 +207,8 @@ class Trainer:
         self.config_text, self.evaluate = config_text, evaluate
         self.device = resolve_device(settings.device, world)
         self.dtype = autocast_dtype(settings.precision, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=settings.init_grad_scale,
+                                           enabled=self.dtype == torch.float16)
         self.state = TrainState()
         self._first_step = 0  # the step this invocation started from (trainer.stop_after counts from it)
         self.checkpoint_path = run_dir / "checkpoints" / "last.pt"
@@ -244,25 +245,36 @@ class Trainer:
     def save(self) -> None:
         """Atomically replace the latest checkpoint (main rank writes; all ranks take part in gathering).
 
-        A failed write (e.g. a full disk) raises TrainingError saying which step was lost and which is kept.
+        A failed write (e.g. a full disk) raises TrainingError saying which step was lost and which is kept,
+        on every rank, so that none is left waiting for the writer.
         """
         checkpoint = self.state_dict()
+        failure: TrainingError | None = None
         if self.world.is_main:
             try:
                 atomic_save(checkpoint, self.checkpoint_path, remove_stale=True)  # one writer per run dir
             except OSError as error:
-                if not self.checkpoint_path.exists():
-                    kept = "there was no earlier checkpoint"
-                elif self._saved_step is not None:
-                    kept = f"the previous checkpoint (step {self._saved_step}) is intact"
-                else:
-                    kept = "the previous checkpoint is intact"
-                reason = error.__cause__ if isinstance(error.__cause__, OSError) else error  # atomic_save's cause
-                raise TrainingError(f"could not save step {self.state.step} to {self.checkpoint_path} "
-                                    f"({reason.strerror or reason}); {kept}") from error
-            self._saved_step = self.state.step
-        if self.world.is_distributed:
-            dist.barrier()
+                failure = self._save_failure(error)
+            else:
+                self._saved_step = self.state.step
+        if _any_rank(failure is not None, self.world, self.device):
+            if failure is not None:
+                raise failure
+            raise TrainingError(f"rank {self.world.rank}: stopping because rank 0 could not save step "
+                                f"{self.state.step} to {self.checkpoint_path}; its error says what is kept")
+
+    def _save_failure(self, error: OSError) -> TrainingError:
+        if not self.checkpoint_path.exists():
+            kept = "there was no earlier checkpoint"
+        elif self._saved_step is not None:
+            kept = f"the previous checkpoint (step {self._saved_step}) is intact"
+        else:
+            kept = "the previous checkpoint is intact"
+        reason = error.__cause__ if isinstance(error.__cause__, OSError) else error  # atomic_save's cause
+        failure = TrainingError(f"could not save step {self.state.step} to {self.checkpoint_path} "
+                                f"({reason.strerror or reason}); {kept}")
+        failure.__cause__ = error
+        return failure
 
     def load_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         """Restore a `state_dict` (this rank's RNG included)."""
@@ -309,9 +321,14 @@ class Trainer:
         if self.settings.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.task.parameters(), self.settings.grad_clip)
-        self.scaler.step(self.optimizer)
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)  # skips the update when the fp16 gradients overflowed
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler.is_enabled() and self.scaler.get_scale() < scale:
+            self.monitor.message(f"step {self.state.step + 1}: fp16 gradients overflowed, step skipped, "
+                                 f"loss scale lowered to {self.scaler.get_scale():g}")
+            return False
         logit_scale = self.task.model.logit_scale
         if logit_scale is not None:
             with torch.no_grad():

@@ -1,6 +1,7 @@
 """Readers, image decoding, caption checks, ImageTextDataset and WebDatasetStream, on tiny generated data."""
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -191,6 +192,17 @@ def test_csv_source_bad_rows_are_per_record(tmp_path):
     assert source.load(0)[1] == ["fine"]
     kinds = [_kind(lambda i=i: source.load(i)) for i in range(1, 6)]
     assert kinds == ["bad_caption_encoding", "empty_caption", "empty_file", "missing", "empty_caption"]
+
+
+def test_csv_fields_longer_than_the_csv_module_default_are_read(tmp_path):
+    write_image(tmp_path / "ok.png")
+    caption = "word " * 100_000  # 500,000 characters; Python's csv module stops at 131,072 by default
+    path = tmp_path / "list.csv"
+    path.write_text(f"filepath,title\nok.png,{caption}\nok.png,short\n")
+    default_limit = csv.field_size_limit()
+    source = CsvSource(str(path))
+    assert [source.load(i)[1] for i in range(2)] == [[caption], ["short"]]
+    assert csv.field_size_limit() == default_limit  # the process-wide setting is restored
 
 
 def test_coco_source(tmp_path):

@@ -91,7 +91,7 @@ def odd_but_valid_images() -> dict[str, bytes]:
 
 
 # Many words: the tokenizer stops reading after the context length, so this is truncated, not skipped.
-LONG_CAPTION = "a very long caption " * 5000  # 100,000 characters (CSV fields stop at 131,072)
+LONG_CAPTION = "a very long caption " * 50000  # 1,000,000 characters (Python's csv default limit is 131,072)
 
 
 def write_faulty_csv(root: Path, rows: int = 200) -> tuple[Path, dict[str, int]]:
@@ -390,6 +390,39 @@ def test_full_disk_during_a_training_save_stops_naming_the_kept_checkpoint(tmp_p
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["last.pt"]
 
 
+# Makes the n-th torch.save to a file on rank 0 fail as a full disk does, in a process started by torchrun.
+FULL_DISK_ON_RANK_0 = """
+import errno, io, os
+if os.environ.get("RANK") == "0":
+    import torch
+    _real_save, _calls = torch.save, []
+    def _save(obj, handle, *args, **kwargs):
+        if not isinstance(handle, io.BytesIO):  # torch.distributed pickles tensors through torch.save too
+            _calls.append(1)
+        if len(_calls) == int(os.environ["FAIL_SAVE_NUMBER"]):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return _real_save(obj, handle, *args, **kwargs)
+    torch.save = _save
+"""
+
+
+def test_a_failed_save_on_rank_0_stops_every_rank_instead_of_leaving_them_waiting(tmp_path: Path) -> None:
+    injected = tmp_path / "inject"
+    injected.mkdir()
+    (injected / "sitecustomize.py").write_text(FULL_DISK_ON_RANK_0)
+    run_dir = tmp_path / "run"
+    env = subprocess_env(FAIL_SAVE_NUMBER="3", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(injected), env["PYTHONPATH"]])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "slip.train", *FAST, *SMALL, "trainer.max_steps=5", "trainer.save_every=1",
+               f"hydra.run.dir={run_dir}"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode != 0
+    assert "could not save step 3" in done.stderr and "the previous checkpoint (step 2) is intact" in done.stderr
+    assert "rank 1: stopping because rank 0 could not save step 3" in done.stderr
+    assert read_checkpoint(run_dir / "checkpoints" / "last.pt")["state"]["step"] == 2
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Numerics: non-finite losses
 
@@ -438,11 +471,26 @@ def test_k_non_finite_losses_in_a_row_abort_naming_the_step(tmp_path: Path) -> N
     assert "\n" not in str(info.value)
 
 
-def test_fp16_with_its_grad_scaler_is_refused_on_cpu_before_training(tmp_path: Path) -> None:
-    """The GradScaler runs only with precision=fp16, which needs a GPU; on CPU that fails up front, one line."""
-    with pytest.raises(ConfigError, match=r"^trainer\.precision=fp16 needs a GPU") as info:
-        train(compose_config(*FAST, *SMALL, "trainer.precision=fp16"), tmp_path)
-    assert "\n" not in str(info.value) and not (tmp_path / "checkpoints").exists()
+def test_fp16_gradient_overflow_is_handled_by_the_grad_scaler(tmp_path: Path, capsys) -> None:
+    """A loss scale far too large overflows the fp16 gradients: the scaler skips those steps and halves the scale.
+
+    The loss itself stays finite, so this is the scaler's job, not the non-finite-loss check's.
+    """
+    init_scale = 2.0 ** 32
+    cfg = compose_config(*FAST, *SMALL, "trainer.precision=fp16", f"trainer.init_grad_scale={init_scale}",
+                         "trainer.max_steps=25", "trainer.log_every=1")
+    results = train(cfg, tmp_path)
+    logged = capsys.readouterr().err
+    assert results["finished"] and results["step"] == 25 and "non-finite loss" not in logged
+    overflows = logged.count("fp16 gradients overflowed, step skipped")
+    assert 0 < overflows < 25
+    checkpoint = read_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert checkpoint["scaler"]["scale"] == init_scale / 2 ** overflows  # halved once per overflow
+    assert f"loss scale lowered to {init_scale / 2 ** overflows:g}" in logged
+    adam_steps = {float(state["step"]) for state in checkpoint["optimizer"]["state"].values()}
+    assert adam_steps == {25.0 - overflows}  # overflowed steps never touched the weights...
+    assert all(torch.isfinite(tensor).all() for tensor in checkpoint["model"].values())  # ...so none went bad
+    assert all(math.isfinite(row["loss"]) for row in results["history"])
 
 
 # ---------------------------------------------------------------------------------------------------------

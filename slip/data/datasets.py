@@ -332,13 +332,18 @@ def _column(header: list[str], name: str, path: str) -> int:
     return header.index(name)
 
 
+_LARGEST_CSV_FIELD = 2**31 - 1  # the largest limit a C long holds on every platform
+
+
 def read_csv_columns(path: str, columns: Sequence[str], sep: str | None = None) -> Iterator[tuple[int, list[str]]]:
     """(line number, the fields of `columns`) of every non-empty row of a CSV/TSV file with a header row.
 
-    Short rows are padded with empty fields. The separator comes from `sep` or the extension; errors name
-    the file (and the line, for malformed CSV).
+    Short rows are padded with empty fields. Fields of any length are read (Python's csv module stops at
+    131,072 characters by default). The separator comes from `sep` or the extension; errors name the file
+    (and the line, for malformed CSV).
     """
     delimiter = _infer_separator(path, sep)
+    default_limit = csv.field_size_limit(_LARGEST_CSV_FIELD)  # a process-wide setting: restored below
     try:
         with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as file:
             reader = csv.reader(file, delimiter=delimiter)
@@ -355,6 +360,8 @@ def read_csv_columns(path: str, columns: Sequence[str], sep: str | None = None) 
         raise FileNotFoundError(f"{path}: no such CSV file") from None
     except csv.Error as error:
         raise ValueError(f"{path}: line {reader.line_num}: {error}") from None
+    finally:
+        csv.field_size_limit(default_limit)
 
 
 class CsvSource(_FileSource):
@@ -362,7 +369,7 @@ class CsvSource(_FileSource):
 
     Image paths are relative to the directory of the CSV file (absolute paths work too). Captions that are
     not valid UTF-8 are reported per record at load time ("bad_caption_encoding"), not for the whole file.
-    Fields are limited to Python's csv default of 131,072 characters.
+    Captions of any length are read, and truncated to the context length by the tokenizer.
     """
 
     def __init__(
