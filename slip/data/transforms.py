@@ -7,8 +7,9 @@
 Resizing is bilinear everywhere, as in SLIP's training and evaluation code (CLIP's own preprocessing is
 bicubic; the difference is immaterial for training and bilinear is the cheaper kernel on uint8 tensors).
 All randomness comes from torch's global generator, so `torch.manual_seed` (and DataLoader worker seeding)
-makes every view reproducible. The recipes are torchvision `v2` pipelines over PIL images; moving the
-`ToImage()` step forward turns the later steps into uint8 tensor ops without changing the recipe.
+makes every view reproducible. The recipes here are torchvision `v2` pipelines over PIL images (the "pil"
+backend, the plain reference); `slip.data.tensor_views` computes the same recipes, draw for draw, on tensors
+(the "tensor" backend, about 3x faster, and the default).
 """
 from __future__ import annotations
 
@@ -23,10 +24,12 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from slip import tokenizer
+from slip.data import tensor_views
 
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
+    "BACKENDS",
     "INPUT_NAMES",
     "MultiView",
     "RandomGaussianBlur",
@@ -39,6 +42,7 @@ __all__ = [
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 INPUT_NAMES = ("image", "text", "aug1", "aug2")
+BACKENDS = ("tensor", "pil")
 
 View = Callable[[Image.Image], Tensor]
 
@@ -179,15 +183,20 @@ def _tokenize_one(caption: str, context_length: int) -> Tensor:
 
 
 class MultiView:
-    """Maps (PIL image, caption) to a dict with one tensor per named image view, plus "text" token ids."""
+    """Maps (PIL image, caption) to a dict with one tensor per named image view, plus "text" token ids.
 
-    def __init__(self, views: Mapping[str, View], tokenize: Callable[[str], Tensor] | None = None) -> None:
+    `prepare` turns the decoded image into what the views take, once per sample (default: the RGB PIL image).
+    """
+
+    def __init__(self, views: Mapping[str, View], tokenize: Callable[[str], Tensor] | None = None,
+                 prepare: Callable[[Image.Image], object] | None = None) -> None:
         if not views and tokenize is None:
             raise ValueError("MultiView needs at least one view or a tokenize function, got neither")
         if "text" in views:
             raise ValueError("views must not be named 'text': that key holds the caption's token ids")
         self.views = dict(views)
         self.tokenize = tokenize
+        self.prepare = prepare
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -202,7 +211,8 @@ class MultiView:
         """Every view of `image` (each with its own random draws) and, if tokenizing, the caption's ids."""
         if image.mode != "RGB":
             image = image.convert("RGB")
-        sample = {name: view(image) for name, view in self.views.items()}
+        prepared = image if self.prepare is None or not self.views else self.prepare(image)
+        sample = {name: view(prepared) for name, view in self.views.items()}
         if self.tokenize is not None:
             sample["text"] = self.tokenize(caption)
         return sample
@@ -222,12 +232,16 @@ def build_multiview(
     blur_sigma: Sequence[float] = (0.1, 2.0),
     blur_p: float = 0.5,
     hflip_p: float = 0.5,
+    backend: str = "tensor",
 ) -> MultiView:
     """The `MultiView` producing exactly `inputs` (a subset of image, text, aug1, aug2; `objective.inputs`).
 
     "image" gets `clip_view`, "aug1" and "aug2" each an independent `ssl_view`, "text" the tokenizer.
-    `jitter_strength` s scales the colour jitter to (0.4 s, 0.4 s, 0.4 s, 0.1 s).
+    `jitter_strength` s scales the colour jitter to (0.4 s, 0.4 s, 0.4 s, 0.1 s). `backend` "tensor" computes
+    the views with `slip.data.tensor_views`, "pil" with torchvision's PIL pipelines (same draws).
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if isinstance(inputs, str):
         raise ValueError(f"inputs must be a sequence of names such as ('image', 'text'), got {inputs!r}")
     requested = list(inputs)
@@ -251,13 +265,16 @@ def build_multiview(
         _check_probability(name, value)
     _check_range("blur_sigma", blur_sigma, 0.0, math.inf)
     names = [name for name in INPUT_NAMES if name in requested]
+    on_tensors = backend == "tensor"
     views: dict[str, View] = {}
     for name in names:
         if name == "image":
-            views[name] = clip_view(image_size, mean, std, scale=clip_scale)
+            make_clip = tensor_views.TensorClipView if on_tensors else clip_view
+            views[name] = make_clip(image_size, mean, std, scale=clip_scale)
         elif name in ("aug1", "aug2"):
             s = float(jitter_strength)
-            views[name] = ssl_view(
+            make_ssl = tensor_views.TensorSSLView if on_tensors else ssl_view
+            views[name] = make_ssl(
                 image_size, mean, std, scale=ssl_scale, jitter=(0.4 * s, 0.4 * s, 0.4 * s, 0.1 * s),
                 jitter_p=jitter_p, grayscale_p=grayscale_p, blur_sigma=blur_sigma, blur_p=blur_p,
                 hflip_p=hflip_p,
@@ -266,4 +283,4 @@ def build_multiview(
     if "text" in names:
         # A partial of a module-level function (not a lambda) so that DataLoader workers can pickle it.
         text = functools.partial(_tokenize_one, context_length=context_length)
-    return MultiView(views, text)
+    return MultiView(views, text, tensor_views.image_to_tensor if on_tensors else None)
