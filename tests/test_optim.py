@@ -1,8 +1,9 @@
 """Parameter groups (what gets weight decay) and the warmup-cosine schedule against a plain computation."""
 from __future__ import annotations
 
-import math
+import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,18 +42,45 @@ def test_frozen_parameters_are_left_out_and_nothing_trainable_is_an_error() -> N
         param_groups(layer)
 
 
-@pytest.mark.parametrize(("total", "warmup"), [(10, 0), (10, 3), (7, 7), (100, 25)])
-def test_schedule_is_linear_warmup_then_cosine_to_the_end_lr(total: int, warmup: int) -> None:
+def slip_cosine_scheduler(base: float, final: float, total: int, warmup: int, start: float) -> np.ndarray:
+    """The SLIP repository's cosine_scheduler (per-iteration values), written out with numpy as it is there."""
+    warmup_schedule = np.linspace(start, base, warmup)
+    iters = np.arange(total - warmup)
+    schedule = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))
+    return np.concatenate((warmup_schedule, schedule))
+
+
+@pytest.mark.parametrize(("total", "warmup"), [(10, 0), (10, 1), (10, 3), (100, 25), (5000, 1000)])
+def test_schedule_is_the_slip_repositorys_cosine_scheduler(total: int, warmup: int) -> None:
     base, start, end = 3e-3, 1e-6, 1e-5
     schedule = WarmupCosine(base, total, warmup, start, end)
-    for step in range(total):
-        if step < warmup:
-            expected = start + (base - start) * step / warmup
-        else:
-            expected = end + (base - end) * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))) / 2
-        assert schedule(step) == pytest.approx(expected, rel=1e-12), step
-    if warmup < total:
-        assert schedule(warmup) == pytest.approx(base)
+    expected = slip_cosine_scheduler(base, end, total, warmup, start)
+    np.testing.assert_allclose([schedule(step) for step in range(total)], expected, rtol=1e-12, atol=0)
+    if warmup > 1:
+        assert schedule(warmup - 1) == base  # the last warmup step reaches the base lr, as np.linspace does
+
+
+def test_schedule_that_is_all_warmup_ends_at_the_base_lr() -> None:
+    schedule = WarmupCosine(3e-3, 7, 7, 1e-6, 1e-5)
+    np.testing.assert_allclose([schedule(step) for step in range(7)], np.linspace(1e-6, 3e-3, 7), rtol=1e-12)
+
+
+def test_fused_adamw_takes_the_same_steps_as_the_per_tensor_loop() -> None:
+    torch.manual_seed(0)
+    model = build_vit_model(image_size=16, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2,
+                            embed_dim=16, text_width=32, text_layers=1, text_heads=2, context_length=8,
+                            vocab_size=100)
+    plain, fused = copy.deepcopy(model), copy.deepcopy(model)
+    optimizers = [adamw(param_groups(m), lr=1e-2, weight_decay=0.1, fused=f) for m, f in ((plain, False), (fused, True))]
+    for step in range(5):
+        for m, optimizer in zip((plain, fused), optimizers):
+            torch.manual_seed(step)
+            for p in m.parameters():
+                p.grad = torch.randn_like(p)
+            optimizer.step()
+    for (name, a), b in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters()))
 
 
 def test_warmup_is_given_in_epochs_and_bad_values_are_refused() -> None:

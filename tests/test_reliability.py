@@ -1,4 +1,5 @@
-"""Fault injection: bad data, kill -9 and full disks during saves, non-finite losses, hostile checkpoints, bad configs.
+"""Fault injection: bad data, kill -9 and full disks during saves (one rank of two included), non-finite losses,
+fp16 gradient overflow, hostile checkpoints, bad configs.
 
 One place that demonstrates every promise of the reliability issue. Where a point is already tested well
 elsewhere, a comment names that test instead of repeating it:
