@@ -178,8 +178,13 @@ def photo_jpeg(width: int = 640, height: int = 430, seed: int = 0) -> bytes:
     return buffer.getvalue()
 
 
-def data_pipeline(device_name: str, samples: int, backend: str) -> dict[str, Any]:
-    """Samples/s on one core of the 3-view SLIP pipeline (CLIP view + 2 SSL views + tokenizer) from JPEG bytes."""
+def data_pipeline(device_name: str, samples: int, backends: tuple[str, ...] = ("tensor", "pil"),
+                  rounds: int = 10) -> list[dict[str, Any]]:
+    """Samples/s on one core of the 3-view SLIP pipeline (CLIP view + 2 SSL views + tokenizer) from JPEG bytes.
+
+    The backends (and decoding alone) take turns, `samples / rounds` samples at a time, so that a machine whose
+    speed drifts slows them alike.
+    """
     import torch
 
     from slip.data.datasets import decode_image
@@ -188,20 +193,27 @@ def data_pipeline(device_name: str, samples: int, backend: str) -> dict[str, Any
 
     torch.set_num_threads(1)
     jpegs = [photo_jpeg(seed=seed) for seed in range(8)]
-    transform = build_multiview(("image", "text", "aug1", "aug2"), 224, IMAGENET_MEAN, IMAGENET_STD, backend=backend)
     caption = REAL_CAPTIONS[0]
-    transform(decode_image(jpegs[0], "warm-up"), caption)
-    start = time.perf_counter()
-    for index in range(samples):
-        decode_image(jpegs[index % len(jpegs)], "bench")
-    decode_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for index in range(samples):
-        transform(decode_image(jpegs[index % len(jpegs)], "bench"), caption)
-    seconds = time.perf_counter() - start
-    return {"pipeline": "slip 3-view (image, aug1, aug2) + text", "backend": backend, "source": "640x430 JPEG q90",
-            "samples": samples, "samples_per_s_per_core": samples / seconds, "decode_ms": 1000 * decode_s / samples,
-            "ms_per_sample": 1000 * seconds / samples, "jpeg_kib": statistics.mean(len(j) for j in jpegs) / 1024}
+    transforms = {backend: build_multiview(("image", "text", "aug1", "aug2"), 224, IMAGENET_MEAN, IMAGENET_STD,
+                                           backend=backend) for backend in backends}
+    runs: dict[str, Callable[[bytes], Any]] = {"decode": lambda jpeg: decode_image(jpeg, "bench")}
+    for backend, transform in transforms.items():
+        runs[backend] = lambda jpeg, transform=transform: transform(decode_image(jpeg, "bench"), caption)
+    seconds = dict.fromkeys(runs, 0.0)
+    for run in runs.values():
+        run(jpegs[0])  # warm-up
+    per_round = max(samples // rounds, 1)
+    for round_index in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            for index in range(round_index * per_round, (round_index + 1) * per_round):
+                run(jpegs[index % len(jpegs)])
+            seconds[name] += time.perf_counter() - start
+    count = per_round * rounds
+    return [{"pipeline": "slip 3-view (image, aug1, aug2) + text", "backend": backend, "source": "640x430 JPEG q90",
+             "samples": count, "samples_per_s_per_core": count / seconds[backend],
+             "ms_per_sample": 1000 * seconds[backend] / count, "decode_ms": 1000 * seconds["decode"] / count,
+             "jpeg_kib": statistics.mean(len(j) for j in jpegs) / 1024} for backend in backends]
 
 
 def evaluation(device_name: str, model_name: str, num_train: int, num_test: int, batch_size: int) -> dict[str, Any]:
@@ -317,8 +329,7 @@ def run(sections: list[str], device_name: str, quick: bool) -> dict[str, Any]:
                 print(f"train step: {row}", flush=True)
         results["train_step"] = rows
     if "data" in sections:
-        results["data_pipeline"] = [isolated(data_pipeline, device_name, settings["data"]["samples"], backend)
-                                     for backend in ("tensor", "pil")]
+        results["data_pipeline"] = isolated(data_pipeline, device_name, settings["data"]["samples"])
         print(f"data pipeline: {results['data_pipeline']}", flush=True)
     if "eval" in sections:
         e = settings["eval"]
@@ -361,9 +372,11 @@ def markdown(results: dict[str, Any], command: str, machine: dict[str, Any]) -> 
         lines.append("")
     if "data_pipeline" in results:
         lines += ["## Data pipeline (one core)\n", "slip 3-view (image, aug1, aug2) + text, from 640x430 JPEG q90; "
-                  "decode alone is the JPEG decode into an RGB PIL image, part of every sample.\n",
+                  "decode alone is the JPEG decode into an RGB PIL image, part of every sample. The backends and the "
+                  "decode-only loop take turns in 10 rounds, so that drift in the machine's speed hits them alike.\n",
                   "| views backend | samples/s per core | ms/sample | of which decode ms |", "|---|---:|---:|---:|"]
-        for d in results["data_pipeline"]:
+        pipelines = results["data_pipeline"]
+        for d in pipelines if isinstance(pipelines, list) else [pipelines]:  # a dict: the child's error
             lines.append(f"| {d.get('backend', '–')} | {_fmt(d.get('samples_per_s_per_core', 0))} | "
                          f"{_fmt(d.get('ms_per_sample', 0))} | {_fmt(d.get('decode_ms', 0))} |"
                          if "error" not in d else f"| error: {d['error']} | | | |")
