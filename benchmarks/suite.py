@@ -157,24 +157,11 @@ def train_step(device_name: str, model_name: str, loss: str, batch_size: int, re
 
 
 def photo_jpeg(width: int = 640, height: int = 430, seed: int = 0) -> bytes:
-    """JPEG bytes of a photo-like image (smooth gradients, shapes and sensor noise) of a typical web size."""
-    import numpy as np
-    from PIL import Image, ImageDraw, ImageFilter
+    """JPEG bytes (quality 90) of a photo-like image of a typical web size."""
+    from slip.data.synthetic import photo_like
 
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width] / max(width, height)
-    base = np.stack([120 + 100 * np.sin(3 * x + rng.uniform(0, 6)), 110 + 90 * np.cos(2 * y + rng.uniform(0, 6)),
-                     100 + 80 * np.sin(2 * (x + y))], axis=-1)
-    image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    for _ in range(12):
-        x0, y0 = rng.integers(0, width), rng.integers(0, height)
-        draw.ellipse((x0, y0, x0 + rng.integers(20, 200), y0 + rng.integers(20, 200)),
-                     fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
-    image = image.filter(ImageFilter.GaussianBlur(2))
-    noisy = np.asarray(image).astype(np.int16) + rng.integers(-12, 13, (height, width, 3))
     buffer = io.BytesIO()
-    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+    photo_like(width, height, seed).save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from slip.data.synthetic import COLORS, SHAPES, SIZES, SyntheticClassification, SyntheticShapes
+from slip.data.synthetic import COLORS, SHAPES, SIZES, SyntheticClassification, SyntheticShapes, photo_like
 
 PALETTE = np.array(list(COLORS.values()), dtype=np.float64)
 NAMES = list(COLORS)
@@ -177,3 +177,12 @@ def test_out_of_range_index_raises():
         dataset.load(-5)
     with pytest.raises(TypeError):
         dataset.load(1.0)
+
+
+def test_photo_like_images_are_deterministic_rgb_of_the_asked_size_with_photo_statistics():
+    image = photo_like(96, 64, seed=3)
+    assert image.mode == "RGB" and image.size == (96, 64)
+    assert np.array_equal(np.asarray(image), np.asarray(photo_like(96, 64, seed=3)))
+    assert not np.array_equal(np.asarray(image), np.asarray(photo_like(96, 64, seed=4)))
+    pixels = np.asarray(image).astype(float)
+    assert pixels.std() > 20 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 1000  # varied, not flat

@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from slip.data import tensor_views
+from slip.data.synthetic import photo_like
 from slip.data.tensor_views import (
     TensorClipView,
     TensorSSLView,
@@ -26,20 +27,8 @@ STD_255 = torch.tensor(CLIP_STD).view(3, 1, 1) * 255  # normalised units -> leve
 
 
 def photo(width: int = 160, height: int = 112, seed: int = 0) -> Image.Image:
-    """A photo-like RGB image: gradients, filled shapes of random colours, a little noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width] / max(width, height)
-    base = np.stack([120 + 100 * np.sin(3 * x + rng.uniform(0, 6)), 110 + 90 * np.cos(2 * y + rng.uniform(0, 6)),
-                     100 + 80 * np.sin(2 * (x + y))], axis=-1)
-    image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    for _ in range(8):
-        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
-        draw.ellipse((x0, y0, x0 + int(rng.integers(10, 60)), y0 + int(rng.integers(10, 60))),
-                     fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
-    image = image.filter(ImageFilter.GaussianBlur(1))
-    noisy = np.asarray(image).astype(np.int16) + rng.integers(-6, 7, (height, width, 3))
-    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+    """A small photo-like RGB image."""
+    return photo_like(width, height, seed)
 
 
 def random_float_image(seed: int, size: int = 24) -> torch.Tensor:

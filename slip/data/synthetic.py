@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 from slip.data.datasets import check_index
 
@@ -37,6 +37,7 @@ __all__ = [
     "ShapeObject",
     "SyntheticClassification",
     "SyntheticShapes",
+    "photo_like",
     "render",
 ]
 
@@ -336,3 +337,26 @@ class SyntheticClassification:
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         """RGB image and class index of sample `index`."""
         return render(self.scene(index), self.image_size), self.label(index)
+
+
+def photo_like(width: int = 640, height: int = 430, seed: int = 0) -> Image.Image:
+    """An RGB image with a photo's pixel statistics: colour gradients, filled ellipses, a soft blur, sensor noise.
+
+    For benchmarks and tests of image pipelines (JPEG size, resampling, colour operations); shapes, blur and
+    noise scale with the image, so a 640x430 image looks like a small web photo.
+    """
+    rng = np.random.default_rng(seed)
+    unit = max(width, height) / 640
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    base = np.stack([120 + 100 * np.sin(3 * x + rng.uniform(0, 6)), 110 + 90 * np.cos(2 * y + rng.uniform(0, 6)),
+                     100 + 80 * np.sin(2 * (x + y))], axis=-1)
+    image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(12):
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        low, high = round(20 * unit), max(round(200 * unit), round(20 * unit) + 1)
+        draw.ellipse((x0, y0, x0 + int(rng.integers(low, high)), y0 + int(rng.integers(low, high))),
+                     fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    image = image.filter(ImageFilter.GaussianBlur(2 * unit))
+    noisy = np.asarray(image).astype(np.int16) + rng.integers(-12, 13, (height, width, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
