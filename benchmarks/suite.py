@@ -50,17 +50,19 @@ def _peak_memory_mib(device) -> float:
     return peak_memory_mib(device)
 
 
+def _time_once(fn: Callable[[], Any], device) -> float:
+    """Wall time of one call of fn(), the device's queued work included."""
+    _synchronize(device)
+    start = time.perf_counter()
+    fn()
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
 def _timed(fn: Callable[[], Any], device, repeats: int) -> list[float]:
     """Wall times of `repeats` calls of fn(), after one warm-up call."""
     fn()
-    times = []
-    for _ in range(repeats):
-        _synchronize(device)
-        start = time.perf_counter()
-        fn()
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
+    return [_time_once(fn, device) for _ in range(repeats)]
 
 
 def _matmul_operands(device, size: int):
@@ -140,11 +142,7 @@ def train_step(device_name: str, model_name: str, loss: str, batch_size: int, re
     times, fractions = [], []
     for _ in range(repeats):
         before = _matmul_tflops(a, b, device, 3)
-        _synchronize(device)
-        start = time.perf_counter()
-        step()
-        _synchronize(device)
-        seconds = time.perf_counter() - start
+        seconds = _time_once(step, device)  # the FlopCounterMode step above was the warm-up
         after = _matmul_tflops(a, b, device, 3)
         times.append(seconds)
         fractions.append(flops / seconds / 1e12 / ((before + after) / 2))
@@ -198,7 +196,7 @@ def data_pipeline(device_name: str, samples: int, backends: tuple[str, ...] = ("
             seconds[name] += time.perf_counter() - start
     count = per_round * rounds
     return [{"pipeline": "slip 3-view (image, aug1, aug2) + text", "backend": backend, "source": "640x430 JPEG q90",
-             "samples": count, "samples_per_s_per_core": count / seconds[backend],
+             "samples": count, "rounds": rounds, "samples_per_s_per_core": count / seconds[backend],
              "ms_per_sample": 1000 * seconds[backend] / count, "decode_ms": 1000 * seconds["decode"] / count,
              "jpeg_kib": statistics.mean(len(j) for j in jpegs) / 1024} for backend in backends]
 
@@ -263,14 +261,14 @@ def contrastive_loss(device_name: str, batch_size: int, embed_dim: int, repeats:
 # ---------------------------------------------------------------- the parent
 
 
-def _child(queue, fn: Callable[..., dict], args: tuple) -> None:
+def _child(queue, fn: Callable[..., Any], args: tuple) -> None:
     try:
         queue.put(("ok", fn(*args)))
     except Exception as error:  # reported in the table, so one failing measurement does not end the suite
         queue.put(("error", f"{type(error).__name__}: {error}"))
 
 
-def isolated(fn: Callable[..., dict], *args: Any) -> dict[str, Any]:
+def isolated(fn: Callable[..., Any], *args: Any) -> Any:
     """fn(*args) in a fresh process (its own peak memory); an error comes back as {"error": ...}."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
@@ -358,12 +356,14 @@ def markdown(results: dict[str, Any], command: str, machine: dict[str, Any]) -> 
                          f"{100 * row.get('fraction_of_adjacent_matmul', 0):.0f}% | {row['peak_memory_mib']:.0f} |")
         lines.append("")
     if "data_pipeline" in results:
+        pipelines = results["data_pipeline"]
+        pipelines = pipelines if isinstance(pipelines, list) else [pipelines]  # a dict: the child's error
         lines += ["## Data pipeline (one core)\n", "slip 3-view (image, aug1, aug2) + text, from 640x430 JPEG q90; "
                   "decode alone is the JPEG decode into an RGB PIL image, part of every sample. The backends and the "
-                  "decode-only loop take turns in 10 rounds, so that drift in the machine's speed hits them alike.\n",
+                  f"decode-only loop take turns in {pipelines[0].get('rounds', '–')} rounds, so that drift in the "
+                  "machine's speed hits them alike.\n",
                   "| views backend | samples/s per core | ms/sample | of which decode ms |", "|---|---:|---:|---:|"]
-        pipelines = results["data_pipeline"]
-        for d in pipelines if isinstance(pipelines, list) else [pipelines]:  # a dict: the child's error
+        for d in pipelines:
             lines.append(f"| {d.get('backend', '–')} | {_fmt(d.get('samples_per_s_per_core', 0))} | "
                          f"{_fmt(d.get('ms_per_sample', 0))} | {_fmt(d.get('decode_ms', 0))} |"
                          if "error" not in d else f"| error: {d['error']} | | | |")
