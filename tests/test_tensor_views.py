@@ -40,6 +40,8 @@ def random_float_image(seed: int, size: int = 24) -> torch.Tensor:
     image[:, 1, 1] = torch.tensor([0.2, 0.7, 0.7])  # max tied between g and b
     image[:, 1, 2] = torch.tensor([0.7, 0.7, 0.2])  # max tied between r and g
     image[:, 1, 3] = torch.tensor([0.0, 0.0, 1.0])
+    if size > 4:
+        image[:, 1, 4] = torch.tensor([0.7, 0.2, 0.7])  # max tied between r and b
     return image
 
 
@@ -86,6 +88,14 @@ def test_jitter_matches_torchvision_op_by_op():
         for op, factor in operations:
             expected = functions[op](expected, factor)
         torch.testing.assert_close(color_jitter(image, operations), expected, atol=1e-5, rtol=0)  # 0.003 levels
+
+
+def test_the_public_colour_functions_leave_their_input_alone():
+    image = random_float_image(7)
+    before = image.clone()
+    adjust_hue(image, 0.2)
+    color_jitter(image, [(0, 1.3), (1, 0.7), (2, 1.2), (3, -0.1)])
+    assert torch.equal(image, before)
 
 
 @pytest.mark.parametrize("sigma", [0.1, 0.5, 1.3, 2.0])
