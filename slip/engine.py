@@ -54,6 +54,7 @@ class TrainerSettings:
     init_grad_scale: float = 65536.0
     log_images: bool = True
     stop_after: int | None = None
+    retain_freed_memory: bool = True
 
     def __post_init__(self) -> None:
         positive = {"epochs": self.epochs, "update_freq": self.update_freq, "log_every": self.log_every,

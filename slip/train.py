@@ -19,6 +19,7 @@ from slip.data.loader import build_train_loader
 from slip.distributed import WorldInfo, convert_sync_batchnorm, init_process_group, make_gather
 from slip.engine import Trainer, TrainingError, TrainTask, seed_everything
 from slip.eval.zeroshot import zero_shot_evaluator
+from slip.host_memory import retain_freed_memory
 from slip.optim import param_groups
 
 # Sections that define what is trained; a resumed run must agree with its checkpoint on all of them.
@@ -51,6 +52,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     started = time.perf_counter()
     world = WorldInfo.from_env()
     settings = build(cfg.trainer, "trainer")
+    if settings.retain_freed_memory:
+        retain_freed_memory()
     seed_everything(settings.seed, world)
 
     objective = build(cfg.loss, "loss")
