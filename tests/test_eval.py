@@ -102,6 +102,8 @@ def test_an_unknown_dataset_or_task_names_the_key(trained_runs: Path) -> None:
         evaluate(eval_config(f"checkpoint={trained_runs}", "tasks.knn=[nope]"))
     with pytest.raises(ConfigError, match=r"^tasks\.segmentation: unknown task"):
         evaluate(eval_config(f"checkpoint={trained_runs}", "+tasks.segmentation=[synthetic]"))
+    with pytest.raises(ConfigError, match=r"^retain_freed_memory must be true or false, got 'yes'"):
+        evaluate(eval_config(f"checkpoint={trained_runs}", "retain_freed_memory=yes"))
 
 
 def run_eval_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

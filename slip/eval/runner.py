@@ -17,6 +17,7 @@ from slip.eval.knn import knn_accuracy
 from slip.eval.linear_probe import linear_probe, sgd_linear_probe
 from slip.eval.retrieval import retrieval_scores
 from slip.eval.zeroshot import zero_shot_evaluator
+from slip.host_memory import retain_freed_memory
 from slip.models import ImageTextModel
 
 CHECKPOINT_IN_RUN = Path("checkpoints") / "last.pt"
@@ -188,6 +189,11 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: Path, output_dir: Path | No
 def evaluate(cfg: DictConfig) -> dict[Path, dict[str, Path]]:
     """Evaluate the checkpoint(s) that `cfg.checkpoint` points at; returns {checkpoint: {task: file}}."""
     _check_tasks(cfg)
+    retain = cfg.get("retain_freed_memory", True)
+    if not isinstance(retain, bool):
+        raise ConfigError(f"retain_freed_memory must be true or false, got {retain!r}")
+    if retain:
+        retain_freed_memory()
     checkpoints = find_checkpoints(Path(cfg.checkpoint))
     if cfg.output_dir and len(checkpoints) > 1:
         raise ConfigError(f"output_dir: {cfg.checkpoint} holds {len(checkpoints)} runs; leave output_dir unset "
