@@ -21,6 +21,7 @@ from slip.distributed import WorldInfo
 from slip.losses import Objective
 from slip.models import ImageTextModel
 from slip.monitor import Monitor, peak_memory_mib
+from slip.run_layout import CHECKPOINT_IN_RUN
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -212,7 +213,7 @@ class Trainer:
                                            enabled=self.dtype == torch.float16)
         self.state = TrainState()
         self._first_step = 0  # the step this invocation started from (trainer.stop_after counts from it)
-        self.checkpoint_path = run_dir / "checkpoints" / "last.pt"
+        self.checkpoint_path = run_dir / CHECKPOINT_IN_RUN
         self._saved_step: int | None = None  # the step this invocation last saved to checkpoint_path
         self.monitor = Monitor(run_dir, total_steps, settings.log_every, enabled=world.is_main)
         self.last_eval: dict[str, float] = {}

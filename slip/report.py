@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slip.run_layout import EVAL_DIR, RESULTS_FILE
+
 __all__ = [
     "Report",
     "Run",
@@ -40,8 +42,6 @@ __all__ = [
     "write_report",
 ]
 
-RESULTS_FILE = "results.json"
-EVAL_DIR = "eval"
 MISSING = "–"
 DEFAULT_SIZE = (1200, 600)
 MAX_CHART_GROUPS = 8

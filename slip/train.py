@@ -21,6 +21,7 @@ from slip.engine import Trainer, TrainingError, TrainTask, seed_everything
 from slip.eval.zeroshot import zero_shot_evaluator
 from slip.host_memory import retain_freed_memory
 from slip.optim import param_groups
+from slip.run_layout import CHECKPOINT_IN_RUN, RESULTS_FILE
 
 # Sections that define what is trained; a resumed run must agree with its checkpoint on all of them.
 RUN_DEFINING_SECTIONS = ("model", "loss", "data", "augment", "optim", "schedule")
@@ -28,7 +29,7 @@ RUN_DEFINING_SECTIONS = ("model", "loss", "data", "augment", "optim", "schedule"
 
 def _resume_checkpoint(setting: str, run_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
     """The checkpoint to continue from, per trainer.resume ('auto', 'never' or a path), after a config check."""
-    latest = run_dir / "checkpoints" / "last.pt"
+    latest = run_dir / CHECKPOINT_IN_RUN
     if setting == "never":
         if latest.exists():
             raise ConfigError(f"trainer.resume: {latest} exists and resume=never would overwrite it; "
@@ -92,7 +93,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
                       steps_per_epoch, OmegaConf.to_yaml(cfg, resolve=True), evaluate)
     if checkpoint is not None:
         trainer.load_state_dict(checkpoint)
-        trainer.monitor.message(f"resumed from step {trainer.state.step} ({run_dir / 'checkpoints' / 'last.pt'})")
+        trainer.monitor.message(f"resumed from step {trainer.state.step} ({run_dir / CHECKPOINT_IN_RUN})")
     if cfg.get("val") and evaluate is None:
         trainer.monitor.message(f"no zero-shot validation: {type(objective).__name__} trains no text tower "
                                 "(evaluate it with python -m slip.eval: linear probe, kNN)")
@@ -117,11 +118,11 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     }
     if world.is_main:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        (run_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
         if trainer.last_eval:
             chance = 100.0 / len(evaluate.class_names) if evaluate is not None else float("nan")
             print(f"zero-shot top-1 on the held-out split: {trainer.last_eval['top1']:.1f}% "
-                  f"(chance {chance:.1f}%), results in {run_dir / 'results.json'}")
+                  f"(chance {chance:.1f}%), results in {run_dir / RESULTS_FILE}")
     return results
 
 

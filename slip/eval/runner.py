@@ -19,8 +19,7 @@ from slip.eval.retrieval import retrieval_scores
 from slip.eval.zeroshot import zero_shot_evaluator
 from slip.host_memory import retain_freed_memory
 from slip.models import ImageTextModel
-
-CHECKPOINT_IN_RUN = Path("checkpoints") / "last.pt"
+from slip.run_layout import CHECKPOINT_IN_RUN, EVAL_DIR
 
 
 @dataclass
@@ -130,7 +129,7 @@ def find_checkpoints(path: Path) -> list[Path]:
 def default_output_dir(checkpoint: Path) -> Path:
     """<run>/eval for a run's checkpoints/last.pt; <file>.eval beside any other checkpoint file."""
     if checkpoint.parts[-2:] == CHECKPOINT_IN_RUN.parts:
-        return checkpoint.parent.parent / "eval"
+        return checkpoint.parent.parent / EVAL_DIR
     return checkpoint.with_name(checkpoint.name + ".eval")
 
 
