@@ -3,10 +3,11 @@ draw, with fewer and cheaper operations than torchvision's PIL path.
 
 - Random draws are the same, in the same order, as the torchvision pipelines of `transforms`, so under one seed
   both paths pick the same crops, jitter factors, blur widths and flips.
-- The crop is resized from uint8 with torch's antialiased bilinear kernel (the uint8 AVX2 path), then
-  everything is float32 in [0, 1]: brightness, contrast and saturation are torchvision's blends; the hue shift
-  is the HSV rotation written as one closed form (max and min of a pixel are kept, the middle channel moves);
-  the blur is a separable Gaussian truncated at 3 standard deviations with reflected borders.
+- The crop is resized from uint8 with torch's antialiased bilinear kernel (the uint8 AVX2 path, on
+  channels-last pixels), then everything is planar float32 in [0, 1], changed in place on the view's own
+  tensor: brightness, contrast and saturation are torchvision's blends; the hue shift is the HSV rotation
+  written as one closed form per channel (max and min of a pixel are kept, the middle channel moves); the blur
+  is a separable Gaussian truncated at 3 standard deviations with reflected borders.
 - Against torchvision's float-tensor functions each step agrees to float rounding; against the PIL path,
   which rounds to uint8 after every step and stores hue in 256 levels, views differ by a few levels out of 255
   (tests/test_tensor_views.py states the bounds).

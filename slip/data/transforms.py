@@ -9,7 +9,7 @@ bicubic; the difference is immaterial for training and bilinear is the cheaper k
 All randomness comes from torch's global generator, so `torch.manual_seed` (and DataLoader worker seeding)
 makes every view reproducible. The recipes here are torchvision `v2` pipelines over PIL images (the "pil"
 backend, the plain reference); `slip.data.tensor_views` computes the same recipes, draw for draw, on tensors
-(the "tensor" backend, about 2x faster per core, and the default).
+(the "tensor" backend, about 2.3x faster per core, and the default).
 """
 from __future__ import annotations
 
