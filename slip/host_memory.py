@@ -1,4 +1,4 @@
-"""How this process's C heap treats freed memory: keeping it for reuse makes CPU training about 10% faster.
+"""How this process's C heap treats freed memory: keeping it for reuse makes ViT-S/16 CPU steps ~14% faster.
 
 By default glibc's malloc serves every large block (a tensor of more than a few hundred KiB) with a fresh
 `mmap` and hands it back to the kernel when it is freed. A training step frees and reallocates the same
