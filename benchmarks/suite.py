@@ -165,12 +165,47 @@ def photo_jpeg(width: int = 640, height: int = 430, seed: int = 0) -> bytes:
     return buffer.getvalue()
 
 
-def data_pipeline(device_name: str, samples: int, backends: tuple[str, ...] = ("tensor", "pil"),
+def original_slip_views() -> Callable[[Any, str], dict[str, Any]]:
+    """The SLIP repository's own training views, as its main.py and datasets.py compose them (the baseline).
+
+    torchvision v1 transforms on PIL images: the CLIP view is RandomResizedCrop(224, scale=(0.5, 1)); each SSL
+    view is RandomResizedCrop(224, scale=(0.08, 1)), ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale with
+    p 0.2, PIL's Gaussian blur with a radius drawn from [0.1, 2] with p 0.5, a flip; then ToTensor and
+    Normalize. Captions go through the CLIP tokenizer.
+    """
+    import random
+
+    from PIL import ImageFilter
+    from torchvision import transforms as v1
+
+    from slip.data.transforms import _tokenize_one
+    from slip.models import IMAGENET_MEAN, IMAGENET_STD
+
+    def blur(image: Any) -> Any:
+        return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
+
+    normalize = v1.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    clip_view = v1.Compose([v1.RandomResizedCrop(224, scale=(0.5, 1.0)), v1.ToTensor(), normalize])
+    ssl_view = v1.Compose([
+        v1.RandomResizedCrop(224, scale=(0.08, 1.0)),
+        v1.RandomApply([v1.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        v1.RandomGrayscale(p=0.2),
+        v1.RandomApply([v1.Lambda(blur)], p=0.5),
+        v1.RandomHorizontalFlip(),
+        v1.ToTensor(),
+        normalize,
+    ])
+    return lambda image, caption: {"image": clip_view(image), "aug1": ssl_view(image), "aug2": ssl_view(image),
+                                   "text": _tokenize_one(caption, 77)}
+
+
+def data_pipeline(device_name: str, samples: int, backends: tuple[str, ...] = ("tensor", "pil", "slip_original"),
                   rounds: int = 10) -> list[dict[str, Any]]:
     """Samples/s on one core of the 3-view SLIP pipeline (CLIP view + 2 SSL views + tokenizer) from JPEG bytes.
 
-    The backends (and decoding alone) take turns, `samples / rounds` samples at a time, so that a machine whose
-    speed drifts slows them alike.
+    Backends: this toolkit's "tensor" and "pil" views, and "slip_original", the SLIP repository's recipe (the
+    issue's baseline). They (and decoding alone) take turns, `samples / rounds` samples at a time, so that a
+    machine whose speed drifts slows them alike.
     """
     import torch
 
@@ -181,8 +216,8 @@ def data_pipeline(device_name: str, samples: int, backends: tuple[str, ...] = ("
     torch.set_num_threads(1)
     jpegs = [photo_jpeg(seed=seed) for seed in range(8)]
     caption = REAL_CAPTIONS[0]
-    transforms = {backend: build_multiview(("image", "text", "aug1", "aug2"), 224, IMAGENET_MEAN, IMAGENET_STD,
-                                           backend=backend) for backend in backends}
+    transforms = {backend: original_slip_views() if backend == "slip_original" else build_multiview(
+        ("image", "text", "aug1", "aug2"), 224, IMAGENET_MEAN, IMAGENET_STD, backend=backend) for backend in backends}
     runs: dict[str, Callable[[bytes], Any]] = {"decode": lambda jpeg: decode_image(jpeg, "bench")}
     for backend, transform in transforms.items():
         runs[backend] = lambda jpeg, transform=transform: transform(decode_image(jpeg, "bench"), caption)
@@ -364,11 +399,17 @@ def markdown(results: dict[str, Any], command: str, machine: dict[str, Any]) -> 
                   "decode alone is the JPEG decode into an RGB PIL image, part of every sample. The backends and the "
                   f"decode-only loop take turns in {pipelines[0].get('rounds', '–')} rounds, so that drift in the "
                   "machine's speed hits them alike.\n",
-                  "| views backend | samples/s per core | ms/sample | of which decode ms |", "|---|---:|---:|---:|"]
+                  "*x original*: speed against `slip_original`, the SLIP repository's own recipe (torchvision v1 "
+                  "transforms on PIL images), timed in the same rounds.\n",
+                  "| views backend | samples/s per core | x original | ms/sample | of which decode ms |",
+                  "|---|---:|---:|---:|---:|"]
+        original = next((d for d in pipelines if d.get("backend") == "slip_original"), {})
         for d in pipelines:
-            lines.append(f"| {d.get('backend', '–')} | {_fmt(d.get('samples_per_s_per_core', 0))} | "
+            relative = (_fmt(d["samples_per_s_per_core"] / original["samples_per_s_per_core"])
+                        if "samples_per_s_per_core" in original and "error" not in d else "–")
+            lines.append(f"| {d.get('backend', '–')} | {_fmt(d.get('samples_per_s_per_core', 0))} | {relative} | "
                          f"{_fmt(d.get('ms_per_sample', 0))} | {_fmt(d.get('decode_ms', 0))} |"
-                         if "error" not in d else f"| error: {d['error']} | | | |")
+                         if "error" not in d else f"| error: {d['error']} | | | | |")
         lines.append("")
     if "evaluation" in results:
         e = results["evaluation"]
