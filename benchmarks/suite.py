@@ -178,8 +178,8 @@ def original_slip_views() -> Callable[[Any, str], dict[str, Any]]:
     from PIL import ImageFilter
     from torchvision import transforms as v1
 
-    from slip.data.transforms import _tokenize_one
     from slip.models import IMAGENET_MEAN, IMAGENET_STD
+    from slip.tokenizer import tokenize
 
     def blur(image: Any) -> Any:
         return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
@@ -196,7 +196,7 @@ def original_slip_views() -> Callable[[Any, str], dict[str, Any]]:
         normalize,
     ])
     return lambda image, caption: {"image": clip_view(image), "aug1": ssl_view(image), "aug2": ssl_view(image),
-                                   "text": _tokenize_one(caption, 77)}
+                                   "text": tokenize(caption, 77)[0]}
 
 
 def data_pipeline(device_name: str, samples: int, backends: tuple[str, ...] = ("tensor", "pil", "slip_original"),
