@@ -1,6 +1,7 @@
 """retain_freed_memory: freed blocks are reused instead of being faulted in again."""
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 
@@ -34,7 +35,7 @@ def _faults(mode: str) -> int:
     return int(done.stdout.split()[-1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
 def test_retained_memory_is_reused_instead_of_faulted_in_again():
     default, retained = _faults("default"), _faults("retain")
     pages = 10 * 2 * (48 << 20) // 4096  # two 48 MiB tensors per repeat
