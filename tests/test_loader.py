@@ -70,6 +70,32 @@ def test_collate_stacks_and_merges_skip_counts():
         collate([{"image": torch.zeros(1)}, {"image": torch.zeros(2)}])
 
 
+class _Samples(torch.utils.data.Dataset):
+    """Sample dicts whose image is filled with its index."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": torch.full((3, 4, 4), float(index)), "text": torch.arange(5) + index}
+
+
+def _collate_and_report_sharing(samples: list[dict]) -> dict:
+    """`collate`, plus whether its image batch was born in shared memory (seen inside the worker)."""
+    batch = collate(samples)
+    return {**batch, "born_shared": batch["image"].is_shared(), "stacked": torch.stack([s["image"] for s in samples])}
+
+
+def test_collate_in_a_worker_stacks_straight_into_shared_memory():
+    loader = torch.utils.data.DataLoader(_Samples(), batch_size=4, num_workers=1,
+                                         collate_fn=_collate_and_report_sharing)
+    for batch in loader:
+        assert batch["born_shared"]  # no private copy made first and copied to shared memory afterwards
+        assert torch.equal(batch["image"], batch["stacked"])
+        assert batch["text"].shape == (4, 5)
+    assert not collate([_Samples()[0], _Samples()[1]])["image"].is_shared()  # in the main process: plain memory
+
+
 # --- EpochSampler ------------------------------------------------------------------------------------------
 
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate
 
 from slip.data.datasets import MAX_SKIPPED_EXAMPLES, derive_seed
 from slip.distributed import WorldInfo
@@ -38,7 +38,8 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             batch[key] = [example for value in values for example in value][:MAX_SKIPPED_EXAMPLES]
         elif isinstance(values[0], torch.Tensor):
             try:
-                batch[key] = torch.stack(values)
+                # default_collate stacks straight into shared memory inside a worker, saving a copy per batch.
+                batch[key] = default_collate(values)
             except RuntimeError:
                 shapes = sorted({tuple(value.shape) for value in values})
                 raise ValueError(f"cannot stack {key!r}: samples have shapes {shapes}") from None
