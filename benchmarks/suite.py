@@ -1,7 +1,7 @@
 """The benchmark suite: train step, model FLOP/s against the measured matmul peak, the 3-view data pipeline,
 evaluation against one feature-extraction pass, and the contrastive loss against global batch size.
 
-Usage: python benchmarks/suite.py [--quick] [--sections train,data,eval,loss] [--device cpu|cuda]
+Usage: python benchmarks/suite.py [--quick] [--sections train,data,loader,eval,loss] [--device cpu|cuda]
            [--out benchmarks/results]
 Everything runs in one invocation on whatever device is present (fp32 on CPU, bf16 autocast on GPU). Each
 measurement runs in a fresh child process, so that peak memory is that measurement's own (peak resident set
@@ -11,6 +11,7 @@ machine) under --out.
 from __future__ import annotations
 
 import argparse
+import csv
 import io
 import json
 import multiprocessing
@@ -78,6 +79,18 @@ def _matmul_tflops(a, b, device, repeats: int) -> float:
     return 2 * a.shape[0] ** 3 / min(times) / 1e12
 
 
+def _sustained_matmul_tflops(a, b, device, seconds: float) -> float:
+    """Dense-matmul throughput over back-to-back products of a and b for at least `seconds` (mean, not best)."""
+    a @ b
+    _synchronize(device)
+    products, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or products == 0:
+        a @ b
+        products += 1
+        _synchronize(device)
+    return 2 * a.shape[0] ** 3 * products / elapsed / 1e12
+
+
 def matmul_peak(device_name: str, size: int, repeats: int) -> dict[str, Any]:
     """Best dense-matmul throughput of this device: fp32 on CPU, bf16 on GPU."""
     device = _device(device_name)
@@ -103,12 +116,12 @@ def _train_batch(inputs: tuple[str, ...], batch_size: int, image_size: int, cont
 
 
 def train_step(device_name: str, model_name: str, loss: str, batch_size: int, repeats: int,
-               matmul_size: int) -> dict[str, Any]:
+               matmul_size: int, probe_s: float) -> dict[str, Any]:
     """img/s, model FLOP/s and peak memory of full training steps (fwd, bwd, AdamW) on real-length captions.
 
-    Around every timed step the dense-matmul rate is measured again in this process (best of 3 before and
-    after, averaged), so that the step's share of it does not depend on how fast a shared machine ran when the
-    suite started.
+    Around every timed step the dense-matmul rate is measured again in this process, sustained over
+    `probe_s` seconds before and after (averaged), so that the step's share of it does not depend on how fast
+    a shared machine ran when the suite started, nor compare a multi-second step with a lucky burst.
     """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -143,15 +156,16 @@ def train_step(device_name: str, model_name: str, loss: str, batch_size: int, re
     flops = counter.get_total_flops()
     times, fractions = [], []
     for _ in range(repeats):
-        before = _matmul_tflops(a, b, device, 3)
+        before = _sustained_matmul_tflops(a, b, device, probe_s)
         seconds = _time_once(step, device)  # the FlopCounterMode step above was the warm-up
-        after = _matmul_tflops(a, b, device, 3)
+        after = _sustained_matmul_tflops(a, b, device, probe_s)
         times.append(seconds)
         fractions.append(flops / seconds / 1e12 / ((before + after) / 2))
     seconds = statistics.median(times)
     return {"model": model_name, "objective": loss, "batch_size": batch_size, "step_s": seconds,
             "images_per_s": batch_size / seconds, "model_tflops_per_step": flops / 1e12,
             "achieved_tflops": flops / seconds / 1e12, "fraction_of_adjacent_matmul": statistics.median(fractions),
+            "fraction_of_adjacent_matmul_range": [min(fractions), max(fractions)], "repeats": repeats,
             "peak_memory_mib": _peak_memory_mib(device),
             "parameters_m": sum(p.numel() for p in task.parameters()) / 1e6}
 
@@ -238,6 +252,49 @@ def data_pipeline(device_name: str, samples: int, backends: tuple[str, ...] = ("
              "jpeg_kib": statistics.mean(len(j) for j in jpegs) / 1024} for backend in backends]
 
 
+def training_loader(device_name: str, samples: int, batch_size: int, workers: int) -> dict[str, Any]:
+    """Samples/s of the training loader on all cores: JPEG files listed in a CSV, 3-view SLIP, `workers` workers.
+
+    The same objects slip.train builds (CsvSource, ImageTextDataset, build_train_loader), so this is what feeds
+    the device: compare it with the train step's img/s. The first batch (worker start-up) is not timed.
+    """
+    import tempfile
+
+    import torch
+
+    from slip.data.datasets import CsvSource, ImageTextDataset
+    from slip.data.loader import build_train_loader
+    from slip.data.transforms import build_multiview
+    from slip.distributed import WorldInfo
+    from slip.host_memory import retain_freed_memory
+    from slip.models import IMAGENET_MEAN, IMAGENET_STD
+
+    retain_freed_memory()  # as slip.train does; forked workers inherit it
+    torch.set_num_threads(1)
+    transform = build_multiview(("image", "text", "aug1", "aug2"), 224, IMAGENET_MEAN, IMAGENET_STD)
+    with tempfile.TemporaryDirectory() as root:
+        with open(Path(root, "train.csv"), "w", newline="") as listing:
+            writer = csv.writer(listing)
+            writer.writerow(["filepath", "title"])
+            for index in range(64):
+                Path(root, f"{index}.jpg").write_bytes(photo_jpeg(seed=index))
+                writer.writerow([f"{index}.jpg", REAL_CAPTIONS[index % len(REAL_CAPTIONS)]])
+        records = CsvSource(str(Path(root, "train.csv")))
+        dataset = ImageTextDataset(records, transform)
+        # Enough epochs of the 64 files for `samples` samples plus the untimed first batch.
+        repeat = torch.utils.data.ConcatDataset([dataset] * (1 + (samples + batch_size) // len(dataset)))
+        loader = build_train_loader(repeat, batch_size, WorldInfo(), num_workers=workers, seed=0,
+                                    persistent_workers=False)
+        batches = iter(loader)
+        next(batches)
+        count, start = 0, time.perf_counter()
+        while count < samples:
+            count += next(batches)["image"].shape[0]
+        seconds = time.perf_counter() - start
+    return {"pipeline": "slip 3-view (image, aug1, aug2) + text", "workers": workers, "batch_size": batch_size,
+            "samples": count, "samples_per_s": count / seconds, "samples_per_s_per_worker": count / seconds / workers}
+
+
 def evaluation(device_name: str, model_name: str, num_train: int, num_test: int, batch_size: int) -> dict[str, Any]:
     """Zero-shot and linear-probe wall time against one feature-extraction pass over the same images."""
     import torch
@@ -322,8 +379,11 @@ def plan(quick: bool, device_type: str) -> dict[str, Any]:
     return {
         "matmul": {"size": 8192 if on_gpu else (1024 if quick else 2048), "repeats": 3 if quick else 10},
         "train": {"models": ["vit_ti16"] if quick else ["vit_ti16", "vit_s16", "vit_b16"],
-                  "batch_size": 2 if quick else (128 if on_gpu else 8), "repeats": 1 if quick else 3},
+                  "batch_size": 2 if quick else (128 if on_gpu else 8), "repeats": 1 if quick else 5,
+                  "probe_s": 0.1 if quick else (0.5 if on_gpu else 1.0)},
         "data": {"samples": 20 if quick else 200},
+        "loader": {"samples": 32 if quick else (4096 if on_gpu else 768), "batch_size": 16 if quick else 64,
+                   "workers": 1 if quick else multiprocessing.cpu_count()},
         "eval": {"model": "vit_ti16" if quick else "vit_s16", "num_train": 48 if quick else (20000 if on_gpu else 600),
                  "num_test": 24 if quick else (5000 if on_gpu else 300), "batch_size": 16 if quick else 64},
         "loss": {"batches": [64, 256] if quick else [256, 1024, 4096, 8192] + ([32768] if on_gpu else []),
@@ -343,16 +403,21 @@ def run(sections: list[str], device_name: str, quick: bool) -> dict[str, Any]:
         for model_name in settings["train"]["models"]:
             for loss in OBJECTIVES:
                 row = isolated(train_step, device_name, model_name, loss, settings["train"]["batch_size"],
-                               settings["train"]["repeats"], settings["matmul"]["size"])
+                               settings["train"]["repeats"], settings["matmul"]["size"], settings["train"]["probe_s"])
                 row = {"model": model_name, "objective": loss, **row}
                 if "achieved_tflops" in row and "tflops" in peak:
                     row["fraction_of_peak"] = row["achieved_tflops"] / peak["tflops"]
                 rows.append(row)
                 print(f"train step: {row}", flush=True)
-        results["train_step"] = rows
+        results["train_step"], results["train_probe_s"] = rows, settings["train"]["probe_s"]
     if "data" in sections:
         results["data_pipeline"] = isolated(data_pipeline, device_name, settings["data"]["samples"])
         print(f"data pipeline: {results['data_pipeline']}", flush=True)
+    if "loader" in sections:
+        loader = settings["loader"]
+        results["training_loader"] = isolated(training_loader, device_name, loader["samples"], loader["batch_size"],
+                                              loader["workers"])
+        print(f"training loader: {results['training_loader']}", flush=True)
     if "eval" in sections:
         e = settings["eval"]
         results["evaluation"] = isolated(evaluation, device_name, e["model"], e["num_train"], e["num_test"],
@@ -370,6 +435,30 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
+def _percent_range(row: dict[str, Any]) -> str:
+    """"(low–high%)" of a train row's per-step fractions, or nothing for rows measured before they were kept."""
+    low_high = row.get("fraction_of_adjacent_matmul_range")
+    return f"({100 * low_high[0]:.0f}–{100 * low_high[1]:.0f}%)" if low_high else ""
+
+
+def _loader_markdown(loader: dict[str, Any], train_rows: list[dict[str, Any]]) -> list[str]:
+    """The training-loader section: its throughput, and how many of each SLIP train step it keeps fed."""
+    if "error" in loader:
+        return ["## Training loader (all cores)\n", f"error: {loader['error']}\n"]
+    rate = loader["samples_per_s"]
+    lines = ["## Training loader (all cores)\n",
+             f"slip.train's own loader (CsvSource of 64 640x430 JPEG files, ImageTextDataset, build_train_loader) "
+             f"with {loader['workers']} workers, batch {loader['batch_size']}, {loader['samples']} samples: "
+             f"**{_fmt(rate)} samples/s**, {_fmt(loader['samples_per_s_per_worker'])} per worker.\n"]
+    slip_rows = [row for row in train_rows if row.get("objective") == "slip" and "images_per_s" in row]
+    if slip_rows:
+        lines += ["| SLIP train step | img/s | loader / step |", "|---|---:|---:|"]
+        lines += [f"| {row['model']} | {_fmt(row['images_per_s'])} | {_fmt(rate / row['images_per_s'])}x |"
+                  for row in slip_rows]
+        lines.append("")
+    return lines
+
+
 def markdown(results: dict[str, Any], command: str, machine: dict[str, Any]) -> str:
     """The results as Markdown tables."""
     peak = results["matmul_peak"]
@@ -378,9 +467,11 @@ def markdown(results: dict[str, Any], command: str, machine: dict[str, Any]) -> 
              "GFLOP/s**, the reference for the fractions below.\n"]
     if "train_step" in results:
         lines += ["## Train step (fwd + bwd + fused AdamW, real-length captions, freed host memory retained)\n",
-                  "*of peak*: achieved FLOP/s over the peak above. *of adjacent matmul*: over the matmul rate measured "
-                  "again just before and after each timed step, in the same process (the median over steps); on a "
-                  "shared machine whose speed drifts, this is the fair ratio.\n",
+                  "*of peak*: achieved FLOP/s over the peak above (a best-of burst at the start of the run). *of "
+                  "adjacent matmul*: over the dense-matmul rate sustained for "
+                  f"{results.get('train_probe_s', '–')} s just before and just after each timed step, in the same "
+                  "process (the median over steps, the lowest and highest step in brackets); on a shared machine "
+                  "whose speed drifts, this is the fair ratio. Step times are medians.\n",
                   "| model | objective | batch | img/s | step s | model GFLOP/step | achieved GFLOP/s | of peak | "
                   "of adjacent matmul | peak MiB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for row in results["train_step"]:
@@ -390,7 +481,8 @@ def markdown(results: dict[str, Any], command: str, machine: dict[str, Any]) -> 
             lines.append(f"| {row['model']} | {row['objective']} | {row['batch_size']} | {_fmt(row['images_per_s'])} | "
                          f"{_fmt(row['step_s'])} | {_fmt(row['model_tflops_per_step'] * 1000)} | "
                          f"{_fmt(row['achieved_tflops'] * 1000)} | {100 * row.get('fraction_of_peak', 0):.0f}% | "
-                         f"{100 * row.get('fraction_of_adjacent_matmul', 0):.0f}% | {row['peak_memory_mib']:.0f} |")
+                         f"{100 * row.get('fraction_of_adjacent_matmul', 0):.0f}% {_percent_range(row)} | "
+                         f"{row['peak_memory_mib']:.0f} |")
         lines.append("")
     if "data_pipeline" in results:
         pipelines = results["data_pipeline"]
@@ -411,6 +503,8 @@ def markdown(results: dict[str, Any], command: str, machine: dict[str, Any]) -> 
                          f"{_fmt(d.get('ms_per_sample', 0))} | {_fmt(d.get('decode_ms', 0))} |"
                          if "error" not in d else f"| error: {d['error']} | | | | |")
         lines.append("")
+    if "training_loader" in results:
+        lines += _loader_markdown(results["training_loader"], results.get("train_step", []))
     if "evaluation" in results:
         e = results["evaluation"]
         lines += ["## Evaluation against one feature-extraction pass\n",
@@ -434,7 +528,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default="train,data,eval,loss")
+    parser.add_argument("--sections", default="train,data,loader,eval,loss")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the suite runs, numbers mean nothing")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))

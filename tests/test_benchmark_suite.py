@@ -1,0 +1,56 @@
+"""benchmarks/suite.py keeps working: its new measurements run on tiny sizes and every section renders."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def suite():
+    """benchmarks/suite.py as a module (it imports its sibling captions.py, so that folder goes on the path)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location("suite", BENCHMARKS / "suite.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_the_training_loader_measurement_runs_the_real_loader(suite):
+    result = suite.training_loader("cpu", samples=8, batch_size=4, workers=1)
+    assert result["samples"] >= 8 and result["workers"] == 1 and result["samples_per_s"] > 0
+
+
+def test_the_sustained_matmul_rate_counts_every_product(suite):
+    import torch
+
+    a, b = torch.ones(64, 64), torch.ones(64, 64)
+    assert 0 < suite._sustained_matmul_tflops(a, b, torch.device("cpu"), 0.05) < 100
+
+
+def test_every_section_renders_including_errors(suite):
+    train = {"model": "vit_ti16", "objective": "slip", "batch_size": 2, "images_per_s": 4.0, "step_s": 0.5,
+             "model_tflops_per_step": 0.05, "achieved_tflops": 0.1, "fraction_of_peak": 0.5,
+             "fraction_of_adjacent_matmul": 0.6, "fraction_of_adjacent_matmul_range": [0.55, 0.7],
+             "peak_memory_mib": 100.0}
+    results = {"matmul_peak": {"size": 64, "dtype": "float32", "tflops": 0.2}, "train_probe_s": 1.0,
+               "train_step": [train, {"model": "vit_s16", "objective": "clip", "error": "boom"}],
+               "data_pipeline": [{"backend": "tensor", "samples_per_s_per_core": 150.0, "ms_per_sample": 6.7,
+                                  "decode_ms": 1.5, "rounds": 10},
+                                 {"backend": "slip_original", "samples_per_s_per_core": 75.0, "ms_per_sample": 13.3,
+                                  "decode_ms": 1.5, "rounds": 10}],
+               "training_loader": {"workers": 2, "batch_size": 4, "samples": 8, "samples_per_s": 200.0,
+                                   "samples_per_s_per_worker": 100.0},
+               "evaluation": {"error": "no model"}, "contrastive_loss": [{"error": "out of memory"}]}
+    text = suite.markdown(results, "python benchmarks/suite.py", {"device": "cpu"})
+    assert "| vit_ti16 | slip | 2 | 4 | 0.5 |" in text and "60% (55–70%)" in text
+    assert "error: boom" in text and "| tensor | 150 | 2 |" in text
+    assert "**200 samples/s**" in text and "| vit_ti16 | 4 | 50x |" in text  # the loader feeds 50 such steps
+    assert "error: out of memory" in text
