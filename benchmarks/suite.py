@@ -116,12 +116,14 @@ def _train_batch(inputs: tuple[str, ...], batch_size: int, image_size: int, cont
 
 
 def train_step(device_name: str, model_name: str, loss: str, batch_size: int, repeats: int,
-               matmul_size: int, probe_s: float) -> dict[str, Any]:
+               matmul_size: int, probe_s: float, compiled: bool = False) -> dict[str, Any]:
     """img/s, model FLOP/s and peak memory of full training steps (fwd, bwd, AdamW) on real-length captions.
 
     Around every timed step the dense-matmul rate is measured again in this process, sustained over
     `probe_s` seconds before and after (averaged), so that the step's share of it does not depend on how fast
     a shared machine ran when the suite started, nor compare a multi-second step with a lucky burst.
+    `compiled`: time torch.compile(task) as trainer.compile=true does (FLOPs are counted on the eager step;
+    compilation is untimed).
     """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -144,16 +146,21 @@ def train_step(device_name: str, model_name: str, loss: str, batch_size: int, re
     dtype = torch.bfloat16 if device.type == "cuda" else None
     a, b = _matmul_operands(device, matmul_size)
 
+    runner = task
+
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            result = task(batch)
+            result = runner(batch)
         result["loss"].backward()
         optimizer.step()
 
     with FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
+    if compiled:
+        runner = torch.compile(task)
+        step()  # compiles: untimed
     times, fractions = [], []
     for _ in range(repeats):
         before = _sustained_matmul_tflops(a, b, device, probe_s)
@@ -162,7 +169,7 @@ def train_step(device_name: str, model_name: str, loss: str, batch_size: int, re
         times.append(seconds)
         fractions.append(flops / seconds / 1e12 / ((before + after) / 2))
     seconds = statistics.median(times)
-    return {"model": model_name, "objective": loss, "batch_size": batch_size, "step_s": seconds,
+    return {"model": model_name, "objective": loss, "batch_size": batch_size, "compiled": compiled, "step_s": seconds,
             "images_per_s": batch_size / seconds, "model_tflops_per_step": flops / 1e12,
             "achieved_tflops": flops / seconds / 1e12, "fraction_of_adjacent_matmul": statistics.median(fractions),
             "fraction_of_adjacent_matmul_range": [min(fractions), max(fractions)], "repeats": repeats,
@@ -391,7 +398,7 @@ def plan(quick: bool, device_type: str) -> dict[str, Any]:
     }
 
 
-def run(sections: list[str], device_name: str, quick: bool) -> dict[str, Any]:
+def run(sections: list[str], device_name: str, quick: bool, compiled: bool = False) -> dict[str, Any]:
     """Run the chosen sections; returns every result."""
     settings = plan(quick, device_name.split(":")[0])
     results: dict[str, Any] = {}
@@ -403,7 +410,8 @@ def run(sections: list[str], device_name: str, quick: bool) -> dict[str, Any]:
         for model_name in settings["train"]["models"]:
             for loss in OBJECTIVES:
                 row = isolated(train_step, device_name, model_name, loss, settings["train"]["batch_size"],
-                               settings["train"]["repeats"], settings["matmul"]["size"], settings["train"]["probe_s"])
+                               settings["train"]["repeats"], settings["matmul"]["size"], settings["train"]["probe_s"],
+                               compiled)
                 row = {"model": model_name, "objective": loss, **row}
                 if "achieved_tflops" in row and "tflops" in peak:
                     row["fraction_of_peak"] = row["achieved_tflops"] / peak["tflops"]
@@ -466,7 +474,9 @@ def markdown(results: dict[str, Any], command: str, machine: dict[str, Any]) -> 
              f"Dense matmul peak ({peak.get('dtype')}, {peak.get('size')}²): **{_fmt(peak.get('tflops', 0) * 1000)} "
              "GFLOP/s**, the reference for the fractions below.\n"]
     if "train_step" in results:
-        lines += ["## Train step (fwd + bwd + fused AdamW, real-length captions, freed host memory retained)\n",
+        compiled = any(row.get("compiled") for row in results["train_step"])
+        lines += [f"## Train step (fwd + bwd + fused AdamW{', torch.compile' if compiled else ''}, real-length captions, "
+                  "freed host memory retained)\n",
                   "*of peak*: achieved FLOP/s over the peak above (a best-of burst at the start of the run). *of "
                   "adjacent matmul*: over the dense-matmul rate sustained for "
                   f"{results.get('train_probe_s', '–')} s just before and just after each timed step, in the same "
@@ -531,6 +541,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sections", default="train,data,loader,eval,loss")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the suite runs, numbers mean nothing")
+    parser.add_argument("--compile", action="store_true", help="train steps through torch.compile (trainer.compile)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     sections = [s for s in args.sections.split(",") if s]
@@ -539,10 +550,10 @@ def main(argv: list[str] | None = None) -> None:
                "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
     command = ("python benchmarks/suite.py " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
     started = time.perf_counter()
-    results = run(sections, args.device, args.quick)
+    results = run(sections, args.device, args.quick, args.compile)
     results["wall_s"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "suite_quick" if args.quick else "suite"
+    stem = ("suite_quick" if args.quick else "suite") + ("_compiled" if args.compile else "")
     (args.out / f"{stem}.json").write_text(json.dumps({"command": command, "machine": machine, **results},
                                                       indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(markdown(results, command, machine))
