@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import pathlib
+import random
 from collections import OrderedDict
 
 import pytest
@@ -274,9 +274,12 @@ def test_missing_file(tmp_path: pathlib.Path) -> None:
     assert "no such" in one_line_error(tmp_path / "nope.pt", FileNotFoundError)
 
 
-def test_garbage_bytes(tmp_path: pathlib.Path) -> None:
-    (tmp_path / "garbage.pt").write_bytes(os.urandom(1000))
-    one_line_error(tmp_path / "garbage.pt")
+@pytest.mark.parametrize("prefix", [b"", b"\x80\x02", b"\x80\x02\x8a\x0a"], ids=["raw", "pickle", "legacy-magic"])
+def test_garbage_bytes(tmp_path: pathlib.Path, prefix: bytes) -> None:
+    """Random bytes, and random bytes after a pickle header (so the legacy unpickler reads on): one clean error."""
+    for seed in range(100):
+        (tmp_path / "garbage.pt").write_bytes(prefix + random.Random(seed).randbytes(1000))
+        one_line_error(tmp_path / "garbage.pt")
 
 
 def test_unrelated_dict(tmp_path: pathlib.Path) -> None:
