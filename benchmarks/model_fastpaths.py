@@ -1,4 +1,5 @@
-"""Speed of the model's two fast paths against the plain paths: text trimming and one batched pass for all views.
+"""Speed of the model's fast paths against the plain paths: text trimming, one batched pass for all views, and
+the channels-last ResNet tower.
 
 Usage: python benchmarks/model_fastpaths.py [--out benchmarks/results] [--repeats 5]
 Writes model_fastpaths.json and model_fastpaths.md with the machine described.
@@ -9,13 +10,16 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from slip.host_memory import retain_freed_memory
 from slip.models import vit_s16
+from slip.models.vision import ModifiedResNet
 from slip.tokenizer import tokenize
 
 from captions import REAL_CAPTIONS  # benchmarks/captions.py, beside this script
@@ -85,15 +89,48 @@ def bench_batched_views(batch: int, image_size: int, repeats: int) -> dict:
     }
 
 
+def bench_channels_last(batch: int, repeats: int) -> dict:
+    """CLIP's RN50 image tower fwd+bwd, NCHW against NHWC (the same weights), in alternating pairs."""
+    torch.manual_seed(0)
+    towers = {layout: ModifiedResNet((3, 4, 6, 3), 1024, 32, 224, 64, channels_last=layout == "channels_last")
+              for layout in ("contiguous", "channels_last")}
+    towers["channels_last"].load_state_dict(towers["contiguous"].state_dict())
+    images = torch.randn(batch, 3, 224, 224)
+
+    def step(tower: ModifiedResNet) -> None:
+        tower.zero_grad(set_to_none=True)
+        tower(images).sum().backward()
+
+    times: dict[str, list[float]] = {layout: [] for layout in towers}
+    for tower in towers.values():
+        step(tower)  # warm-up
+    for _ in range(repeats):  # pairs taking turns, so that the machine's drift hits both alike
+        for layout, tower in towers.items():
+            times[layout].append(time_call(lambda: step(tower), 1))
+    ratios = [plain / fast for plain, fast in zip(times["contiguous"], times["channels_last"])]
+    return {
+        "task": "RN50 image tower 224px fwd+bwd",
+        "batch": batch,
+        "seconds_contiguous": statistics.median(times["contiguous"]),
+        "seconds_channels_last": statistics.median(times["channels_last"]),
+        "speedup": statistics.median(ratios),
+        "pairs_faster": sum(ratio > 1 for ratio in ratios),
+        "pairs": len(ratios),
+    }
+
+
 def main() -> None:
-    """Run both benchmarks and write JSON + Markdown."""
+    """Run the benchmarks and write JSON + Markdown."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--text-batch", type=int, default=128)
     parser.add_argument("--view-batch", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--resnet-batch", type=int, default=8)
+    parser.add_argument("--resnet-pairs", type=int, default=8)
     args = parser.parse_args()
+    retain_freed_memory()  # as slip.train does by default
     machine = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
@@ -103,8 +140,9 @@ def main() -> None:
     }
     text = bench_text_trimming(args.text_batch, args.repeats)
     views = bench_batched_views(args.view_batch, args.image_size, args.repeats)
+    layout = bench_channels_last(args.resnet_batch, args.resnet_pairs)
     args.out.mkdir(parents=True, exist_ok=True)
-    record = {"machine": machine, "text_trimming": text, "batched_views": views}
+    record = {"machine": machine, "text_trimming": text, "batched_views": views, "channels_last": layout}
     (args.out / "model_fastpaths.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [
         "| fast path | setting | plain (s) | fast (s) | speedup |",
@@ -114,9 +152,14 @@ def main() -> None:
         f"{text['speedup']:.2f}x |",
         f"| batched views | {views['task']}, batch {views['batch_per_view']}/view | {views['seconds_separate']:.3f} | "
         f"{views['seconds_batched']:.3f} | {views['speedup']:.2f}x |",
+        f"| channels-last ResNet | {layout['task']}, batch {layout['batch']}, {layout['pairs']} alternating pairs "
+        f"(faster in {layout['pairs_faster']}) | {layout['seconds_contiguous']:.3f} | "
+        f"{layout['seconds_channels_last']:.3f} | {layout['speedup']:.2f}x (median pair) |",
     ]
-    header = (f"Machine: {machine['processor']}, {machine['threads']} threads, torch {machine['torch']}, CPU fp32.\n"
-              f"Command: `python benchmarks/model_fastpaths.py`\n\n")
+    command = " ".join(["python benchmarks/model_fastpaths.py", *sys.argv[1:]])
+    header = (f"Machine: {machine['processor']}, {machine['threads']} threads, torch {machine['torch']}, CPU fp32, "
+              "freed host memory retained.\n"
+              f"Command: `{command}` (medians of the repeats after a warm-up)\n\n")
     (args.out / "model_fastpaths.md").write_text(header + "\n".join(lines) + "\n")
     print(header + "\n".join(lines))
 

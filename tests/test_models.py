@@ -293,3 +293,25 @@ def test_grad_checkpointing_gives_the_same_gradients(build) -> None:
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_channels_last_resnet_is_the_plain_resnet_to_float_rounding():
+    """Same weights, NHWC layout: the same features and the same gradients, and the layout really is NHWC."""
+    torch.manual_seed(0)
+    fast = tiny_resnet(inputs=("image", "text"))
+    plain = tiny_resnet(inputs=("image", "text"), channels_last=False)
+    plain.load_state_dict(fast.state_dict())
+    assert fast.visual.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert plain.visual.conv1.weight.is_contiguous() and not fast.visual.conv1.weight.is_contiguous()
+    images = torch.randn(3, 3, 64, 64)
+    fast.eval(), plain.eval()
+    outputs = [model.encode_image(images) for model in (fast, plain)]
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-5)
+    fast.train(), plain.train()
+    for model in (fast, plain):
+        model.encode_image(images).square().sum().backward()
+    for (name, fast_param), plain_param in zip(fast.visual.named_parameters(), plain.visual.parameters()):
+        # Relative to each gradient's scale: convolutions summed in another order differ by rounding of the
+        # large entries (measured: at most 1e-5 of the largest entry), however small a single entry is.
+        worst = (fast_param.grad - plain_param.grad).abs().max()
+        assert worst <= 1e-4 * plain_param.grad.abs().max() + 1e-6, (name, float(worst))

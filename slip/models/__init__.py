@@ -120,8 +120,13 @@ def build_resnet_model(
     image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
     image_std: Sequence[float] = OPENAI_CLIP_STD,
     inputs: Sequence[str] = ALL_INPUTS,
+    channels_last: bool = True,
 ) -> ImageTextModel:
-    """A model with CLIP's ModifiedResNet image tower, whose attention pool projects to `embed_dim`."""
+    """A model with CLIP's ModifiedResNet image tower, whose attention pool projects to `embed_dim`.
+
+    `channels_last`: the tower convolves in NHWC layout (RN50 fwd + bwd 1.10x on CPU, median of 8 pairs; see
+    benchmarks/results/model_fastpaths.md).
+    """
     vision_heads = vision_heads or vision_width * 32 // 64
     arch = dict(locals(), family="resnet", inputs=tuple(inputs), vision_layers=tuple(vision_layers),
                 **_normalization(image_mean, image_std))
@@ -131,6 +136,7 @@ def build_resnet_model(
         heads=vision_heads,
         image_size=image_size,
         width=vision_width,
+        channels_last=channels_last,
     )
     return _assemble(visual, arch, project_image=False)
 

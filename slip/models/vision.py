@@ -116,7 +116,11 @@ class AttentionPool2d(nn.Module):
 
 
 class ModifiedResNet(nn.Module):
-    """CLIP's ResNet: a 3-conv stem with average pooling, anti-aliased bottlenecks and attention pooling."""
+    """CLIP's ResNet: a 3-conv stem with average pooling, anti-aliased bottlenecks and attention pooling.
+
+    `channels_last` keeps the convolution weights and activations in NHWC layout, which oneDNN on CPU and
+    cuDNN on GPU convolve without reordering (the same function of the same weights, to float rounding).
+    """
 
     def __init__(
         self,
@@ -125,6 +129,7 @@ class ModifiedResNet(nn.Module):
         heads: int = 32,
         image_size: int = 224,
         width: int = 64,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if len(layers) != 4:
@@ -155,6 +160,9 @@ class ModifiedResNet(nn.Module):
         self.grad_checkpointing = False
         self.attnpool = AttentionPool2d(image_size // 32, width * 32, heads, output_dim)
         self.initialize_parameters()
+        self.channels_last = channels_last
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each stage's activations in backward instead of storing them."""
@@ -171,6 +179,8 @@ class ModifiedResNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, output_dim]."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         x = self.relu1(self.bn1(self.conv1(images)))
         x = self.relu2(self.bn2(self.conv2(x)))
         x = self.relu3(self.bn3(self.conv3(x)))
