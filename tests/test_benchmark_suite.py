@@ -1,4 +1,5 @@
-"""benchmarks/suite.py keeps working: its new measurements run on tiny sizes and every section renders."""
+"""The benchmark scripts keep working: suite.py's measurements run on tiny sizes and every section renders;
+step_profile.py accounts for a step's time."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,17 +11,34 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.fixture(scope="module")
-def suite():
-    """benchmarks/suite.py as a module (it imports its sibling captions.py, so that folder goes on the path)."""
+def _load(name: str):
+    """benchmarks/NAME.py as a module (the scripts import their sibling captions.py, so that folder is on the path
+    while it loads)."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        spec = importlib.util.spec_from_file_location("suite", BENCHMARKS / "suite.py")
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        yield module
+        return module
     finally:
         sys.path.remove(str(BENCHMARKS))
+
+
+@pytest.fixture(scope="module")
+def suite():
+    """benchmarks/suite.py."""
+    return _load("suite")
+
+
+def test_the_step_profile_accounts_for_the_step():
+    step_profile = _load("step_profile")
+    result = step_profile.profile("vit_ti16", "clip", batch_size=1, steps=1, warmup=0)
+    run = result["runs"][0]
+    assert {"matmul", "attention", "other"} <= run["groups_s"].keys()
+    assert abs(sum(run["groups_s"].values()) + run["outside_operators_s"] - run["wall_s"]) < 1e-6
+    assert run["top"][0]["calls"] > 0 and step_profile.group_of("addmm") == "matmul"
+    assert step_profile.group_of("_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert "| 1 |" in step_profile.markdown(result, "cmd", {})
 
 
 def test_the_training_loader_measurement_runs_the_real_loader(suite):
