@@ -3,7 +3,7 @@
 Usage: python benchmarks/step_profile.py [--model vit_s16] [--loss slip] [--batch 8] [--steps 2]
            [--out benchmarks/results]
 Times every ATen operator of `--steps` full steps (fwd, bwd, fused AdamW, real-length captions, freed host memory
-retained), after warm-up steps, with a dispatch-level timer: no profiler, so the allocations (and so the page
+retained: the suite's train step, `suite.training_setup`), after warm-up steps, with a dispatch-level timer: no profiler, so the allocations (and so the page
 faults) are those of an ordinary step. Writes step_profile.json and step_profile.md under --out.
 """
 from __future__ import annotations
@@ -19,16 +19,10 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import slip.losses
-from slip.engine import TrainTask
-from slip.host_memory import retain_freed_memory
 from slip.models import MODEL_BUILDERS
-from slip.optim import adamw, param_groups
-from slip.tokenizer import tokenize
 
-from captions import REAL_CAPTIONS  # benchmarks/captions.py, beside this script
+from suite import OBJECTIVES, training_setup  # benchmarks/suite.py, beside this script
 
-OBJECTIVES = {"clip": "CLIPLoss", "simclr": "SimCLRLoss", "slip": "SLIPLoss"}
 GROUPS = {"matmul": ("mm", "addmm", "bmm"), "attention": ("_scaled_dot_product",)}
 
 
@@ -59,16 +53,8 @@ def group_of(operator: str) -> str:
 
 
 def profile(model_name: str, loss: str, batch_size: int, steps: int, warmup: int) -> dict[str, Any]:
-    """Per-operator and per-group time of `steps` training steps, each timed on its own."""
-    retain_freed_memory()
-    torch.manual_seed(0)
-    objective = getattr(slip.losses, OBJECTIVES[loss])()
-    model = MODEL_BUILDERS[model_name](inputs=objective.inputs)
-    task = TrainTask(model, objective)
-    optimizer = adamw(param_groups(model, objective), lr=1e-4, weight_decay=0.1, fused=True)
-    size, length = model.arch["image_size"], model.arch["context_length"]
-    batch = {name: tokenize([REAL_CAPTIONS[i % len(REAL_CAPTIONS)] for i in range(batch_size)], length)
-             if name == "text" else torch.randn(batch_size, 3, size, size) for name in objective.inputs}
+    """Per-operator and per-group time of `steps` training steps (on CPU), each timed on its own."""
+    task, optimizer, batch = training_setup(torch.device("cpu"), model_name, loss, batch_size)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)

@@ -115,6 +115,28 @@ def _train_batch(inputs: tuple[str, ...], batch_size: int, image_size: int, cont
     return {key: value.to(device) for key, value in batch.items()}
 
 
+def training_setup(device, model_name: str, loss: str, batch_size: int) -> tuple[Any, Any, dict[str, Any]]:
+    """(task, optimizer, batch) of the train-step measurements: seeded model + objective, the trainer's fused AdamW,
+    a batch of random images and real-length captions; freed host memory retained, as slip.train does."""
+    import torch
+
+    import slip.losses
+    from slip.engine import TrainTask
+    from slip.host_memory import retain_freed_memory
+    from slip.models import MODEL_BUILDERS
+    from slip.optim import adamw, param_groups
+
+    retain_freed_memory()  # trainer.retain_freed_memory; the measurements run in child processes of their own
+    torch.manual_seed(0)
+    objective = getattr(slip.losses, OBJECTIVES[loss])()
+    model = MODEL_BUILDERS[model_name](inputs=objective.inputs)
+    task = TrainTask(model, objective).to(device)
+    optimizer = adamw(param_groups(model, objective), lr=1e-4, weight_decay=0.1, fused=True)  # conf/optim/adamw
+    arch = model.arch
+    return task, optimizer, _train_batch(objective.inputs, batch_size, arch["image_size"], arch["context_length"],
+                                         device)
+
+
 def train_step(device_name: str, model_name: str, loss: str, batch_size: int, repeats: int,
                matmul_size: int, probe_s: float, compiled: bool = False) -> dict[str, Any]:
     """img/s, model FLOP/s and peak memory of full training steps (fwd, bwd, AdamW) on real-length captions.
@@ -128,21 +150,8 @@ def train_step(device_name: str, model_name: str, loss: str, batch_size: int, re
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    import slip.losses
-    from slip.engine import TrainTask
-    from slip.host_memory import retain_freed_memory
-    from slip.models import MODEL_BUILDERS
-    from slip.optim import adamw, param_groups
-
-    retain_freed_memory()  # as slip.train does by default (trainer.retain_freed_memory); this is a child process
     device = _device(device_name)
-    torch.manual_seed(0)
-    objective = getattr(slip.losses, OBJECTIVES[loss])()
-    model = MODEL_BUILDERS[model_name](inputs=objective.inputs)
-    task = TrainTask(model, objective).to(device)
-    optimizer = adamw(param_groups(model, objective), lr=1e-4, weight_decay=0.1, fused=True)  # conf/optim/adamw
-    arch = model.arch
-    batch = _train_batch(objective.inputs, batch_size, arch["image_size"], arch["context_length"], device)
+    task, optimizer, batch = training_setup(device, model_name, loss, batch_size)
     dtype = torch.bfloat16 if device.type == "cuda" else None
     a, b = _matmul_operands(device, matmul_size)
 
