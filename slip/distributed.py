@@ -109,6 +109,17 @@ def init_process_group(world: WorldInfo, backend: str | None = None, init_method
     dist.init_process_group(backend, init_method=init_method, rank=world.rank, world_size=world.world_size)
 
 
+def leave_process_group(world: WorldInfo) -> None:
+    """Wait for every rank, then leave the default process group; no-op for one process or when never joined.
+
+    A process that exits with the group still up, or that tears it down while a peer is still talking, can
+    abort in gloo's teardown ("terminate called without an active exception", SIGABRT) after its work is done.
+    """
+    if world.is_distributed and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _check_same_shape(tensor: Tensor) -> None:
     """Raise on every rank if the ranks' tensors differ in shape (all_gather needs equal shapes)."""
     shape = torch.tensor(tensor.shape, dtype=torch.long, device=tensor.device)

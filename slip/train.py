@@ -16,7 +16,7 @@ from slip.checkpoint import CheckpointError, read_checkpoint
 from slip.config import ConfigError, build, first_difference
 from slip.data.datasets import DataError, ImageTextDataset
 from slip.data.loader import build_train_loader
-from slip.distributed import WorldInfo, convert_sync_batchnorm, init_process_group, make_gather
+from slip.distributed import WorldInfo, convert_sync_batchnorm, init_process_group, leave_process_group, make_gather
 from slip.engine import Trainer, TrainingError, TrainTask, seed_everything
 from slip.eval.zeroshot import zero_shot_evaluator
 from slip.host_memory import retain_freed_memory
@@ -123,6 +123,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
             chance = 100.0 / len(evaluate.class_names) if evaluate is not None else float("nan")
             print(f"zero-shot top-1 on the held-out split: {trainer.last_eval['top1']:.1f}% "
                   f"(chance {chance:.1f}%), results in {run_dir / RESULTS_FILE}")
+    leave_process_group(world)
     return results
 
 

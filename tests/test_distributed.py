@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from slip.distributed import (WorldInfo, all_gather_with_grad, convert_sync_batchnorm, first_host, init_process_group, local_gather,
-                              make_gather, rendezvous_env)
+from slip.distributed import (WorldInfo, all_gather_with_grad, convert_sync_batchnorm, first_host, init_process_group,
+                              leave_process_group, local_gather, make_gather, rendezvous_env)
 from slip.losses import CLIPLoss, Objective, SigLIPLoss, SimCLRLoss, SLIPLoss
 
 # ---------------------------------------------------------------- WorldInfo
@@ -169,8 +169,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             results["unequal_error"] = ""
         except ValueError as error:
             results["unequal_error"] = str(error)
+        leave_process_group(world)
+        results["left_group"] = not dist.is_initialized()
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-        dist.destroy_process_group()
     except BaseException:
         (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
         raise
@@ -260,3 +261,8 @@ def test_sync_batchnorm_equals_batchnorm_on_the_global_batch(rank_results: list[
     for result in rank_results:
         torch.testing.assert_close(result["bn_mean"], single["bn_mean"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(result["bn_var"], single["bn_var"], rtol=1e-5, atol=1e-6)
+
+
+def test_every_rank_leaves_the_process_group(rank_results: list[dict]) -> None:
+    assert all(result["left_group"] for result in rank_results)
+    leave_process_group(WorldInfo())  # one process, no group: nothing to leave
