@@ -47,7 +47,7 @@ class OperatorTimer(TorchDispatchMode):
 def group_of(operator: str) -> str:
     """matmul, attention or other."""
     for group, prefixes in GROUPS.items():
-        if any(operator == p or operator.startswith(p) for p in prefixes):
+        if operator.startswith(prefixes):
             return group
     return "other"
 
