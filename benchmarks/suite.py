@@ -229,13 +229,15 @@ def original_slip_views() -> Callable[[Any, str], dict[str, Any]]:
                                    "text": tokenize(caption, 77)[0]}
 
 
-def data_pipeline(device_name: str, samples: int, backends: tuple[str, ...] = ("tensor", "pil", "slip_original"),
+def data_pipeline(device_name: str, samples: int,
+                  backends: tuple[str, ...] = ("tensor", "device", "pil", "slip_original"),
                   rounds: int = 10) -> list[dict[str, Any]]:
     """Samples/s on one core of the 3-view SLIP pipeline (CLIP view + 2 SSL views + tokenizer) from JPEG bytes.
 
-    Backends: this toolkit's "tensor" and "pil" views, and "slip_original", the SLIP repository's recipe (the
-    issue's baseline). They (and decoding alone) take turns, `samples / rounds` samples at a time, so that a
-    machine whose speed drifts slows them alike.
+    Backends: this toolkit's "tensor", "device" (the workers' part only: crops and draws; `view_finishing`
+    times the rest) and "pil" views, and "slip_original", the SLIP repository's recipe (the issue's baseline).
+    They (and decoding alone) take turns, `samples / rounds` samples at a time, so that a machine whose speed
+    drifts slows them alike.
     """
     import torch
 
@@ -268,11 +270,42 @@ def data_pipeline(device_name: str, samples: int, backends: tuple[str, ...] = ("
              "jpeg_kib": statistics.mean(len(j) for j in jpegs) / 1024} for backend in backends]
 
 
-def training_loader(device_name: str, samples: int, batch_size: int, workers: int) -> dict[str, Any]:
+def _deferred_batch(batch_size: int) -> tuple[Any, dict[str, Any]]:
+    """The "device" backend's SLIP MultiView and one collated batch of its deferred views of 640x430 photos."""
+    from slip.data.datasets import decode_image
+    from slip.data.loader import collate
+    from slip.data.transforms import build_multiview
+    from slip.models import IMAGENET_MEAN, IMAGENET_STD
+
+    transform = build_multiview(("image", "text", "aug1", "aug2"), 224, IMAGENET_MEAN, IMAGENET_STD, backend="device")
+    jpegs = [photo_jpeg(seed=seed) for seed in range(8)]
+    return transform, collate([transform(decode_image(jpegs[index % len(jpegs)], "bench"), REAL_CAPTIONS[0])
+                               for index in range(batch_size)])
+
+
+def view_finishing(device_name: str, batch_size: int, repeats: int) -> dict[str, Any]:
+    """Samples/s of finishing the "device" backend's deferred views on the device (`MultiView.to_device`: copy,
+    jitter, grayscale, blur, flip, normalise for a batch of 3-view SLIP samples); the median of `repeats`."""
+    import torch
+
+    device = _device(device_name)
+    transform, batch = _deferred_batch(batch_size)
+    if device.type == "cuda":
+        batch = {key: value.pin_memory() if hasattr(value, "pin_memory") else value for key, value in batch.items()}
+    times = _timed(lambda: transform.to_device(batch, device), device, repeats)
+    median = statistics.median(times)
+    return {"device": str(device), "batch_size": batch_size, "repeats": repeats, "batch_ms": 1000 * median,
+            "samples_per_s": batch_size / median, "threads": torch.get_num_threads()}
+
+
+def training_loader(device_name: str, samples: int, batch_size: int, workers: int,
+                    backend: str = "tensor") -> dict[str, Any]:
     """Samples/s of the training loader on all cores: JPEG files listed in a CSV, 3-view SLIP, `workers` workers.
 
-    The same objects slip.train builds (CsvSource, ImageTextDataset, build_train_loader), so this is what feeds
-    the device: compare it with the train step's img/s. The first batch (worker start-up) is not timed.
+    The same objects slip.train builds (CsvSource, ImageTextDataset, build_train_loader, pinned batches on a
+    GPU), so this is what feeds the device: compare it with the train step's img/s. With the "device" backend
+    each batch is also finished on the device in the timed loop, as slip.train does. The first batch (worker
+    start-up) is not timed.
     """
     import tempfile
 
@@ -287,7 +320,8 @@ def training_loader(device_name: str, samples: int, batch_size: int, workers: in
 
     retain_freed_memory()  # as slip.train does; forked workers inherit it
     torch.set_num_threads(1)
-    transform = build_multiview(("image", "text", "aug1", "aug2"), 224, IMAGENET_MEAN, IMAGENET_STD)
+    device = _device(device_name)
+    transform = build_multiview(("image", "text", "aug1", "aug2"), 224, IMAGENET_MEAN, IMAGENET_STD, backend=backend)
     with tempfile.TemporaryDirectory() as root:
         with open(Path(root, "train.csv"), "w", newline="") as listing:
             writer = csv.writer(listing)
@@ -300,15 +334,18 @@ def training_loader(device_name: str, samples: int, batch_size: int, workers: in
         # Enough epochs of the 64 files for `samples` samples plus the untimed first batch.
         repeat = torch.utils.data.ConcatDataset([dataset] * (1 + (samples + batch_size) // len(dataset)))
         loader = build_train_loader(repeat, batch_size, WorldInfo(), num_workers=workers, seed=0,
-                                    persistent_workers=False)
+                                    persistent_workers=False, pin_memory=device.type == "cuda")
         batches = iter(loader)
-        next(batches)
+        transform.to_device(next(batches), device)
+        _synchronize(device)
         count, start = 0, time.perf_counter()
         while count < samples:
-            count += next(batches)["image"].shape[0]
+            count += transform.to_device(next(batches), device)["image"].shape[0]
+        _synchronize(device)
         seconds = time.perf_counter() - start
-    return {"pipeline": "slip 3-view (image, aug1, aug2) + text", "workers": workers, "batch_size": batch_size,
-            "samples": count, "samples_per_s": count / seconds, "samples_per_s_per_worker": count / seconds / workers}
+    return {"pipeline": "slip 3-view (image, aug1, aug2) + text", "backend": backend, "device": str(device),
+            "workers": workers, "batch_size": batch_size, "samples": count, "samples_per_s": count / seconds,
+            "samples_per_s_per_worker": count / seconds / workers}
 
 
 def evaluation(device_name: str, model_name: str, num_train: int, num_test: int, batch_size: int) -> dict[str, Any]:
@@ -397,7 +434,8 @@ def plan(quick: bool, device_type: str) -> dict[str, Any]:
         "train": {"models": ["vit_ti16"] if quick else ["vit_ti16", "vit_s16", "vit_b16"],
                   "batch_size": 2 if quick else (128 if on_gpu else 8), "repeats": 1 if quick else 5,
                   "probe_s": 0.1 if quick else (0.5 if on_gpu else 1.0)},
-        "data": {"samples": 20 if quick else 200},
+        "data": {"samples": 20 if quick else 200, "finish_batch": 4 if quick else (256 if on_gpu else 64),
+                 "finish_repeats": 2 if quick else 10},
         "loader": {"samples": 32 if quick else (4096 if on_gpu else 768), "batch_size": 16 if quick else 64,
                    "workers": 1 if quick else multiprocessing.cpu_count()},
         "eval": {"model": "vit_ti16" if quick else "vit_s16", "num_train": 48 if quick else (20000 if on_gpu else 600),
@@ -428,12 +466,14 @@ def run(sections: list[str], device_name: str, quick: bool, compiled: bool = Fal
                 print(f"train step: {row}", flush=True)
         results["train_step"], results["train_probe_s"] = rows, settings["train"]["probe_s"]
     if "data" in sections:
-        results["data_pipeline"] = isolated(data_pipeline, device_name, settings["data"]["samples"])
-        print(f"data pipeline: {results['data_pipeline']}", flush=True)
+        data = settings["data"]
+        results["data_pipeline"] = isolated(data_pipeline, device_name, data["samples"])
+        results["view_finishing"] = isolated(view_finishing, device_name, data["finish_batch"], data["finish_repeats"])
+        print(f"data pipeline: {results['data_pipeline']}\nview finishing: {results['view_finishing']}", flush=True)
     if "loader" in sections:
         loader = settings["loader"]
-        results["training_loader"] = isolated(training_loader, device_name, loader["samples"], loader["batch_size"],
-                                              loader["workers"])
+        results["training_loader"] = [isolated(training_loader, device_name, loader["samples"], loader["batch_size"],
+                                               loader["workers"], backend) for backend in ("tensor", "device")]
         print(f"training loader: {results['training_loader']}", flush=True)
     if "eval" in sections:
         e = settings["eval"]
@@ -458,22 +498,44 @@ def _percent_range(row: dict[str, Any]) -> str:
     return f"({100 * low_high[0]:.0f}–{100 * low_high[1]:.0f}%)" if low_high else ""
 
 
-def _loader_markdown(loader: dict[str, Any], train_rows: list[dict[str, Any]]) -> list[str]:
-    """The training-loader section: its throughput, and how many of each SLIP train step it keeps fed."""
-    if "error" in loader:
-        return ["## Training loader (all cores)\n", f"error: {loader['error']}\n"]
-    rate = loader["samples_per_s"]
-    lines = ["## Training loader (all cores)\n",
-             f"slip.train's own loader (CsvSource of 64 640x430 JPEG files, ImageTextDataset, build_train_loader) "
-             f"with {loader['workers']} workers, batch {loader['batch_size']}, {loader['samples']} samples: "
-             f"**{_fmt(rate)} samples/s**, {_fmt(loader['samples_per_s_per_worker'])} per worker.\n"]
+def _loader_markdown(loaders: list[dict[str, Any]] | dict[str, Any],
+                     train_rows: list[dict[str, Any]]) -> list[str]:
+    """The training-loader section: its throughput per views backend, and how many of each SLIP train step it
+    keeps fed."""
+    loaders = loaders if isinstance(loaders, list) else [loaders]  # a dict: one backend, or the child's error
+    lines = ["## Training loader (all cores)\n"]
+    measured = [loader for loader in loaders if "error" not in loader]
+    lines += [f"error: {loader['error']}\n" for loader in loaders if "error" in loader]
+    if not measured:
+        return lines
+    first = measured[0]
+    lines += [f"slip.train's own loader (CsvSource of 64 640x430 JPEG files, ImageTextDataset, build_train_loader) "
+              f"with {first['workers']} workers, batch {first['batch_size']}, {first['samples']} samples, to "
+              f"batches ready on {first.get('device', 'cpu')} (the device backend finishes its views there, in the "
+              "timed loop).\n", "| views backend | samples/s | per worker |", "|---|---:|---:|"]
+    lines += [f"| {loader.get('backend', 'tensor')} | **{_fmt(loader['samples_per_s'])}** | "
+              f"{_fmt(loader['samples_per_s_per_worker'])} |" for loader in measured]
+    lines.append("")
     slip_rows = [row for row in train_rows if row.get("objective") == "slip" and "images_per_s" in row]
     if slip_rows:
-        lines += ["| SLIP train step | img/s | loader / step |", "|---|---:|---:|"]
-        lines += [f"| {row['model']} | {_fmt(row['images_per_s'])} | {_fmt(rate / row['images_per_s'])}x |"
-                  for row in slip_rows]
+        backends = [loader.get("backend", "tensor") for loader in measured]
+        lines += ["| SLIP train step | img/s | " + " | ".join(f"loader ({b}) / step" for b in backends) + " |",
+                  "|---|---:|" + "---:|" * len(backends)]
+        lines += [f"| {row['model']} | {_fmt(row['images_per_s'])} | " + " | ".join(
+            f"{_fmt(loader['samples_per_s'] / row['images_per_s'])}x" for loader in measured) + " |"
+            for row in slip_rows]
         lines.append("")
     return lines
+
+
+def _finishing_markdown(finishing: dict[str, Any]) -> str:
+    """One line: the device backend's finishing step, timed on the device."""
+    if "error" in finishing:
+        return f"Finishing deferred views: error: {finishing['error']}\n"
+    return (f"The device backend's workers do only the crops and the draws; finishing its views on "
+            f"{finishing['device']} ({finishing['threads']} threads), a batch of {finishing['batch_size']} 3-view "
+            f"samples at a time (`MultiView.to_device`: copy, jitter, grayscale, blur, flip, normalise), takes "
+            f"{_fmt(finishing['batch_ms'])} ms: **{_fmt(finishing['samples_per_s'])} samples/s**.\n")
 
 
 def markdown(results: dict[str, Any], command: str, machine: dict[str, Any]) -> str:
@@ -522,6 +584,8 @@ def markdown(results: dict[str, Any], command: str, machine: dict[str, Any]) -> 
                          f"{_fmt(d.get('ms_per_sample', 0))} | {_fmt(d.get('decode_ms', 0))} |"
                          if "error" not in d else f"| error: {d['error']} | | | | |")
         lines.append("")
+        if "view_finishing" in results:
+            lines.append(_finishing_markdown(results["view_finishing"]))
     if "training_loader" in results:
         lines += _loader_markdown(results["training_loader"], results.get("train_step", []))
     if "evaluation" in results:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from slip.checkpoint import FORMAT_NAME, FORMAT_VERSION, atomic_save
+from slip.data.loader import batch_to_device
 from slip.distributed import WorldInfo
 from slip.losses import Objective
 from slip.models import ImageTextModel
@@ -26,6 +27,7 @@ from slip.run_layout import CHECKPOINT_IN_RUN
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MAX_LOGIT_SCALE = math.log(100.0)
 LoaderForEpoch = Callable[[int, int], Iterable[dict]]
+PrepareBatch = Callable[[Mapping[str, Any], torch.device], dict]
 """(epoch, number of batches to skip) -> the batches of that epoch."""
 
 
@@ -338,8 +340,7 @@ class Trainer:
         return True
 
     def _micro_step(self, batch: dict, sync: bool) -> tuple[dict[str, torch.Tensor], bool]:
-        """Forward and backward of one loader batch; gradients sync across ranks only when `sync`."""
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        """Forward and backward of one batch on the device; gradients sync across ranks only when `sync`."""
         no_sync = getattr(self.wrapped, "no_sync", None)
         context = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
         with context:
@@ -380,9 +381,15 @@ class Trainer:
         self.task.model.train()
         self.monitor.scalars(self.state.step, self.last_eval, "eval/")
 
-    def fit(self, loader_for_epoch: LoaderForEpoch, image_mean=(0, 0, 0), image_std=(1, 1, 1)) -> TrainState:
-        """Train until `total_steps` optimizer steps are done, SIGTERM arrives, or an error stops it."""
+    def fit(self, loader_for_epoch: LoaderForEpoch, image_mean=(0, 0, 0), image_std=(1, 1, 1),
+            prepare_batch: PrepareBatch = batch_to_device) -> TrainState:
+        """Train until `total_steps` optimizer steps are done, SIGTERM arrives, or an error stops it.
+
+        `prepare_batch(batch, device)` puts each loader batch on the device (`MultiView.to_device` also finishes
+        deferred views there).
+        """
         settings, state = self.settings, self.state
+        self._prepare_batch = prepare_batch
         self._first_step = state.step
         self.monitor.begin(state.step)
         self.task.train()
@@ -417,6 +424,7 @@ class Trainer:
                 break
             data_wait += time.perf_counter() - waited
             self._account_bad_samples(batch)
+            batch = self._prepare_batch(batch, self.device)
             if state.step == 0 and micro == 0 and settings.log_images:
                 self.monitor.images("views", view_grid(batch, image_mean, image_std))
             micro += 1

@@ -100,11 +100,13 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     trainer.monitor.message(f"run dir {run_dir}: {total_steps} steps of global batch {global_batch}, "
                             f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
 
+    pin_memory = trainer.device.type == "cuda"  # page-locked batches: asynchronous host-to-device copies
+
     def loader_for_epoch(epoch: int, skip_batches: int):
         return build_train_loader(dataset, batch_size, world, num_workers=workers, seed=settings.seed,
-                                  epoch=epoch, start_batch=skip_batches)
+                                  epoch=epoch, start_batch=skip_batches, pin_memory=pin_memory)
 
-    state = trainer.fit(loader_for_epoch, arch["image_mean"], arch["image_std"])
+    state = trainer.fit(loader_for_epoch, arch["image_mean"], arch["image_std"], transform.to_device)
     results = {
         "objective": cfg.loss._target_.rsplit(".", 1)[-1],
         "step": state.step,

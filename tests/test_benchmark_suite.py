@@ -41,9 +41,18 @@ def test_the_step_profile_accounts_for_the_step():
     assert "| 1 |" in step_profile.markdown(result, "cmd", {})
 
 
-def test_the_training_loader_measurement_runs_the_real_loader(suite):
-    result = suite.training_loader("cpu", samples=8, batch_size=4, workers=1)
+@pytest.mark.parametrize("backend", ["tensor", "device"])
+def test_the_training_loader_measurement_runs_the_real_loader(suite, backend):
+    result = suite.training_loader("cpu", samples=8, batch_size=4, workers=1, backend=backend)
     assert result["samples"] >= 8 and result["workers"] == 1 and result["samples_per_s"] > 0
+
+
+def test_the_view_finishing_measurement_finishes_a_real_batch(suite):
+    result = suite.view_finishing("cpu", batch_size=3, repeats=1)
+    assert result["batch_size"] == 3 and result["samples_per_s"] > 0
+    transform, batch = suite._deferred_batch(2)
+    finished = transform.to_device(batch, "cpu")
+    assert finished["aug1"].shape == (2, 3, 224, 224) and finished["aug1"].dtype.is_floating_point
 
 
 def test_the_sustained_matmul_rate_counts_every_product(suite):
@@ -64,11 +73,17 @@ def test_every_section_renders_including_errors(suite):
                                   "decode_ms": 1.5, "rounds": 10},
                                  {"backend": "slip_original", "samples_per_s_per_core": 75.0, "ms_per_sample": 13.3,
                                   "decode_ms": 1.5, "rounds": 10}],
-               "training_loader": {"workers": 2, "batch_size": 4, "samples": 8, "samples_per_s": 200.0,
-                                   "samples_per_s_per_worker": 100.0},
+               "view_finishing": {"device": "cpu", "threads": 2, "batch_size": 64, "batch_ms": 80.0,
+                                  "samples_per_s": 800.0},
+               "training_loader": [{"backend": "tensor", "workers": 2, "batch_size": 4, "samples": 8,
+                                    "samples_per_s": 200.0, "samples_per_s_per_worker": 100.0},
+                                   {"backend": "device", "workers": 2, "batch_size": 4, "samples": 8,
+                                    "samples_per_s": 400.0, "samples_per_s_per_worker": 200.0}],
                "evaluation": {"error": "no model"}, "contrastive_loss": [{"error": "out of memory"}]}
     text = suite.markdown(results, "python benchmarks/suite.py", {"device": "cpu"})
     assert "| vit_ti16 | slip | 2 | 4 | 0.5 |" in text and "60% (55–70%)" in text
     assert "error: boom" in text and "| tensor | 150 | 2 |" in text
-    assert "**200 samples/s**" in text and "| vit_ti16 | 4 | 50x |" in text  # the loader feeds 50 such steps
+    assert "| tensor | **200** | 100 |" in text and "| device | **400** | 200 |" in text
+    assert "| vit_ti16 | 4 | 50x | 100x |" in text  # each loader feeds 50 and 100 such steps
+    assert "**800 samples/s**" in text
     assert "error: out of memory" in text

@@ -11,6 +11,7 @@ from data_helpers import caption_of, tiny_transform, write_image, write_shard
 
 from slip.data.datasets import CsvSource, ImageTextDataset, WebDatasetStream
 from slip.data.loader import EpochSampler, build_eval_loader, build_train_loader, collate
+from slip.data.tensor_views import DeferredView
 from slip.distributed import WorldInfo
 
 SINGLE = WorldInfo()
@@ -68,6 +69,13 @@ def test_collate_stacks_and_merges_skip_counts():
         collate([{"image": torch.zeros(1)}, {"text": torch.zeros(1)}])
     with pytest.raises(ValueError, match=r"cannot stack 'image': samples have shapes \[\(1,\), \(2,\)\]"):
         collate([{"image": torch.zeros(1)}, {"image": torch.zeros(2)}])
+    views = [DeferredView(torch.full((3, 2, 2), row, dtype=torch.uint8), torch.full((11,), float(row)))
+             for row in range(3)]
+    stacked = collate([{"aug1": view} for view in views])["aug1"]
+    assert isinstance(stacked, DeferredView) and stacked.pixels.shape == (3, 3, 2, 2)
+    assert torch.equal(stacked.operations[:, 0], torch.tensor([0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"cannot stack 'aug1': samples have shapes \[\(\(3, 2, 2\), \(0,\)\), "):
+        collate([{"aug1": views[0]}, {"aug1": DeferredView(views[1].pixels, torch.empty(0))}])
 
 
 class _Samples(torch.utils.data.Dataset):

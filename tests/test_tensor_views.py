@@ -11,17 +11,22 @@ from torchvision.transforms.v2 import functional as TF
 
 from slip.data import tensor_views
 from slip.data.synthetic import photo_like
+from slip.data.loader import collate
 from slip.data.tensor_views import (
+    SSL_OPERATIONS,
+    DeferredView,
     TensorClipView,
     TensorSSLView,
     adjust_hue,
+    apply_ssl_operations,
     color_jitter,
+    finish_views,
     gaussian_blur,
     image_to_tensor,
     sample_crop,
     sample_jitter,
 )
-from slip.data.transforms import CLIP_MEAN, CLIP_STD, build_multiview, clip_view, ssl_view
+from slip.data.transforms import CLIP_MEAN, CLIP_STD, MultiView, build_multiview, clip_view, ssl_view
 
 STD_255 = torch.tensor(CLIP_STD).view(3, 1, 1) * 255  # normalised units -> levels of 0..255
 
@@ -204,7 +209,7 @@ def test_both_backends_of_the_multiview_agree_under_one_seed():
 
 
 def test_the_backend_is_checked():
-    with pytest.raises(ValueError, match="backend must be one of \\['tensor', 'pil'\\], got 'cv2'"):
+    with pytest.raises(ValueError, match="backend must be one of \\['tensor', 'pil', 'device'\\], got 'cv2'"):
         build_multiview(("image",), 16, CLIP_MEAN, CLIP_STD, backend="cv2")
 
 
@@ -212,3 +217,73 @@ def test_views_describe_their_recipe():
     assert "scale=(0.5, 1.0)" in repr(TensorClipView(16, CLIP_MEAN, CLIP_STD))
     assert "blur_sigma=(0.1, 2.0)" in repr(TensorSSLView(16, CLIP_MEAN, CLIP_STD))
     assert tensor_views.ASPECT_RATIO == (3 / 4, 4 / 3)
+
+
+def _deferred_and_direct(view_class, seeds, **recipe):
+    """Per seed: the deferred view (uint8 crop and drawn operations) and the finished view, and whether both
+    consumed the same random numbers."""
+    image = image_to_tensor(photo(96, 72))
+    deferred, direct = [], []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        deferred.append(view_class(40, CLIP_MEAN, CLIP_STD, deferred=True, **recipe)(image))
+        after_deferred = torch.rand(1)
+        torch.manual_seed(seed)
+        direct.append(view_class(40, CLIP_MEAN, CLIP_STD, **recipe)(image))
+        assert torch.equal(torch.rand(1), after_deferred), seed
+    return deferred, direct
+
+
+@pytest.mark.parametrize("view_class", [TensorClipView, TensorSSLView])
+def test_deferred_views_finished_as_a_batch_equal_the_views_finished_one_by_one(view_class):
+    """The batch mixes every jitter order, grayscale, blur radii 1-6 and flips, so each operation runs on a
+    gathered subset of rows as well as on all of them."""
+    deferred, direct = _deferred_and_direct(view_class, range(48))
+    assert all(view.pixels.dtype == torch.uint8 and view.pixels.shape == (3, 40, 40) for view in deferred)
+    assert all(view.operations.shape == ((SSL_OPERATIONS,) if view_class is TensorSSLView else (0,))
+               for view in deferred)
+    batch = collate([{"view": view} for view in deferred])["view"]
+    assert isinstance(batch, DeferredView) and batch.pixels.shape == (48, 3, 40, 40)
+    finished = finish_views(batch, "cpu", CLIP_MEAN, CLIP_STD)
+    torch.testing.assert_close(finished, torch.stack(direct), atol=1e-5, rtol=0)
+    if view_class is TensorSSLView:
+        radii = {int(np.ceil(3 * sigma)) for sigma in batch.operations[:, 9].tolist() if sigma > 0}
+        assert radii == {1, 2, 3, 4, 5, 6} and 0 < batch.operations[:, 8].sum() < 48  # blur sizes; some gray
+
+
+def test_ssl_operations_on_a_batch_equal_the_operations_one_view_at_a_time():
+    generator = torch.Generator().manual_seed(3)
+    images = torch.rand(12, 3, 20, 20, generator=generator)
+    view = TensorSSLView(20, CLIP_MEAN, CLIP_STD)
+    torch.manual_seed(0)
+    operations = torch.stack([view.draw(20, 20)[1] for _ in range(12)])
+    batched = apply_ssl_operations(images.clone(), operations)
+    for row in range(12):
+        one = apply_ssl_operations(images[row : row + 1].clone(), operations[row : row + 1])
+        torch.testing.assert_close(batched[row], one[0], atol=1e-6, rtol=0)
+    assert not torch.allclose(batched, images)
+
+
+def test_the_device_backend_gives_the_tensor_backends_batch_under_one_seed():
+    inputs = ("image", "text", "aug1", "aug2")
+    deferring = build_multiview(inputs, 32, CLIP_MEAN, CLIP_STD, context_length=16, backend="device")
+    direct = build_multiview(inputs, 32, CLIP_MEAN, CLIP_STD, context_length=16)
+    photos = [photo(seed=seed) for seed in range(6)]
+    torch.manual_seed(0)
+    raw = collate([deferring(image, "a photo") for image in photos])
+    torch.manual_seed(0)
+    want = collate([direct(image, "a photo") for image in photos])
+    assert isinstance(raw["aug1"], DeferredView) and raw["image"].pixels.dtype == torch.uint8
+    got = deferring.to_device(raw, torch.device("cpu"))
+    assert got.keys() == want.keys() and torch.equal(got["text"], want["text"])
+    for name in ("image", "aug1", "aug2"):
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=0)
+    assert direct.to_device(want, "cpu").keys() == want.keys()
+
+
+def test_a_deferred_view_without_a_finish_function_is_an_error():
+    without_finish = MultiView({"image": TensorClipView(16, CLIP_MEAN, CLIP_STD, deferred=True)},
+                               prepare=image_to_tensor)
+    batch = collate([without_finish(photo(), "a photo")])
+    with pytest.raises(ValueError, match="batch\\['image'\\] is a deferred view"):
+        without_finish.to_device(batch, "cpu")

@@ -48,6 +48,16 @@ def test_resume_gives_the_same_losses_and_weights_as_an_uninterrupted_run(tmp_pa
         torch.testing.assert_close(got["model"][key], value, rtol=1e-5, atol=1e-6)
 
 
+def test_views_finished_on_the_device_train_as_the_views_finished_in_the_workers(tmp_path: Path) -> None:
+    overrides = [*FAST, "loss=slip", "trainer.max_steps=3", "trainer.save_every=0", "trainer.log_images=true"]
+    in_workers = train(compose_config(*overrides), tmp_path / "tensor")
+    on_device = train(compose_config(*overrides, "augment.backend=device", "data.num_workers=1"), tmp_path / "device")
+    want, got = losses_by_step(in_workers), losses_by_step(on_device)
+    assert sorted(got) == sorted(want) == [1, 2, 3]
+    for step, loss in want.items():
+        assert got[step] == pytest.approx(loss, rel=1e-4), f"step {step}"
+
+
 def test_training_checkpoint_loads_as_a_pretrained_model(tmp_path: Path) -> None:
     train(compose_config(*FAST, "loss=clip", "trainer.max_steps=2"), tmp_path)
     model, info = load_pretrained_with_info(tmp_path / "checkpoints" / "last.pt")

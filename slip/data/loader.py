@@ -18,11 +18,23 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, defa
 from slip.data.datasets import MAX_SKIPPED_EXAMPLES, derive_seed
 from slip.distributed import WorldInfo
 
-__all__ = ["EpochSampler", "build_eval_loader", "build_train_loader", "collate"]
+__all__ = ["EpochSampler", "batch_to_device", "build_eval_loader", "build_train_loader", "collate"]
+
+
+def _is_named_tuple(value: Any) -> bool:
+    """A named tuple (such as a deferred view: pixels and operations), collated field by field."""
+    return isinstance(value, tuple) and hasattr(type(value), "_fields")
+
+
+def batch_to_device(batch: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """The batch with its tensors on `device` (asynchronous copies from pinned memory); other entries as they are."""
+    return {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            for key, value in batch.items()}
 
 
 def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Batch sample dicts: stack tensors, sum "_skipped" counts, concatenate (a few) "_skipped_examples"."""
+    """Batch sample dicts: stack tensors (named tuples of tensors field by field), sum "_skipped" counts,
+    concatenate (a few) "_skipped_examples"."""
     if not samples:
         raise ValueError("cannot collate an empty list of samples")
     keys = samples[0].keys()
@@ -36,12 +48,13 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             batch[key] = dict(sum((Counter(value) for value in values), Counter()))
         elif key == "_skipped_examples":
             batch[key] = [example for value in values for example in value][:MAX_SKIPPED_EXAMPLES]
-        elif isinstance(values[0], torch.Tensor):
+        elif isinstance(values[0], torch.Tensor) or _is_named_tuple(values[0]):
             try:
                 # default_collate stacks straight into shared memory inside a worker, saving a copy per batch.
                 batch[key] = default_collate(values)
             except RuntimeError:
-                shapes = sorted({tuple(value.shape) for value in values})
+                shapes = sorted({tuple(value.shape) if isinstance(value, torch.Tensor) else
+                                 tuple(tuple(field.shape) for field in value) for value in values})
                 raise ValueError(f"cannot stack {key!r}: samples have shapes {shapes}") from None
         elif isinstance(values[0], (int, float, bool)):
             batch[key] = torch.tensor(values)

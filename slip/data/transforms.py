@@ -9,7 +9,9 @@ bicubic; the difference is immaterial for training and bilinear is the cheaper k
 All randomness comes from torch's global generator, so `torch.manual_seed` (and DataLoader worker seeding)
 makes every view reproducible. The recipes here are torchvision `v2` pipelines over PIL images (the "pil"
 backend, the plain reference); `slip.data.tensor_views` computes the same recipes, draw for draw, on tensors
-(the "tensor" backend, about 2.3x faster per core, and the default).
+(the "tensor" backend, about 2x faster per core, and the default). The "device" backend draws the same views
+in the workers but ships uint8 crops with their drawn operations, and `MultiView.to_device` finishes them,
+a batch at a time, on the training device.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from slip import tokenizer
 from slip.data import tensor_views
+from slip.data.loader import batch_to_device
 
 __all__ = [
     "CLIP_MEAN",
@@ -42,7 +45,7 @@ __all__ = [
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 INPUT_NAMES = ("image", "text", "aug1", "aug2")
-BACKENDS = ("tensor", "pil")
+BACKENDS = ("tensor", "pil", "device")
 
 View = Callable[[Image.Image], Tensor]
 
@@ -186,10 +189,12 @@ class MultiView:
     """Maps (PIL image, caption) to a dict with one tensor per named image view, plus "text" token ids.
 
     `prepare` turns the decoded image into what the views take, once per sample (default: the RGB PIL image).
+    Views may return `tensor_views.DeferredView`s; `to_device` then finishes them with `finish`.
     """
 
     def __init__(self, views: Mapping[str, View], tokenize: Callable[[str], Tensor] | None = None,
-                 prepare: Callable[[Image.Image], object] | None = None) -> None:
+                 prepare: Callable[[Image.Image], object] | None = None,
+                 finish: Callable[[tensor_views.DeferredView, torch.device | str], Tensor] | None = None) -> None:
         if not views and tokenize is None:
             raise ValueError("MultiView needs at least one view or a tokenize function, got neither")
         if "text" in views:
@@ -197,6 +202,7 @@ class MultiView:
         self.views = dict(views)
         self.tokenize = tokenize
         self.prepare = prepare
+        self.finish = finish
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -206,6 +212,16 @@ class MultiView:
     def __repr__(self) -> str:
         """Names of the views and whether captions are tokenized."""
         return f"{type(self).__name__}(views={list(self.views)}, tokenize={self.tokenize is not None})"
+
+    def to_device(self, batch: Mapping[str, object], device: torch.device | str) -> dict[str, object]:
+        """A collated batch on `device`, its deferred views finished there (the training loop's batch step)."""
+        moved = batch_to_device(batch, device)
+        for key, value in moved.items():
+            if isinstance(value, tensor_views.DeferredView):
+                if self.finish is None:
+                    raise ValueError(f"batch[{key!r}] is a deferred view, but this MultiView has no finish function")
+                moved[key] = self.finish(value, device)
+        return moved
 
     def __call__(self, image: Image.Image, caption: str) -> dict[str, Tensor]:
         """Every view of `image` (each with its own random draws) and, if tokenizing, the caption's ids."""
@@ -238,7 +254,8 @@ def build_multiview(
 
     "image" gets `clip_view`, "aug1" and "aug2" each an independent `ssl_view`, "text" the tokenizer.
     `jitter_strength` s scales the colour jitter to (0.4 s, 0.4 s, 0.4 s, 0.1 s). `backend` "tensor" computes
-    the views with `slip.data.tensor_views`, "pil" with torchvision's PIL pipelines (same draws).
+    the views with `slip.data.tensor_views`, "pil" with torchvision's PIL pipelines (same draws), "device"
+    crops and draws in the workers and finishes the views on the training device (`MultiView.to_device`).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
@@ -265,22 +282,25 @@ def build_multiview(
         _check_probability(name, value)
     _check_range("blur_sigma", blur_sigma, 0.0, math.inf)
     names = [name for name in INPUT_NAMES if name in requested]
-    on_tensors = backend == "tensor"
+    on_tensors = backend != "pil"
+    # Deferred views are finished by MultiView.to_device; only the "device" backend defers.
+    deferred = {"deferred": True} if backend == "device" else {}
     views: dict[str, View] = {}
     for name in names:
         if name == "image":
             make_clip = tensor_views.TensorClipView if on_tensors else clip_view
-            views[name] = make_clip(image_size, mean, std, scale=clip_scale)
+            views[name] = make_clip(image_size, mean, std, scale=clip_scale, **deferred)
         elif name in ("aug1", "aug2"):
             s = float(jitter_strength)
             make_ssl = tensor_views.TensorSSLView if on_tensors else ssl_view
             views[name] = make_ssl(
                 image_size, mean, std, scale=ssl_scale, jitter=(0.4 * s, 0.4 * s, 0.4 * s, 0.1 * s),
                 jitter_p=jitter_p, grayscale_p=grayscale_p, blur_sigma=blur_sigma, blur_p=blur_p,
-                hflip_p=hflip_p,
+                hflip_p=hflip_p, **deferred,
             )
     text = None
     if "text" in names:
         # A partial of a module-level function (not a lambda) so that DataLoader workers can pickle it.
         text = functools.partial(_tokenize_one, context_length=context_length)
-    return MultiView(views, text, tensor_views.image_to_tensor if on_tensors else None)
+    finish = functools.partial(tensor_views.finish_views, mean=mean, std=std) if deferred else None
+    return MultiView(views, text, tensor_views.image_to_tensor if on_tensors else None, finish)
