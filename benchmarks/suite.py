@@ -290,8 +290,9 @@ def view_finishing(device_name: str, batch_size: int, repeats: int) -> dict[str,
 
     device = _device(device_name)
     transform, batch = _deferred_batch(batch_size)
-    if device.type == "cuda":
-        batch = {key: value.pin_memory() if hasattr(value, "pin_memory") else value for key, value in batch.items()}
+    if device.type == "cuda":  # as the loader pins them for slip.train (operations rows stay on the host anyway)
+        batch = {key: type(value)(*(field.pin_memory() for field in value)) if isinstance(value, tuple)
+                 else value.pin_memory() for key, value in batch.items()}
     times = _timed(lambda: transform.to_device(batch, device), device, repeats)
     median = statistics.median(times)
     return {"device": str(device), "batch_size": batch_size, "repeats": repeats, "batch_ms": 1000 * median,
