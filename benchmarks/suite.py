@@ -446,9 +446,12 @@ def plan(quick: bool, device_type: str) -> dict[str, Any]:
     }
 
 
-def run(sections: list[str], device_name: str, quick: bool, compiled: bool = False) -> dict[str, Any]:
-    """Run the chosen sections; returns every result."""
+def run(sections: list[str], device_name: str, quick: bool, compiled: bool = False,
+        models: list[str] | None = None, objectives: list[str] | None = None) -> dict[str, Any]:
+    """Run the chosen sections (train steps of `models` x `objectives`, default all); returns every result."""
     settings = plan(quick, device_name.split(":")[0])
+    if models:
+        settings["train"]["models"] = models
     results: dict[str, Any] = {}
     peak = isolated(matmul_peak, device_name, settings["matmul"]["size"], settings["matmul"]["repeats"])
     results["matmul_peak"] = peak
@@ -456,7 +459,7 @@ def run(sections: list[str], device_name: str, quick: bool, compiled: bool = Fal
     if "train" in sections:
         rows = []
         for model_name in settings["train"]["models"]:
-            for loss in OBJECTIVES:
+            for loss in objectives or OBJECTIVES:
                 row = isolated(train_step, device_name, model_name, loss, settings["train"]["batch_size"],
                                settings["train"]["repeats"], settings["matmul"]["size"], settings["train"]["probe_s"],
                                compiled)
@@ -607,6 +610,20 @@ def markdown(results: dict[str, Any], command: str, machine: dict[str, Any]) -> 
     return "\n".join(lines)
 
 
+def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
+    """The CPU's model name and widest float32 vector extension (what sets its fp32 matmul peak), where Linux
+    tells them."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return {}
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    vector = next((name for name in ("avx512f", "avx2", "avx") if name in flags), "none")
+    return {"cpu_model": fields.get("model name", "unknown"), "fp32_simd": vector}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments, run the suite, write suite.json and suite.md."""
     import torch
@@ -616,15 +633,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the suite runs, numbers mean nothing")
     parser.add_argument("--compile", action="store_true", help="train steps through torch.compile (trainer.compile)")
+    parser.add_argument("--models", default="", help="train-step models, comma-separated (default: the plan's)")
+    parser.add_argument("--objectives", default="", help=f"train-step objectives out of {','.join(OBJECTIVES)}")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     sections = [s for s in args.sections.split(",") if s]
+    models = [m for m in args.models.split(",") if m]
+    objectives = [o for o in args.objectives.split(",") if o]
+    unknown = [o for o in objectives if o not in OBJECTIVES]
+    if unknown:
+        parser.error(f"--objectives: unknown {unknown}, choose from {list(OBJECTIVES)}")
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "cpus": multiprocessing.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+               **cpu_description(), "cpus": multiprocessing.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
     command = ("python benchmarks/suite.py " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
     started = time.perf_counter()
-    results = run(sections, args.device, args.quick, args.compile)
+    results = run(sections, args.device, args.quick, args.compile, models, objectives)
     results["wall_s"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
     stem = ("suite_quick" if args.quick else "suite") + ("_compiled" if args.compile else "")

@@ -87,3 +87,11 @@ def test_every_section_renders_including_errors(suite):
     assert "| vit_ti16 | 4 | 50x | 100x |" in text  # each loader feeds 50 and 100 such steps
     assert "**800 samples/s**" in text
     assert "error: out of memory" in text
+
+
+def test_the_cpu_description_names_the_widest_float32_vector_extension(suite, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu sse2 avx avx2 fma\n\n"
+                       "processor\t: 1\nmodel name\t: Some Xeon\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    assert suite.cpu_description(cpuinfo) == {"cpu_model": "Some Xeon", "fp32_simd": "avx2"}
+    assert suite.cpu_description(tmp_path / "missing") == {}
