@@ -27,8 +27,9 @@ from slip.run_layout import CHECKPOINT_IN_RUN
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MAX_LOGIT_SCALE = math.log(100.0)
 LoaderForEpoch = Callable[[int, int], Iterable[dict]]
-PrepareBatch = Callable[[Mapping[str, Any], torch.device], dict]
 """(epoch, number of batches to skip) -> the batches of that epoch."""
+PrepareBatch = Callable[[Mapping[str, Any], torch.device], dict]
+"""(loader batch, device) -> the model's batch on that device."""
 
 
 class TrainingError(RuntimeError):
@@ -210,6 +211,7 @@ class Trainer:
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         self.config_text, self.evaluate = config_text, evaluate
         self.device = resolve_device(settings.device, world)
+        self._prepare_batch: PrepareBatch = batch_to_device  # fit() takes the MultiView's own
         self.dtype = autocast_dtype(settings.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, init_scale=settings.init_grad_scale,
                                            enabled=self.dtype == torch.float16)
