@@ -198,19 +198,22 @@ def _blur_radius(sigma: float, height: int, width: int) -> int:
 
 def _blur(images: Tensor, sigmas: Sequence[float], radius: int) -> Tensor:
     """Separable Gaussian blur of float images [N, C, H, W], one sigma per image, all over `radius` taps a side."""
-    if len(sigmas) == 1:  # plain numbers: scalar kernels, faster than broadcasting a one-element tensor
-        taps: list = gaussian_kernel(sigmas[0], radius).tolist()
-    else:
+    per_image = len(sigmas) > 1  # one image: plain numbers, scalar kernels (faster than a one-element tensor)
+    if per_image:
         weights = torch.stack([gaussian_kernel(sigma, radius) for sigma in sigmas]).to(images.device)
-        taps = [column.view(-1, 1, 1, 1) for column in weights.unbind(1)]
+        taps: list = [column.view(-1, 1, 1, 1) for column in weights.unbind(1)]
+    else:
+        taps = gaussian_kernel(sigmas[0], radius).tolist()
     for dim in (-1, -2):  # along the width, then the height
         size = images.shape[dim]
         pad = (radius, radius, 0, 0) if dim == -1 else (0, 0, radius, radius)
         padded = F.pad(images, pad, mode="reflect")
         out = padded.narrow(dim, 0, size) * taps[0]
         for tap in range(1, len(taps)):
-            out.add_(padded.narrow(dim, tap, size) * taps[tap]) if isinstance(taps[tap], Tensor) else out.add_(
-                padded.narrow(dim, tap, size), alpha=taps[tap])
+            if per_image:
+                out.addcmul_(padded.narrow(dim, tap, size), taps[tap])
+            else:
+                out.add_(padded.narrow(dim, tap, size), alpha=taps[tap])
         images = out
     return images
 
