@@ -644,7 +644,8 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"--objectives: unknown {unknown}, choose from {list(OBJECTIVES)}")
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               **cpu_description(), "cpus": multiprocessing.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+               **cpu_description(), "cpus": multiprocessing.cpu_count(), "torch": torch.__version__,
+               "threads": torch.get_num_threads(),
                "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
     command = ("python benchmarks/suite.py " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
     started = time.perf_counter()

@@ -148,6 +148,11 @@ def _adjust_hue_(image: Tensor, shift: float | Tensor) -> Tensor:
     return image
 
 
+def _add_scaled_(target: Tensor, addend: Tensor, factor: float | Tensor) -> Tensor:
+    """target += addend * factor, in place; a plain-number factor takes the scalar kernel (no broadcast tensor)."""
+    return target.add_(addend, alpha=factor) if isinstance(factor, float) else target.addcmul_(addend, factor)
+
+
 def _jitter_step_(image: Tensor, operation: int, factor: float | Tensor) -> Tensor:
     """One ColorJitter operation in place on images [..., 3, H, W], clamped as torchvision clamps it.
 
@@ -165,11 +170,7 @@ def _jitter_step_(image: Tensor, operation: int, factor: float | Tensor) -> Tens
         image.mul_(factor).add_(mean * (1.0 - factor)).clamp_(0.0, 1.0)
     elif operation == 2:
         gray = _gray(image)
-        if isinstance(factor, float):
-            image.mul_(factor).add_(gray, alpha=1.0 - factor)
-        else:
-            image.mul_(factor).addcmul_(gray, 1.0 - factor)
-        image.clamp_(0.0, 1.0)
+        _add_scaled_(image.mul_(factor), gray, 1.0 - factor).clamp_(0.0, 1.0)
     else:
         _adjust_hue_(image, factor if isinstance(factor, float) else factor[..., 0, :, :])
     return image
@@ -198,22 +199,18 @@ def _blur_radius(sigma: float, height: int, width: int) -> int:
 
 def _blur(images: Tensor, sigmas: Sequence[float], radius: int) -> Tensor:
     """Separable Gaussian blur of float images [N, C, H, W], one sigma per image, all over `radius` taps a side."""
-    per_image = len(sigmas) > 1  # one image: plain numbers, scalar kernels (faster than a one-element tensor)
-    if per_image:
+    if len(sigmas) == 1:  # plain numbers: scalar kernels, faster than a one-element tensor
+        taps: list = gaussian_kernel(sigmas[0], radius).tolist()
+    else:  # one copy to the device for all the weights
         weights = torch.stack([gaussian_kernel(sigma, radius) for sigma in sigmas]).to(images.device)
-        taps: list = [column.view(-1, 1, 1, 1) for column in weights.unbind(1)]
-    else:
-        taps = gaussian_kernel(sigmas[0], radius).tolist()
+        taps = [column.view(-1, 1, 1, 1) for column in weights.unbind(1)]
     for dim in (-1, -2):  # along the width, then the height
         size = images.shape[dim]
         pad = (radius, radius, 0, 0) if dim == -1 else (0, 0, radius, radius)
         padded = F.pad(images, pad, mode="reflect")
         out = padded.narrow(dim, 0, size) * taps[0]
         for tap in range(1, len(taps)):
-            if per_image:
-                out.addcmul_(padded.narrow(dim, tap, size), taps[tap])
-            else:
-                out.add_(padded.narrow(dim, tap, size), alpha=taps[tap])
+            _add_scaled_(out, padded.narrow(dim, tap, size), taps[tap])
         images = out
     return images
 
