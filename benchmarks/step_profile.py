@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from slip.models import MODEL_BUILDERS
 
-from suite import OBJECTIVES, training_setup  # benchmarks/suite.py, beside this script
+from suite import OBJECTIVES, cpu_description, training_setup  # benchmarks/suite.py, beside this script
 
 GROUPS = {"matmul": ("mm", "addmm", "bmm"), "attention": ("_scaled_dot_product",)}
 
@@ -104,7 +104,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
-    machine = {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    machine = {"platform": platform.platform(), **cpu_description(), "torch": torch.__version__,
+               "threads": torch.get_num_threads()}
     result = profile(args.model, args.loss, args.batch, args.steps, args.warmup)
     command = "python benchmarks/step_profile.py " + " ".join(
         f"--{key} {value}" for key, value in [("model", args.model), ("loss", args.loss), ("batch", args.batch),

@@ -611,8 +611,10 @@ def markdown(results: dict[str, Any], command: str, machine: dict[str, Any]) -> 
 
 
 def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
-    """The CPU's model name and widest float32 vector extension (what sets its fp32 matmul peak), where Linux
-    tells them."""
+    """The CPU's vendor, model name and widest float32 vector extension, where Linux tells them.
+
+    The extension is what the CPU offers; the matmul library may use less (MKL runs its AVX2 kernels on AMD
+    CPUs that have AVX-512), which the measured matmul peak shows."""
     try:
         text = cpuinfo.read_text()
     except OSError:
@@ -621,7 +623,8 @@ def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
     fields = {key.strip(): value.strip() for key, value in fields.items()}
     flags = set(fields.get("flags", "").split())
     vector = next((name for name in ("avx512f", "avx2", "avx") if name in flags), "none")
-    return {"cpu_model": fields.get("model name", "unknown"), "fp32_simd": vector}
+    return {"cpu_vendor": fields.get("vendor_id", "unknown"), "cpu_model": fields.get("model name", "unknown"),
+            "fp32_simd": vector}
 
 
 def main(argv: list[str] | None = None) -> None:

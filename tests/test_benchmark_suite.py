@@ -91,7 +91,10 @@ def test_every_section_renders_including_errors(suite):
 
 def test_the_cpu_description_names_the_widest_float32_vector_extension(suite, tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu sse2 avx avx2 fma\n\n"
-                       "processor\t: 1\nmodel name\t: Some Xeon\nflags\t\t: fpu sse2 avx avx2 fma\n")
-    assert suite.cpu_description(cpuinfo) == {"cpu_model": "Some Xeon", "fp32_simd": "avx2"}
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Some Xeon\n"
+                       "flags\t\t: fpu sse2 avx avx2 fma\n\n"
+                       "processor\t: 1\nvendor_id\t: GenuineIntel\nmodel name\t: Some Xeon\n"
+                       "flags\t\t: fpu sse2 avx avx2 fma\n")
+    assert suite.cpu_description(cpuinfo) == {"cpu_vendor": "GenuineIntel", "cpu_model": "Some Xeon",
+                                              "fp32_simd": "avx2"}
     assert suite.cpu_description(tmp_path / "missing") == {}
