@@ -90,7 +90,9 @@ class CLIPLoss(Objective):
             all_text, _ = self._gather(text)
             labels = offset + torch.arange(image.shape[0], device=image.device)
             logits_per_image = scale * image @ all_text.T
-            logits_per_text = scale * text @ all_image.T
+            # With the whole batch local (one process) the text->image logits are the transpose: one product fewer.
+            logits_per_text = (logits_per_image.T if all_image.shape[0] == image.shape[0]
+                               else scale * text @ all_image.T)
             loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
         return {"loss": loss, "clip_loss": loss.detach(), "clip_acc": _top1(logits_per_image, labels)}
 
@@ -123,8 +125,11 @@ class SimCLRLoss(Objective):
             is_self = labels[:, None] == torch.arange(k_a.shape[0], device=q_a.device)
             logits_aa = (q_a @ k_a.T / self.temperature).masked_fill(is_self, float("-inf"))
             logits_bb = (q_b @ k_b.T / self.temperature).masked_fill(is_self, float("-inf"))
-            logits_a = torch.cat([q_a @ k_b.T / self.temperature, logits_aa], dim=1)
-            logits_b = torch.cat([q_b @ k_a.T / self.temperature, logits_bb], dim=1)
+            logits_ab = q_a @ k_b.T / self.temperature
+            # With the whole batch local (one process) the b->a logits are the transpose: one product fewer.
+            logits_ba = logits_ab.T if k_a.shape[0] == q_a.shape[0] else q_b @ k_a.T / self.temperature
+            logits_a = torch.cat([logits_ab, logits_aa], dim=1)
+            logits_b = torch.cat([logits_ba, logits_bb], dim=1)
             loss = (F.cross_entropy(logits_a, labels) + F.cross_entropy(logits_b, labels)) / 2
         return {"loss": loss, "ssl_loss": loss.detach(), "ssl_acc": _top1(logits_a, labels)}
 
