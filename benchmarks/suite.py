@@ -447,12 +447,23 @@ def plan(quick: bool, device_type: str) -> dict[str, Any]:
 
 
 def run(sections: list[str], device_name: str, quick: bool, compiled: bool = False,
-        models: list[str] | None = None, objectives: list[str] | None = None) -> dict[str, Any]:
-    """Run the chosen sections (train steps of `models` x `objectives`, default all); returns every result."""
+        models: list[str] | None = None, objectives: list[str] | None = None,
+        after_section: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run the chosen sections (train steps of `models` x `objectives`, default all); returns every result.
+
+    `after_section(results)` is called with the results so far after each section (results["sections_done"]
+    lists them), so that a run cut short by a time limit still leaves what it measured."""
     settings = plan(quick, device_name.split(":")[0])
     if models:
         settings["train"]["models"] = models
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {"sections_done": []}
+
+    def finished(section: str) -> None:
+        if section in sections:
+            results["sections_done"].append(section)
+            if after_section is not None:
+                after_section(results)
+
     peak = isolated(matmul_peak, device_name, settings["matmul"]["size"], settings["matmul"]["repeats"])
     results["matmul_peak"] = peak
     print(f"matmul peak: {peak}", flush=True)
@@ -469,26 +480,31 @@ def run(sections: list[str], device_name: str, quick: bool, compiled: bool = Fal
                 rows.append(row)
                 print(f"train step: {row}", flush=True)
         results["train_step"], results["train_probe_s"] = rows, settings["train"]["probe_s"]
+    finished("train")
     if "data" in sections:
         data = settings["data"]
         results["data_pipeline"] = isolated(data_pipeline, device_name, data["samples"])
         results["view_finishing"] = isolated(view_finishing, device_name, data["finish_batch"], data["finish_repeats"])
         print(f"data pipeline: {results['data_pipeline']}\nview finishing: {results['view_finishing']}", flush=True)
+    finished("data")
     if "loader" in sections:
         loader = settings["loader"]
         results["training_loader"] = [isolated(training_loader, device_name, loader["samples"], loader["batch_size"],
                                                loader["workers"], backend) for backend in ("tensor", "device")]
         print(f"training loader: {results['training_loader']}", flush=True)
+    finished("loader")
     if "eval" in sections:
         e = settings["eval"]
         results["evaluation"] = isolated(evaluation, device_name, e["model"], e["num_train"], e["num_test"],
                                          e["batch_size"])
         print(f"evaluation: {results['evaluation']}", flush=True)
+    finished("eval")
     if "loss" in sections:
         results["contrastive_loss"] = [
             isolated(contrastive_loss, device_name, batch, settings["loss"]["embed_dim"], settings["loss"]["repeats"])
             for batch in settings["loss"]["batches"]]
         print(f"contrastive loss: {results['contrastive_loss']}", flush=True)
+    finished("loss")
     return results
 
 
@@ -542,12 +558,17 @@ def _finishing_markdown(finishing: dict[str, Any]) -> str:
             f"{_fmt(finishing['batch_ms'])} ms: **{_fmt(finishing['samples_per_s'])} samples/s**.\n")
 
 
-def markdown(results: dict[str, Any], command: str, machine: dict[str, Any]) -> str:
-    """The results as Markdown tables."""
+def markdown(results: dict[str, Any], command: str, machine: dict[str, Any],
+             sections: list[str] | None = None) -> str:
+    """The results as Markdown tables; a run whose `sections` are not all in results["sections_done"] says so."""
     peak = results["matmul_peak"]
-    lines = [f"# Benchmark suite\n", f"Command: `{command}`  ", f"Machine: {machine}\n",
-             f"Dense matmul peak ({peak.get('dtype')}, {peak.get('size')}²): **{_fmt(peak.get('tflops', 0) * 1000)} "
-             "GFLOP/s**, the reference for the fractions below.\n"]
+    lines = [f"# Benchmark suite\n", f"Command: `{command}`  ", f"Machine: {machine}\n"]
+    missing = [section for section in sections or [] if section not in results.get("sections_done", sections)]
+    if missing:
+        lines.append(f"**Partial results**: written after {', '.join(results['sections_done']) or 'the matmul peak'}; "
+                     f"not (yet) measured: {', '.join(missing)}.\n")
+    lines.append(f"Dense matmul peak ({peak.get('dtype')}, {peak.get('size')}²): **{_fmt(peak.get('tflops', 0) * 1000)} "
+                 "GFLOP/s**, the reference for the fractions below.\n")
     if "train_step" in results:
         compiled = any(row.get("compiled") for row in results["train_step"])
         lines += [f"## Train step (fwd + bwd + fused AdamW{', torch.compile' if compiled else ''}, real-length captions, "
@@ -652,13 +673,17 @@ def main(argv: list[str] | None = None) -> None:
                "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
     command = ("python benchmarks/suite.py " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
     started = time.perf_counter()
-    results = run(sections, args.device, args.quick, args.compile, models, objectives)
-    results["wall_s"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
     stem = ("suite_quick" if args.quick else "suite") + ("_compiled" if args.compile else "")
-    (args.out / f"{stem}.json").write_text(json.dumps({"command": command, "machine": machine, **results},
-                                                      indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(results, command, machine))
+
+    def write(results: dict[str, Any]) -> None:
+        results["wall_s"] = time.perf_counter() - started
+        (args.out / f"{stem}.json").write_text(json.dumps({"command": command, "machine": machine, **results},
+                                                          indent=2) + "\n")
+        (args.out / f"{stem}.md").write_text(markdown(results, command, machine, sections))
+
+    results = run(sections, args.device, args.quick, args.compile, models, objectives, after_section=write)
+    write(results)
     print(f"wrote {args.out / (stem + '.md')} ({results['wall_s']:.0f} s)")
 
 

@@ -98,3 +98,16 @@ def test_the_cpu_description_names_the_widest_float32_vector_extension(suite, tm
     assert suite.cpu_description(cpuinfo) == {"cpu_vendor": "GenuineIntel", "cpu_model": "Some Xeon",
                                               "fp32_simd": "avx2"}
     assert suite.cpu_description(tmp_path / "missing") == {}
+
+
+def test_each_finished_section_is_handed_on_and_a_cut_short_run_says_what_it_lacks(suite, monkeypatch):
+    # The measurements run in spawned processes, which import suite.py by name and look its functions up there.
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.setitem(sys.modules, "suite", suite)
+    snapshots = []
+    results = suite.run(["loss"], "cpu", quick=True,
+                        after_section=lambda so_far: snapshots.append(list(so_far["sections_done"])))
+    assert snapshots == [["loss"]] and len(results["contrastive_loss"]) == 2
+    partial = suite.markdown(results, "cmd", {}, sections=["loss", "eval"])
+    assert "**Partial results**: written after loss; not (yet) measured: eval." in partial
+    assert "Partial" not in suite.markdown(results, "cmd", {}, sections=["loss"])
