@@ -1,5 +1,5 @@
-"""Speed of the model's fast paths against the plain paths: text trimming, one batched pass for all views, and
-the channels-last ResNet tower.
+"""Speed of the model's fast paths against the plain paths: text trimming, one batched pass for all views, the
+channels-last ResNet tower, and SDPA attention.
 
 Usage: python benchmarks/model_fastpaths.py [--out benchmarks/results] [--repeats 5]
 Writes model_fastpaths.json and model_fastpaths.md with the machine described.
@@ -23,7 +23,7 @@ from slip.models.vision import ModifiedResNet
 from slip.tokenizer import tokenize
 
 from captions import REAL_CAPTIONS  # benchmarks/captions.py, beside this script
-
+from suite import cpu_description  # benchmarks/suite.py
 
 
 def time_call(fn: Callable[[], None], repeats: int) -> float:
@@ -89,6 +89,55 @@ def bench_batched_views(batch: int, image_size: int, repeats: int) -> dict:
     }
 
 
+def alternating_pairs(steps: dict[str, Callable[[], None]], pairs: int) -> dict[str, list[float]]:
+    """Wall times of each step, run in turns `pairs` times after one warm-up each, so that the machine's drift
+    hits all alike."""
+    for step in steps.values():
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(pairs):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def written_out_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v as three plain operators: what SDPA computes, without its fused kernel."""
+    return torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1) @ v
+
+
+def bench_attention(images: int, pairs: int) -> dict:
+    """ViT-S/16 attention fwd+bwd (6 heads of 64 over 197 tokens): SDPA, as the towers use it (flash attention on
+    CPU), against the same attention written as matmul, softmax, matmul; alternating pairs."""
+    torch.manual_seed(0)
+    heads, tokens, width = 6, 197, 64
+    q, k, v = (torch.randn(images, heads, tokens, width, requires_grad=True) for _ in range(3))
+    grad = torch.randn(images, heads, tokens, width)
+
+    def sdpa() -> None:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v).backward(grad)
+
+    def written_out() -> None:
+        written_out_attention(q, k, v).backward(grad)
+
+    times = alternating_pairs({"sdpa": sdpa, "written_out": written_out}, pairs)
+    ratios = [plain / fast for plain, fast in zip(times["written_out"], times["sdpa"])]
+    flops = 3 * 4 * images * heads * tokens * tokens * width  # QK^T and PV, forward once and backward twice
+    seconds_sdpa = statistics.median(times["sdpa"])
+    return {
+        "task": f"ViT-S/16 attention fwd+bwd, {images} images x {heads} heads x {tokens} tokens",
+        "images": images,
+        "seconds_written_out": statistics.median(times["written_out"]),
+        "seconds_sdpa": seconds_sdpa,
+        "sdpa_gflops": flops / seconds_sdpa / 1e9,
+        "speedup": statistics.median(ratios),
+        "pairs_faster": sum(ratio > 1 for ratio in ratios),
+        "pairs": len(ratios),
+    }
+
+
 def bench_channels_last(batch: int, repeats: int) -> dict:
     """CLIP's RN50 image tower fwd+bwd, NCHW against NHWC (the same weights), in alternating pairs."""
     torch.manual_seed(0)
@@ -101,14 +150,7 @@ def bench_channels_last(batch: int, repeats: int) -> dict:
         tower.zero_grad(set_to_none=True)
         tower(images).sum().backward()
 
-    times: dict[str, list[float]] = {layout: [] for layout in towers}
-    for tower in towers.values():
-        step(tower)  # warm-up
-    for _ in range(repeats):  # pairs taking turns, so that the machine's drift hits both alike
-        for layout, tower in towers.items():
-            start = time.perf_counter()
-            step(tower)
-            times[layout].append(time.perf_counter() - start)
+    times = alternating_pairs({layout: lambda tower=tower: step(tower) for layout, tower in towers.items()}, repeats)
     ratios = [plain / fast for plain, fast in zip(times["contiguous"], times["channels_last"])]
     return {
         "task": "RN50 image tower 224px fwd+bwd",
@@ -131,11 +173,14 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--resnet-batch", type=int, default=8)
     parser.add_argument("--resnet-pairs", type=int, default=8)
+    parser.add_argument("--attention-images", type=int, default=24, help="3 views of batch 8, as a SLIP step")
+    parser.add_argument("--attention-pairs", type=int, default=15)
     args = parser.parse_args()
     retain_freed_memory()  # as slip.train does by default
     machine = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        **cpu_description(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "device": "cpu",
@@ -143,8 +188,10 @@ def main() -> None:
     text = bench_text_trimming(args.text_batch, args.repeats)
     views = bench_batched_views(args.view_batch, args.image_size, args.repeats)
     layout = bench_channels_last(args.resnet_batch, args.resnet_pairs)
+    attention = bench_attention(args.attention_images, args.attention_pairs)
     args.out.mkdir(parents=True, exist_ok=True)
-    record = {"machine": machine, "text_trimming": text, "batched_views": views, "channels_last": layout}
+    record = {"machine": machine, "text_trimming": text, "batched_views": views, "channels_last": layout,
+              "attention": attention}
     (args.out / "model_fastpaths.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [
         "| fast path | setting | plain (s) | fast (s) | speedup |",
@@ -157,9 +204,14 @@ def main() -> None:
         f"| channels-last ResNet | {layout['task']}, batch {layout['batch']}, {layout['pairs']} alternating pairs "
         f"(faster in {layout['pairs_faster']}) | {layout['seconds_contiguous']:.3f} | "
         f"{layout['seconds_channels_last']:.3f} | {layout['speedup']:.2f}x (median pair) |",
+        f"| SDPA attention | {attention['task']}, {attention['pairs']} alternating pairs (faster in "
+        f"{attention['pairs_faster']}; SDPA at {attention['sdpa_gflops']:.0f} GFLOP/s) | "
+        f"{attention['seconds_written_out']:.3f} | {attention['seconds_sdpa']:.3f} | {attention['speedup']:.2f}x "
+        "(median pair) |",
     ]
     command = " ".join(["python benchmarks/model_fastpaths.py", *sys.argv[1:]])
-    header = (f"Machine: {machine['processor']}, {machine['threads']} threads, torch {machine['torch']}, CPU fp32, "
+    header = (f"Machine: {machine['processor']} ({machine.get('cpu_model', 'unknown CPU')}), {machine['threads']} "
+              f"threads, torch {machine['torch']}, CPU fp32, "
               "freed host memory retained.\n"
               f"Command: `{command}` (medians of the repeats after a warm-up)\n\n")
     (args.out / "model_fastpaths.md").write_text(header + "\n".join(lines) + "\n")

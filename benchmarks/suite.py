@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import multiprocessing
+import os
 import platform
 import shlex
 import statistics
@@ -137,6 +138,31 @@ def training_setup(device, model_name: str, loss: str, batch_size: int) -> tuple
                                          device)
 
 
+def model_flop_counter():
+    """torch's FlopCounterMode with attention counted as model FLOPs on every device: its two products once
+    forward and twice backward, like every other matmul (the causal text tower counted in full, as torch does).
+
+    torch counts nothing for the CPU flash-attention kernels, and for the GPU ones it adds the backward pass's
+    recomputation of the scores, which is work of the kernel rather than of the model (MFU counts the latter).
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query, key, value)
+
+    def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return 2 * sdpa_flop_count(query, key, value)
+
+    aten = torch.ops.aten
+    return FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: forward,
+        **{kernel: backward for kernel in (aten._scaled_dot_product_flash_attention_for_cpu_backward,
+                                           aten._scaled_dot_product_flash_attention_backward,
+                                           aten._scaled_dot_product_efficient_attention_backward,
+                                           aten._scaled_dot_product_cudnn_attention_backward)}})
+
+
 def train_step(device_name: str, model_name: str, loss: str, batch_size: int, repeats: int,
                matmul_size: int, probe_s: float, compiled: bool = False) -> dict[str, Any]:
     """img/s, model FLOP/s and peak memory of full training steps (fwd, bwd, AdamW) on real-length captions.
@@ -148,7 +174,6 @@ def train_step(device_name: str, model_name: str, loss: str, batch_size: int, re
     compilation is untimed).
     """
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     device = _device(device_name)
     task, optimizer, batch = training_setup(device, model_name, loss, batch_size)
@@ -164,7 +189,7 @@ def train_step(device_name: str, model_name: str, loss: str, batch_size: int, re
         result["loss"].backward()
         optimizer.step()
 
-    with FlopCounterMode(display=False) as counter:
+    with model_flop_counter() as counter:
         step()
     flops = counter.get_total_flops()
     if compiled:
@@ -173,7 +198,7 @@ def train_step(device_name: str, model_name: str, loss: str, batch_size: int, re
     times, fractions = [], []
     for _ in range(repeats):
         before = _sustained_matmul_tflops(a, b, device, probe_s)
-        seconds = _time_once(step, device)  # the FlopCounterMode step above was the warm-up
+        seconds = _time_once(step, device)  # the counted step above was the warm-up
         after = _sustained_matmul_tflops(a, b, device, probe_s)
         times.append(seconds)
         fractions.append(flops / seconds / 1e12 / ((before + after) / 2))
@@ -565,10 +590,10 @@ def markdown(results: dict[str, Any], command: str, machine: dict[str, Any],
     lines = [f"# Benchmark suite\n", f"Command: `{command}`  ", f"Machine: {machine}\n"]
     missing = [section for section in sections or [] if section not in results.get("sections_done", sections)]
     if missing:
-        lines.append(f"**Partial results**: written after {', '.join(results['sections_done']) or 'the matmul peak'}; "
-                     f"not (yet) measured: {', '.join(missing)}.\n")
-    lines.append(f"Dense matmul peak ({peak.get('dtype')}, {peak.get('size')}²): **{_fmt(peak.get('tflops', 0) * 1000)} "
-                 "GFLOP/s**, the reference for the fractions below.\n")
+        done = ", ".join(results["sections_done"]) or "the matmul peak"
+        lines.append(f"**Partial results**: written after {done}; not (yet) measured: {', '.join(missing)}.\n")
+    lines.append(f"Dense matmul peak ({peak.get('dtype')}, {peak.get('size')}²): "
+                 f"**{_fmt(peak.get('tflops', 0) * 1000)} GFLOP/s**, the reference for the fractions below.\n")
     if "train_step" in results:
         compiled = any(row.get("compiled") for row in results["train_step"])
         lines += [f"## Train step (fwd + bwd + fused AdamW{', torch.compile' if compiled else ''}, real-length captions, "
@@ -648,6 +673,13 @@ def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
             "fp32_simd": vector}
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one step, so that a run killed mid-write leaves the previous file whole."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments, run the suite, write suite.json and suite.md."""
     import torch
@@ -678,9 +710,9 @@ def main(argv: list[str] | None = None) -> None:
 
     def write(results: dict[str, Any]) -> None:
         results["wall_s"] = time.perf_counter() - started
-        (args.out / f"{stem}.json").write_text(json.dumps({"command": command, "machine": machine, **results},
-                                                          indent=2) + "\n")
-        (args.out / f"{stem}.md").write_text(markdown(results, command, machine, sections))
+        _write_atomically(args.out / f"{stem}.json",
+                          json.dumps({"command": command, "machine": machine, **results}, indent=2) + "\n")
+        _write_atomically(args.out / f"{stem}.md", markdown(results, command, machine, sections))
 
     results = run(sections, args.device, args.quick, args.compile, models, objectives, after_section=write)
     write(results)

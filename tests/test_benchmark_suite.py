@@ -3,6 +3,7 @@ step_profile.py accounts for a step's time."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -100,7 +101,7 @@ def test_the_cpu_description_names_the_widest_float32_vector_extension(suite, tm
     assert suite.cpu_description(tmp_path / "missing") == {}
 
 
-def test_each_finished_section_is_handed_on_and_a_cut_short_run_says_what_it_lacks(suite, monkeypatch):
+def test_each_finished_section_is_handed_on_and_a_cut_short_run_says_what_it_lacks(suite, monkeypatch, tmp_path):
     # The measurements run in spawned processes, which import suite.py by name and look its functions up there.
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     monkeypatch.setitem(sys.modules, "suite", suite)
@@ -111,3 +112,32 @@ def test_each_finished_section_is_handed_on_and_a_cut_short_run_says_what_it_lac
     partial = suite.markdown(results, "cmd", {}, sections=["loss", "eval"])
     assert "**Partial results**: written after loss; not (yet) measured: eval." in partial
     assert "Partial" not in suite.markdown(results, "cmd", {}, sections=["loss"])
+
+    suite.main(["--quick", "--sections", "loss", "--out", str(tmp_path)])
+    written = json.loads((tmp_path / "suite_quick.json").read_text())
+    assert written["sections_done"] == ["loss"] and written["command"].endswith(f"--out {tmp_path}")
+    assert "## Contrastive loss" in (tmp_path / "suite_quick.md").read_text()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["suite_quick.json", "suite_quick.md"]
+
+
+def test_the_attention_comparison_times_two_forms_of_the_same_attention():
+    import torch
+
+    model_fastpaths = _load("model_fastpaths")
+    q, k, v = (torch.randn(2, 3, 17, 8, dtype=torch.float64) for _ in range(3))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(model_fastpaths.written_out_attention(q, k, v), expected, rtol=1e-10, atol=1e-12)
+    result = model_fastpaths.bench_attention(images=1, pairs=1)
+    assert result["pairs"] == 1 and result["seconds_sdpa"] > 0 and result["sdpa_gflops"] > 0
+
+
+def test_model_flops_count_cpu_attention_as_torch_counts_gpu_attention(suite):
+    import torch
+    import torch.nn.functional as F
+
+    batch, heads, tokens, width = 2, 3, 17, 8
+    q, k, v = (torch.randn(batch, heads, tokens, width, requires_grad=True) for _ in range(3))
+    with suite.model_flop_counter() as counter:
+        F.scaled_dot_product_attention(q, k, v).sum().backward()
+    products = 2 * 2 * batch * heads * tokens * tokens * width  # q k^T and the weights times v
+    assert counter.get_total_flops() == 3 * products  # once forward, twice backward

@@ -124,7 +124,7 @@ def build_resnet_model(
 ) -> ImageTextModel:
     """A model with CLIP's ModifiedResNet image tower, whose attention pool projects to `embed_dim`.
 
-    `channels_last`: the tower convolves in NHWC layout (RN50 fwd + bwd 1.15x on CPU, median of 8 pairs; see
+    `channels_last`: the tower convolves in NHWC layout (RN50 fwd + bwd 1.15-1.20x on CPU, median of 8 pairs; see
     benchmarks/results/model_fastpaths.md).
     """
     vision_heads = vision_heads or vision_width * 32 // 64
