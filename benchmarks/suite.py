@@ -15,7 +15,6 @@ import csv
 import io
 import json
 import multiprocessing
-import os
 import platform
 import shlex
 import statistics
@@ -673,16 +672,11 @@ def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
             "fp32_simd": vector}
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Replace `path` with `text` in one step, so that a run killed mid-write leaves the previous file whole."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments, run the suite, write suite.json and suite.md."""
     import torch
+
+    from slip.checkpoint import atomic_write
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", default="train,data,loader,eval,loss")
@@ -709,10 +703,12 @@ def main(argv: list[str] | None = None) -> None:
     stem = ("suite_quick" if args.quick else "suite") + ("_compiled" if args.compile else "")
 
     def write(results: dict[str, Any]) -> None:
+        # Atomically: a run killed mid-write leaves the previous file whole.
         results["wall_s"] = time.perf_counter() - started
-        _write_atomically(args.out / f"{stem}.json",
-                          json.dumps({"command": command, "machine": machine, **results}, indent=2) + "\n")
-        _write_atomically(args.out / f"{stem}.md", markdown(results, command, machine, sections))
+        record = json.dumps({"command": command, "machine": machine, **results}, indent=2) + "\n"
+        atomic_write(args.out / f"{stem}.json", lambda handle: handle.write(record.encode()), remove_stale=True)
+        text = markdown(results, command, machine, sections)
+        atomic_write(args.out / f"{stem}.md", lambda handle: handle.write(text.encode()), remove_stale=True)
 
     results = run(sections, args.device, args.quick, args.compile, models, objectives, after_section=write)
     write(results)

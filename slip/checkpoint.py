@@ -10,7 +10,8 @@ import re
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping
+from collections.abc import Callable
+from typing import Any, BinaryIO, Mapping
 
 import torch
 from omegaconf import OmegaConf
@@ -66,7 +67,12 @@ def model_checkpoint(model: ImageTextModel) -> dict[str, Any]:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike, remove_stale: bool = False) -> Path:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+    """torch.save `obj` to `path` atomically (`atomic_write`)."""
+    return atomic_write(path, lambda handle: torch.save(obj, handle), remove_stale)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any], remove_stale: bool = False) -> Path:
+    """`write(handle)` to a temporary file in the same folder, fsync, then rename over `path`.
 
     A failed write (e.g. a full disk) leaves any previous file at `path` as it was; the OSError says so.
     `remove_stale`: after success, delete the temporary files of earlier saves to `path` that were cut short
@@ -78,7 +84,7 @@ def atomic_save(obj: Any, path: str | os.PathLike, remove_stale: bool = False) -
     fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
@@ -303,5 +309,5 @@ def load_pretrained_with_info(path: str | os.PathLike) -> tuple[ImageTextModel, 
     return model.eval(), info
 
 
-__all__ = ["CheckpointError", "CheckpointInfo", "atomic_save", "load_pretrained", "load_pretrained_with_info",
-           "model_checkpoint", "read_checkpoint", "save_model"]
+__all__ = ["CheckpointError", "CheckpointInfo", "atomic_save", "atomic_write", "load_pretrained",
+           "load_pretrained_with_info", "model_checkpoint", "read_checkpoint", "save_model"]
