@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.utils.flop_counter import sdpa_flop_count
 
 from slip.host_memory import retain_freed_memory
 from slip.models import vit_s16
@@ -23,7 +23,7 @@ from slip.models.vision import ModifiedResNet
 from slip.tokenizer import tokenize
 
 from captions import REAL_CAPTIONS  # benchmarks/captions.py, beside this script
-from suite import cpu_description  # benchmarks/suite.py
+from suite import machine_record  # benchmarks/suite.py
 
 
 def time_call(fn: Callable[[], None], repeats: int) -> float:
@@ -124,7 +124,7 @@ def bench_attention(images: int, pairs: int) -> dict:
 
     times = alternating_pairs({"sdpa": sdpa, "written_out": written_out}, pairs)
     ratios = [plain / fast for plain, fast in zip(times["written_out"], times["sdpa"])]
-    flops = 3 * 4 * images * heads * tokens * tokens * width  # QK^T and PV, forward once and backward twice
+    flops = 3 * sdpa_flop_count(q.shape, k.shape, v.shape)  # forward once, backward twice, as the suite counts
     seconds_sdpa = statistics.median(times["sdpa"])
     return {
         "task": f"ViT-S/16 attention fwd+bwd, {images} images x {heads} heads x {tokens} tokens",
@@ -177,14 +177,7 @@ def main() -> None:
     parser.add_argument("--attention-pairs", type=int, default=15)
     args = parser.parse_args()
     retain_freed_memory()  # as slip.train does by default
-    machine = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        **cpu_description(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "device": "cpu",
-    }
+    machine = machine_record()
     text = bench_text_trimming(args.text_batch, args.repeats)
     views = bench_batched_views(args.view_batch, args.image_size, args.repeats)
     layout = bench_channels_last(args.resnet_batch, args.resnet_pairs)

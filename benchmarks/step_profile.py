@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from slip.models import MODEL_BUILDERS
 
-from suite import OBJECTIVES, cpu_description, training_setup  # benchmarks/suite.py, beside this script
+from suite import OBJECTIVES, machine_record, training_setup  # benchmarks/suite.py, beside this script
 
 GROUPS = {"matmul": ("mm", "addmm", "bmm"), "attention": ("_scaled_dot_product",)}
 
@@ -104,8 +103,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
-    machine = {"platform": platform.platform(), **cpu_description(), "torch": torch.__version__,
-               "threads": torch.get_num_threads()}
+    machine = machine_record()
     result = profile(args.model, args.loss, args.batch, args.steps, args.warmup)
     command = "python benchmarks/step_profile.py " + " ".join(
         f"--{key} {value}" for key, value in [("model", args.model), ("loss", args.loss), ("batch", args.batch),

@@ -483,10 +483,9 @@ def run(sections: list[str], device_name: str, quick: bool, compiled: bool = Fal
     results: dict[str, Any] = {"sections_done": []}
 
     def finished(section: str) -> None:
-        if section in sections:
-            results["sections_done"].append(section)
-            if after_section is not None:
-                after_section(results)
+        results["sections_done"].append(section)
+        if after_section is not None:
+            after_section(results)
 
     peak = isolated(matmul_peak, device_name, settings["matmul"]["size"], settings["matmul"]["repeats"])
     results["matmul_peak"] = peak
@@ -504,31 +503,31 @@ def run(sections: list[str], device_name: str, quick: bool, compiled: bool = Fal
                 rows.append(row)
                 print(f"train step: {row}", flush=True)
         results["train_step"], results["train_probe_s"] = rows, settings["train"]["probe_s"]
-    finished("train")
+        finished("train")
     if "data" in sections:
         data = settings["data"]
         results["data_pipeline"] = isolated(data_pipeline, device_name, data["samples"])
         results["view_finishing"] = isolated(view_finishing, device_name, data["finish_batch"], data["finish_repeats"])
         print(f"data pipeline: {results['data_pipeline']}\nview finishing: {results['view_finishing']}", flush=True)
-    finished("data")
+        finished("data")
     if "loader" in sections:
         loader = settings["loader"]
         results["training_loader"] = [isolated(training_loader, device_name, loader["samples"], loader["batch_size"],
                                                loader["workers"], backend) for backend in ("tensor", "device")]
         print(f"training loader: {results['training_loader']}", flush=True)
-    finished("loader")
+        finished("loader")
     if "eval" in sections:
         e = settings["eval"]
         results["evaluation"] = isolated(evaluation, device_name, e["model"], e["num_train"], e["num_test"],
                                          e["batch_size"])
         print(f"evaluation: {results['evaluation']}", flush=True)
-    finished("eval")
+        finished("eval")
     if "loss" in sections:
         results["contrastive_loss"] = [
             isolated(contrastive_loss, device_name, batch, settings["loss"]["embed_dim"], settings["loss"]["repeats"])
             for batch in settings["loss"]["batches"]]
         print(f"contrastive loss: {results['contrastive_loss']}", flush=True)
-    finished("loss")
+        finished("loss")
     return results
 
 
@@ -672,6 +671,16 @@ def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
             "fp32_simd": vector}
 
 
+def machine_record(device_name: str = "cpu") -> dict[str, Any]:
+    """What a benchmark result was measured on: platform, CPU, cores, torch and its threads, and the device."""
+    import torch
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            **cpu_description(), "cpus": multiprocessing.cpu_count(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name() if device_name.startswith("cuda") else "cpu"}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments, run the suite, write suite.json and suite.md."""
     import torch
@@ -693,10 +702,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [o for o in objectives if o not in OBJECTIVES]
     if unknown:
         parser.error(f"--objectives: unknown {unknown}, choose from {list(OBJECTIVES)}")
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               **cpu_description(), "cpus": multiprocessing.cpu_count(), "torch": torch.__version__,
-               "threads": torch.get_num_threads(),
-               "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
+    machine = machine_record(args.device)
     command = ("python benchmarks/suite.py " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
