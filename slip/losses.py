@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,16 @@ class Objective(nn.Module):
         raise NotImplementedError
 
 
+def _both_directions(a: Tensor, all_a: Tensor, b: Tensor, all_b: Tensor,
+                     score: Callable[[Tensor, Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """Logits of a's local rows against all of b, and of b's local rows against all of a.
+
+    With the whole batch local (one process: the gathered batch is the local one) the second is the first's
+    transpose, one matrix product fewer."""
+    a_to_b = score(a, all_b)
+    return a_to_b, a_to_b.T if all_a.shape[0] == a.shape[0] else score(b, all_a)
+
+
 def _check_pair(objective: Objective, a_key: str, a: Tensor, b_key: str, b: Tensor) -> None:
     """Raise if two paired embedding batches differ in shape."""
     if a.ndim != 2 or a.shape != b.shape:
@@ -89,10 +99,8 @@ class CLIPLoss(Objective):
             all_image, offset = self._gather(image)
             all_text, _ = self._gather(text)
             labels = offset + torch.arange(image.shape[0], device=image.device)
-            logits_per_image = scale * image @ all_text.T
-            # With the whole batch local (one process) the text->image logits are the transpose: one product fewer.
-            logits_per_text = (logits_per_image.T if all_image.shape[0] == image.shape[0]
-                               else scale * text @ all_image.T)
+            logits_per_image, logits_per_text = _both_directions(image, all_image, text, all_text,
+                                                                 lambda rows, columns: scale * rows @ columns.T)
             loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
         return {"loss": loss, "clip_loss": loss.detach(), "clip_acc": _top1(logits_per_image, labels)}
 
@@ -125,9 +133,8 @@ class SimCLRLoss(Objective):
             is_self = labels[:, None] == torch.arange(k_a.shape[0], device=q_a.device)
             logits_aa = (q_a @ k_a.T / self.temperature).masked_fill(is_self, float("-inf"))
             logits_bb = (q_b @ k_b.T / self.temperature).masked_fill(is_self, float("-inf"))
-            logits_ab = q_a @ k_b.T / self.temperature
-            # With the whole batch local (one process) the b->a logits are the transpose: one product fewer.
-            logits_ba = logits_ab.T if k_a.shape[0] == q_a.shape[0] else q_b @ k_a.T / self.temperature
+            logits_ab, logits_ba = _both_directions(q_a, k_a, q_b, k_b,
+                                                    lambda rows, columns: rows @ columns.T / self.temperature)
             logits_a = torch.cat([logits_ab, logits_aa], dim=1)
             logits_b = torch.cat([logits_ba, logits_bb], dim=1)
             loss = (F.cross_entropy(logits_a, labels) + F.cross_entropy(logits_b, labels)) / 2
