@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -181,6 +181,42 @@ def make_gather(world: WorldInfo) -> Gather:
     return gather
 
 
+def _buckets(tensors: Sequence[Tensor], limit_bytes: int) -> Iterator[list[Tensor]]:
+    """Consecutive groups of `tensors` of at most `limit_bytes` each (a larger tensor forms a group alone)."""
+    bucket: list[Tensor] = []
+    size = 0
+    for tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > limit_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(tensor)
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def average_gradients(parameters: Iterable[torch.nn.Parameter], bucket_bytes: int = 25 * 2**20) -> None:
+    """Replace every `.grad` by its mean over the ranks (what DDP's reducer does), in flat buckets per dtype.
+
+    For backward passes that do not run through DDP's forward (exact accumulation); every rank must hold
+    gradients for the same parameters, in the same order.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    by_kind: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+    for parameter in parameters:
+        if parameter.grad is not None:
+            by_kind.setdefault((parameter.grad.dtype, parameter.grad.device), []).append(parameter.grad)
+    for grads in by_kind.values():
+        for bucket in _buckets(grads, bucket_bytes):
+            flat = torch.cat([grad.reshape(-1) for grad in bucket])
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+            for grad, averaged in zip(bucket, flat.split([grad.numel() for grad in bucket])):
+                grad.copy_(averaged.view_as(grad))
+
+
 class SyncBatchNorm1d(torch.nn.BatchNorm1d):
     """BatchNorm1d whose training statistics cover the global batch of all ranks, on any backend (gloo too).
 
@@ -209,11 +245,14 @@ class SyncBatchNorm1d(torch.nn.BatchNorm1d):
 
 
 def convert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
-    """Replace every BatchNorm1d in `module` by a SyncBatchNorm1d with the same parameters and statistics."""
+    """Replace every BatchNorm1d in `module` by a SyncBatchNorm1d with the same parameters, statistics and dtype."""
     for name, child in module.named_children():
         if type(child) is torch.nn.BatchNorm1d:
             synced = SyncBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine,
-                                     child.track_running_stats).to(child.weight.device if child.affine else "cpu")
+                                     child.track_running_stats)
+            like = next(iter(child.parameters()), child.running_mean)  # the layer's device and float type
+            if like is not None:
+                synced.to(device=like.device, dtype=like.dtype)
             synced.load_state_dict(child.state_dict())
             setattr(module, name, synced)
         else:

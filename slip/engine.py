@@ -16,9 +16,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from slip.accumulation import ACCUMULATION_MODES, exact_backward
 from slip.checkpoint import FORMAT_NAME, FORMAT_VERSION, atomic_save
 from slip.data.loader import batch_to_device
-from slip.distributed import WorldInfo
+from slip.distributed import WorldInfo, average_gradients
 from slip.losses import Objective
 from slip.models import ImageTextModel
 from slip.monitor import Monitor, peak_memory_mib
@@ -43,6 +44,7 @@ class TrainerSettings:
     epochs: int = 1
     max_steps: int | None = None
     update_freq: int = 1
+    accumulation: str = "exact"
     precision: str = "auto"
     grad_clip: float | None = None
     grad_checkpointing: bool = False
@@ -74,6 +76,9 @@ class TrainerSettings:
             raise ValueError(f"trainer.init_grad_scale must be > 0, got {self.init_grad_scale}")
         if self.save_every < 0:
             raise ValueError(f"trainer.save_every must be >= 0 (0: only at epoch ends), got {self.save_every}")
+        if self.accumulation not in ACCUMULATION_MODES:
+            raise ValueError(f"trainer.accumulation must be one of {list(ACCUMULATION_MODES)}, "
+                             f"got {self.accumulation!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"trainer.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -105,6 +110,10 @@ class TrainTask(nn.Module):
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Batch -> the objective's result dict (loss, terms, accuracies)."""
         return self.objective(self.model(batch))
+
+    def finish(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tower features (`ImageTextModel.tower_features`) -> the objective's result dict, through the heads."""
+        return self.objective(self.model.heads(features))
 
 
 class PreemptionFlag:
@@ -227,8 +236,12 @@ class Trainer:
         if world.is_distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.wrapped = nn.parallel.DistributedDataParallel(task, device_ids=ids)
+        # Exact accumulation runs towers, heads and objective as separate passes, outside DDP's forward.
+        self.exact_accumulation = settings.update_freq > 1 and settings.accumulation == "exact"
+        self._encode, self._finish = task.model.tower_features, task.finish
         if settings.compile:
             self.wrapped = torch.compile(self.wrapped)
+            self._encode, self._finish = torch.compile(self._encode), torch.compile(self._finish)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -341,20 +354,30 @@ class Trainer:
                 logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         return True
 
-    def _micro_step(self, batch: dict, sync: bool) -> tuple[dict[str, torch.Tensor], bool]:
-        """Forward and backward of one batch on the device; gradients sync across ranks only when `sync`."""
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def _micro_step(self, batch: dict, sync: bool) -> dict[str, torch.Tensor]:
+        """Forward and backward of one batch on its own (its loss / update_freq); ranks sync only when `sync`."""
         no_sync = getattr(self.wrapped, "no_sync", None)
         context = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
         with context:
-            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            with self._autocast():
                 result = self.wrapped(batch)
-            loss = result["loss"]
-            nonfinite = not bool(torch.isfinite(loss.detach()))
-            self.scaler.scale(loss / self.settings.update_freq).backward()
-        return result, nonfinite
+            self.scaler.scale(result["loss"] / self.settings.update_freq).backward()
+        return {key: value.detach() for key, value in result.items()}
 
-    def _log_step(self, sums: dict[str, float], count: int, step_time: float, data_wait: float, images: int) -> None:
-        values = {k: v / count for k, v in sums.items()}
+    def _exact_step(self, window: list[dict]) -> dict[str, torch.Tensor]:
+        """Gradients of the objective over the whole window of micro-batches (`slip.accumulation`), all ranks'."""
+        result = exact_backward(window, self._encode, self._finish, lambda loss: self.scaler.scale(loss).backward(),
+                                self.task.model, self.device, self._autocast)
+        if self.world.is_distributed:
+            average_gradients(self.task.parameters())
+        return {key: value.detach() for key, value in result.items()}
+
+    def _log_step(self, results: list[dict[str, torch.Tensor]], step_time: float, data_wait: float,
+                  images: int) -> None:
+        values = {key: sum(float(result[key]) for result in results) / len(results) for key in results[0]}
         if self.world.is_distributed:  # report the mean over ranks: for our losses, the global-batch value
             keys = sorted(values)
             stacked = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
@@ -416,8 +439,9 @@ class Trainer:
     def _train_epoch(self, batches, preempted: PreemptionFlag, image_mean, image_std) -> bool:
         """One epoch (or what is left of it); True when stopped by preemption."""
         settings, state = self.settings, self.state
-        sums: dict[str, float] = {}
-        micro, count, data_wait, images, nonfinite = 0, 0, 0.0, 0, False
+        window: list[dict] = []  # the micro-batches of this step, kept for exact accumulation's replays
+        results: list[dict[str, torch.Tensor]] = []
+        micro, data_wait, images = 0, 0.0, 0
         tick = time.perf_counter()
         while state.step_in_epoch < self.steps_per_epoch and state.step < self.total_steps:
             waited = time.perf_counter()
@@ -430,24 +454,26 @@ class Trainer:
             if state.step == 0 and micro == 0 and settings.log_images:
                 self.monitor.images("views", view_grid(batch, image_mean, image_std))
             micro += 1
-            result, bad_loss = self._micro_step(batch, sync=micro == settings.update_freq)
-            nonfinite |= bad_loss
             rows = next(iter(batch.values())).shape[0]
             images += rows
             state.samples_seen += rows
-            for key, value in result.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach())
-            count += 1
+            if not self.exact_accumulation:
+                results.append(self._micro_step(batch, sync=micro == settings.update_freq))
+            elif micro < settings.update_freq:
+                window.append(batch)
+            else:
+                results.append(self._exact_step(window + [batch]))
             if micro < settings.update_freq:
                 continue
+            nonfinite = any(not bool(torch.isfinite(result["loss"])) for result in results)
             stepped = self._optimizer_step(nonfinite)
             state.step += 1
             state.step_in_epoch += 1
             now = time.perf_counter()
             if stepped and (state.step % settings.log_every == 0 or state.step == self.total_steps or
                             self.monitor.interactive):
-                self._log_step(sums, count, now - tick, data_wait, images)
-            sums, micro, count, data_wait, images, nonfinite = {}, 0, 0, 0.0, 0, False
+                self._log_step(results, now - tick, data_wait, images)
+            window, results, micro, data_wait, images = [], [], 0, 0.0, 0
             if settings.save_every and state.step % settings.save_every == 0:
                 self.save()
             if settings.eval_every and state.step % settings.eval_every == 0 and state.step < self.total_steps:

@@ -54,7 +54,9 @@ def _assemble(
             layers=arch["text_layers"],
             heads=arch["text_heads"],
         )
-    ssl_head = SSLHead(visual.num_features, arch["ssl_mlp_dim"], arch["ssl_embed_dim"]) if with_ssl else None
+    ssl_head = None
+    if with_ssl:
+        ssl_head = SSLHead(visual.num_features, arch["ssl_mlp_dim"], arch["ssl_embed_dim"], arch["ssl_head_norm"])
     return ImageTextModel(
         visual,
         embed_dim=arch["embed_dim"],
@@ -83,12 +85,16 @@ def build_vit_model(
     vocab_size: int = 49408,
     ssl_mlp_dim: int = 4096,
     ssl_embed_dim: int = 256,
+    ssl_head_norm: str = "batch",
     logit_scale_init: float = CLIP_INITIAL_LOGIT_SCALE,
     image_mean: Sequence[float] = IMAGENET_MEAN,
     image_std: Sequence[float] = IMAGENET_STD,
     inputs: Sequence[str] = ALL_INPUTS,
 ) -> ImageTextModel:
-    """A model with a timm ViT image tower; text tower and SSL head only where `inputs` need them."""
+    """A model with a timm ViT image tower; text tower and SSL head only where `inputs` need them.
+
+    `ssl_head_norm`: the SSL head's hidden normalisation, "batch" (SLIP's), "layer" or "none".
+    """
     arch = dict(locals(), family="vit", inputs=tuple(inputs), **_normalization(image_mean, image_std))
     visual = vit_tower(
         image_size=image_size,
@@ -116,6 +122,7 @@ def build_resnet_model(
     vocab_size: int = 49408,
     ssl_mlp_dim: int = 4096,
     ssl_embed_dim: int = 256,
+    ssl_head_norm: str = "batch",
     logit_scale_init: float = CLIP_INITIAL_LOGIT_SCALE,
     image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
     image_std: Sequence[float] = OPENAI_CLIP_STD,

@@ -83,7 +83,11 @@ class ImageTextModel(nn.Module):
         """Token ids [B, L] -> projected, un-normalised embeddings in the joint space."""
         if self.text is None:
             raise RuntimeError("this model was built without a text tower (an SSL-only objective)")
-        return self.text(tokens) @ self.text_projection
+        return self.project_text(self.text(tokens))
+
+    def project_text(self, features: torch.Tensor) -> torch.Tensor:
+        """Text-tower features -> joint embedding space."""
+        return features @ self.text_projection
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute tower activations in backward to save memory (where the tower supports it)."""
@@ -105,19 +109,33 @@ class ImageTextModel(nn.Module):
             return dict(zip(views, features.split([v.shape[0] for v in views.values()])))
         return {name: self.visual(images) for name, images in views.items()}
 
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Batch dict (`image`, `text`, `aug1`, `aug2`, any subset) -> outputs dict."""
+    def tower_features(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Batch -> the towers' features, keyed by input (`image`, `text`, `aug1`, `aug2`), before any head.
+
+        Samples only meet in the towers through batch statistics (a ResNet's BatchNorm); the heads and the
+        objective see the whole batch, which is where exact accumulation splits the model (`slip.accumulation`).
+        """
         wanted = self.inputs
         views = {k: batch[k] for k in IMAGE_VIEWS if k in batch and k in wanted}
         features = self._view_features(views) if views else {}
+        if "text" in batch and "text" in wanted:
+            features["text"] = self.text(batch["text"])
+        return features
+
+    def heads(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tower features -> the outputs dict: projections, logit scale and the SSL head."""
         outputs: dict[str, torch.Tensor] = {}
         if "image" in features:
             outputs["image_embed"] = self.project_image(features["image"])
-        if "text" in batch and "text" in wanted:
-            outputs["text_embed"] = self.encode_text(batch["text"])
+        if "text" in features:
+            outputs["text_embed"] = self.project_text(features["text"])
         if outputs:  # an image or text embedding was computed, so the logit scale is needed too
             outputs["logit_scale"] = self.scaled_logit_scale()
         for view in ("aug1", "aug2"):
             if view in features:
                 outputs[f"{view}_embed"] = self.image_mlp(features[view])
         return outputs
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Batch dict (`image`, `text`, `aug1`, `aug2`, any subset) -> outputs dict."""
+        return self.heads(self.tower_features(batch))
