@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 from captions import REAL_CAPTIONS  # benchmarks/captions.py, beside this script
@@ -441,12 +442,20 @@ def _child(queue, fn: Callable[..., Any], args: tuple) -> None:
 
 
 def isolated(fn: Callable[..., Any], *args: Any) -> Any:
-    """fn(*args) in a fresh process (its own peak memory); an error comes back as {"error": ...}."""
+    """fn(*args) in a fresh process (its own peak memory); an error comes back as {"error": ...}, and so does a
+    process that died without answering (e.g. killed for memory)."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     process = context.Process(target=_child, args=(queue, fn, args))
     process.start()
-    status, value = queue.get()
+    while True:
+        try:
+            status, value = queue.get(timeout=1.0)
+            break
+        except Empty:
+            if not process.is_alive() and queue.empty():
+                status, value = "error", f"the measuring process died (exit code {process.exitcode})"
+                break
     process.join()
     return value if status == "ok" else {"error": value}
 

@@ -6,11 +6,9 @@ and `independent` accumulation against what it has always computed.
 """
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
-import socket
-import traceback
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ import torch
 
 from accumulation_helpers import (OBJECTIVES, gradients, make_batch, parameters, relative_errors, split, tiny_task,
                                   train_steps, worst)
+from rank_helpers import run_ranks
 from slip.accumulation import exact_backward
 from slip.checkpoint import read_checkpoint
 from slip.distributed import WorldInfo, convert_sync_batchnorm, init_process_group, leave_process_group, make_gather
@@ -36,6 +35,7 @@ def change(task: TrainTask, before: dict[str, torch.Tensor]) -> dict[str, torch.
 
 def assert_exact(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], bound: float = EXACT) -> None:
     name, error = worst(relative_errors(got, want))
+    print(f"worst relative error {error:.1e} ({name})")  # shown with pytest -s: the figures the README quotes
     assert error <= bound, f"{name}: relative error {error:.3g} > {bound:g}"
 
 
@@ -82,10 +82,11 @@ def test_exact_accumulation_of_a_resnet_equals_the_step_with_batchnorm_over_each
     assert error > 1e-3
 
 
-def run_exact_backward(task: TrainTask, micro_batches: list[dict], encode=None, finish=None) -> dict:
+def run_exact_backward(task: TrainTask, micro_batches: list[dict], encode=None, finish=None,
+                       device: torch.device = torch.device("cpu")) -> dict:
     task.zero_grad(set_to_none=True)
     exact_backward(micro_batches, encode or task.model.tower_features, finish or task.finish,
-                   lambda loss: loss.backward(), task.model, torch.device("cpu"))
+                   lambda loss: loss.backward(), task.model, device)
     return gradients(task)
 
 
@@ -123,6 +124,20 @@ def test_drop_path_takes_the_same_draws_when_micro_batches_are_replayed() -> Non
     torch.manual_seed(8)
     other_draws = chunked_gradients(task, micro_batches)
     assert worst(relative_errors(other_draws, want))[1] > 1e-2  # so replaying other draws would show
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_session.sh runs it)")
+def test_drop_path_replay_on_cuda_restores_the_device_generator() -> None:
+    device = torch.device("cuda")
+    task = tiny_task("vit", "slip", drop_path_rate=0.5).to(device).train()
+    micro_batches = [{key: value.to(device) for key, value in chunk.items()}
+                     for chunk in split(make_batch(task, MICRO * K), K)]
+    torch.manual_seed(7)
+    want = chunked_gradients(task, micro_batches)
+    torch.manual_seed(7)
+    assert_exact(run_exact_backward(task, micro_batches, device=device), want)
+    torch.manual_seed(8)
+    assert worst(relative_errors(chunked_gradients(task, micro_batches), want))[1] > 1e-2
 
 
 @pytest.mark.parametrize(("norm", "exact"), [("batch", False), ("layer", True), ("none", True)])
@@ -268,49 +283,29 @@ WORLD = 2
 DISTRIBUTED_OBJECTIVES = ("slip", "siglip")
 
 
-def _rank_worker(rank: int, port: int, out_dir: str) -> None:
+def _rank_worker(rank: int, port: int) -> dict:
     """One rank: its half of the global batch, as K micro-batches, through the engine's exact accumulation."""
     torch.set_num_threads(1)
-    try:
-        world = WorldInfo(rank=rank, world_size=WORLD, local_rank=rank)
-        init_process_group(world, backend="gloo", init_method=f"tcp://127.0.0.1:{port}")
-        results = {}
-        for objective in DISTRIBUTED_OBJECTIVES:
-            task = tiny_task("vit", objective)
-            task.objective.set_gather(make_gather(world))
-            if task.model.image_mlp is not None:
-                convert_sync_batchnorm(task.model.image_mlp)
-            before = parameters(task)
-            batch = make_batch(task, MICRO * K * WORLD)
-            mine = {key: value.chunk(WORLD)[rank] for key, value in batch.items()}
-            train_steps(task, split(mine, K), Path(out_dir) / objective, update_freq=K, world=world)
-            results[objective] = change(task, before)
-        leave_process_group(world)
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    except BaseException:
-        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    world = WorldInfo(rank=rank, world_size=WORLD, local_rank=rank)
+    init_process_group(world, backend="gloo", init_method=f"tcp://127.0.0.1:{port}")
+    results = {}
+    for objective in DISTRIBUTED_OBJECTIVES:
+        task = tiny_task("vit", objective)
+        task.objective.set_gather(make_gather(world))
+        if task.model.image_mlp is not None:
+            convert_sync_batchnorm(task.model.image_mlp)
+        before = parameters(task)
+        batch = make_batch(task, MICRO * K * WORLD)
+        mine = {key: value.chunk(WORLD)[rank] for key, value in batch.items()}
+        with tempfile.TemporaryDirectory() as run_dir:
+            train_steps(task, split(mine, K), Path(run_dir), update_freq=K, world=world)
+        results[objective] = change(task, before)
+    leave_process_group(world)
+    return results
 
 
 def test_two_gloo_ranks_of_micro_batches_equal_one_process_on_the_global_batch(tmp_path: Path) -> None:
-    context = multiprocessing.get_context("spawn")
-    port = _free_port()
-    procs = [context.Process(target=_rank_worker, args=(rank, port, str(tmp_path))) for rank in range(WORLD)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=180)
-        if proc.is_alive():
-            proc.kill()
-    errors = [path.read_text() for path in sorted(tmp_path.glob("*.err"))]
-    assert not errors, "\n".join(errors)
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
+    ranks = run_ranks(_rank_worker, WORLD, tmp_path, timeout=180)
     for objective in DISTRIBUTED_OBJECTIVES:
         want = big_batch_step_change("vit", objective, make_batch(tiny_task("vit", objective), MICRO * K * WORLD),
                                      tmp_path / f"single-{objective}")

@@ -141,3 +141,42 @@ def test_model_flops_count_cpu_attention_as_torch_counts_gpu_attention(suite):
         F.scaled_dot_product_attention(q, k, v).sum().backward()
     products = 2 * 2 * batch * heads * tokens * tokens * width  # q k^T and the weights times v
     assert counter.get_total_flops() == 3 * products  # once forward, twice backward
+
+
+def test_the_accumulation_benchmark_times_every_mode_and_renders_its_ratios(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    accumulation = _load("accumulation")
+    rows = [accumulation.step_measurement("cpu", "vit_ti16", "slip", mode, 2, 4, image_size=32)
+            for mode in accumulation.MODES]
+    assert [row["mode"] for row in rows] == list(accumulation.MODES)
+    assert all(row["step_s"] > 0 and row["peak_memory_mib"] > 0 for row in rows)
+    by_mode = {row["mode"]: row for row in rows}
+    assert by_mode["exact"]["cached_features_mib"] > 0 and by_mode["exact"]["update_freq"] == 2
+    text = accumulation.markdown({"model": "vit_ti16", "loss": "slip", "micro_batch": 2,
+                                  "rows": rows + [{"mode": "exact", "global_batch": 8, "error": "boom"}]}, "cmd", {})
+    assert "| exact | 4 | 2 |" in text and "error: boom" in text
+    assert all(row["peak_heap_in_use_mib"] > 0 for row in rows)  # glibc's live-allocation count (Linux CI)
+    (line,) = accumulation.summary({"rows": rows, "sample_input_mib": 0.5})
+    assert line["global_batch"] == 4 and line["window_inputs_mib"] == 2.0 and "big_time_ratio" in line
+    assert {"of_micro", "of_micro_and_inputs", "of_independent"} == line["peak"].keys() == line["heap"].keys()
+    assert line["peak"]["of_micro_and_inputs"] < line["peak"]["of_micro"]
+
+
+def test_a_measurement_whose_process_dies_comes_back_as_an_error(suite, monkeypatch):
+    import os
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the spawned process imports suite.py by name
+    monkeypatch.setitem(sys.modules, "suite", suite)
+    assert suite.isolated(os._exit, 3) == {"error": "the measuring process died (exit code 3)"}
+
+
+def test_the_big_batch_is_timed_only_where_the_scaled_micro_step_fits(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    accumulation = _load("accumulation")
+    micro = {"memory_before_warmup_mib": 1000.0, "peak_memory_mib": 3000.0}  # 2000 MiB in a 16-sample step
+    assert accumulation.big_batch_fits(micro, 16, 32, available_mib=6000)  # predicted 5000 < 0.9 x 6000
+    assert not accumulation.big_batch_fits(micro, 16, 64, available_mib=6000)  # predicted 9000
+    assert not accumulation.big_batch_fits({"error": "boom"}, 16, 32, available_mib=6000)
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24683648 kB\nMemAvailable:   20480000 kB\n")
+    assert accumulation.available_memory_mib("cpu", meminfo) == 20000

@@ -1,11 +1,6 @@
 """WorldInfo parsing, and objectives on two real gloo processes against the single-process result."""
 from __future__ import annotations
 
-import multiprocessing
-import socket
-import traceback
-from pathlib import Path
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -14,6 +9,7 @@ from torch import Tensor
 from slip.distributed import (WorldInfo, all_gather_with_grad, convert_sync_batchnorm, first_host, init_process_group,
                               leave_process_group, local_gather, make_gather, rendezvous_env)
 from slip.losses import CLIPLoss, Objective, SigLIPLoss, SimCLRLoss, SLIPLoss
+from rank_helpers import run_ranks
 
 # ---------------------------------------------------------------- WorldInfo
 
@@ -142,66 +138,41 @@ def batchnorm_results(module: torch.nn.Module, rows: slice) -> dict[str, Tensor]
             "bn_var": module[0].running_var.clone()}
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    """One rank: run every objective on its half of the global batch and save the results."""
+def _worker(rank: int, port: int) -> dict:
+    """One rank: run every objective on its half of the global batch; its results."""
     torch.set_num_threads(1)
+    world = WorldInfo(rank=rank, world_size=WORLD_SIZE, local_rank=rank)
+    init_process_group(world, backend="gloo", init_method=f"tcp://127.0.0.1:{port}")
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    local = {k: (v[rows] if v.dim() else v) for k, v in global_outputs().items()}
+    results: dict[str, object] = {}
+    for name, make in OBJECTIVES.items():
+        results[name] = run_objective(make(gather=make_gather(world)), local)
+
+    # d/dx of sum_r <w_r, gather(x)> is sum_r w_r[this rank's rows].
+    x = torch.full((2, 3), float(rank + 1), requires_grad=True)
+    weights = torch.arange(WORLD_SIZE * 6, dtype=torch.float32).view(WORLD_SIZE * 2, 3) * (rank + 1)
+    gathered = all_gather_with_grad(x)
+    (gathered * weights).sum().backward()
+    results["gathered"] = gathered.detach()
+    results["gather_grad"] = x.grad
+
+    results.update(batchnorm_results(convert_sync_batchnorm(batchnorm()), rows))
+
     try:
-        world = WorldInfo(rank=rank, world_size=WORLD_SIZE, local_rank=rank)
-        init_process_group(world, backend="gloo", init_method=f"tcp://127.0.0.1:{port}")
-        rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
-        local = {k: (v[rows] if v.dim() else v) for k, v in global_outputs().items()}
-        results: dict[str, object] = {}
-        for name, make in OBJECTIVES.items():
-            results[name] = run_objective(make(gather=make_gather(world)), local)
-
-        # d/dx of sum_r <w_r, gather(x)> is sum_r w_r[this rank's rows].
-        x = torch.full((2, 3), float(rank + 1), requires_grad=True)
-        weights = torch.arange(WORLD_SIZE * 6, dtype=torch.float32).view(WORLD_SIZE * 2, 3) * (rank + 1)
-        gathered = all_gather_with_grad(x)
-        (gathered * weights).sum().backward()
-        results["gathered"] = gathered.detach()
-        results["gather_grad"] = x.grad
-
-        results.update(batchnorm_results(convert_sync_batchnorm(batchnorm()), rows))
-
-        try:
-            all_gather_with_grad(torch.zeros(3 + rank, 4))
-            results["unequal_error"] = ""
-        except ValueError as error:
-            results["unequal_error"] = str(error)
-        leave_process_group(world)
-        results["left_group"] = not dist.is_initialized()
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    except BaseException:
-        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        all_gather_with_grad(torch.zeros(3 + rank, 4))
+        results["unequal_error"] = ""
+    except ValueError as error:
+        results["unequal_error"] = str(error)
+    leave_process_group(world)
+    results["left_group"] = not dist.is_initialized()
+    return results
 
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """Results of `_worker` from two spawned gloo processes."""
-    out_dir = tmp_path_factory.mktemp("ranks")
-    ctx = multiprocessing.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, port, str(out_dir))) for rank in range(WORLD_SIZE)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=60)
-    for proc in procs:
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    errors = [p.read_text() for p in sorted(out_dir.glob("*.err"))]
-    assert not errors, "\n".join(errors)
-    assert [p.exitcode for p in procs] == [0] * WORLD_SIZE
-    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+    return run_ranks(_worker, WORLD_SIZE, tmp_path_factory.mktemp("ranks"), timeout=120)
 
 
 @pytest.mark.parametrize("name", list(OBJECTIVES))

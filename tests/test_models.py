@@ -315,3 +315,42 @@ def test_channels_last_resnet_is_the_plain_resnet_to_float_rounding():
         # large entries (measured: at most 1e-5 of the largest entry), however small a single entry is.
         worst = (fast_param.grad - plain_param.grad).abs().max()
         assert worst <= 1e-4 * plain_param.grad.abs().max() + 1e-6, (name, float(worst))
+
+
+@pytest.mark.parametrize(("norm", "layers"), [("batch", ("bn1", "bn2")), ("layer", ("ln1", "ln2")), ("none", ())])
+def test_ssl_head_norm_choices(norm, layers):
+    from slip.models.vision import has_batch_statistics
+
+    model = tiny_vit(ssl_head_norm=norm, inputs=("aug1", "aug2")).train()
+    head = model.image_mlp
+    norms = [name for name, module in head.named_children() if not isinstance(module, (torch.nn.Linear, torch.nn.ReLU))]
+    assert tuple(norms) == layers and has_batch_statistics(head) == (norm == "batch")
+    images = torch.randn(4, 3, 32, 32)
+    out = model({"aug1": images, "aug2": images.flip(-1)})
+    out["aug1_embed"].sum().backward()
+    assert torch.isfinite(out["aug1_embed"]).all() and head.layer1.weight.grad is not None
+    if norm != "batch":  # a sample's embedding does not depend on the others in the batch
+        alone = model({"aug1": images[:1], "aug2": images[:1]})["aug1_embed"]
+        torch.testing.assert_close(alone, out["aug1_embed"][:1])
+    rebuilt = build_from_arch(model.arch)
+    assert rebuilt.image_mlp.state_dict().keys() == head.state_dict().keys()
+
+
+def test_ssl_head_norm_rejects_unknown_values():
+    with pytest.raises(ValueError, match=r"ssl_head_norm must be one of \['batch', 'layer', 'none'\], got 'group'"):
+        tiny_vit(ssl_head_norm="group")
+
+
+def test_tower_features_then_heads_is_the_forward_pass():
+    torch.manual_seed(0)
+    model = tiny_resnet().eval()
+    generator = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randn(3, 3, 64, 64, generator=generator), "aug1": torch.randn(3, 3, 64, 64),
+             "aug2": torch.randn(3, 3, 64, 64), "text": random_tokens(3, 16, 100, generator)}
+    features = model.tower_features(batch)
+    assert set(features) == {"image", "text", "aug1", "aug2"}
+    torch.testing.assert_close(features["image"], model.image_features(batch["image"]))
+    split, whole = model.heads(features), model(batch)
+    assert split.keys() == whole.keys()
+    for key in whole:
+        torch.testing.assert_close(split[key], whole[key], rtol=0, atol=0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import torch
 from slip.checkpoint import load_pretrained_with_info, read_checkpoint
 from slip.config import ConfigError
 from slip.train import train
+from rank_helpers import free_port
 from train_helpers import FAST, compose_config, subprocess_env
 
 
@@ -99,6 +99,8 @@ def test_resume_with_a_different_config_names_the_key(tmp_path: Path) -> None:
         ("+model.colour=red", "model.colour"),
         ("loss.ssl_scale=-1", "loss"),
         ("augment.jitter_p=2", "augment"),
+        ("trainer.accumulation=sum", "trainer.accumulation"),
+        ("model.ssl_head_norm=group", "model.ssl_head_norm"),
     ],
 )
 def test_bad_values_fail_before_training_naming_the_key(tmp_path: Path, override: str, key: str) -> None:
@@ -171,17 +173,11 @@ def test_multirun_writes_sibling_run_directories(tmp_path: Path) -> None:
     assert (sweep / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_process_gloo_run_matches_one_process_on_the_same_global_batch(tmp_path: Path) -> None:
     common = [*FAST, "loss=slip", "trainer.max_steps=3", "data.source.num_samples=64"]
     single = run_cli(*common, "data.batch_size=8", f"output_root={tmp_path / 'one'}", cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-2000:]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                "-m", "slip.train", *common, "data.batch_size=4", f"output_root={tmp_path / 'two'}"]
     double = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                             env=subprocess_env(OMP_NUM_THREADS="1"))

@@ -1,0 +1,48 @@
+"""Run a test's worker function in several spawned processes (gloo ranks) and collect what each returns."""
+from __future__ import annotations
+
+import multiprocessing
+import socket
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+Worker = Callable[[int, int], dict]
+"""(rank, rendezvous port) -> the rank's results; a module-level function, so that spawned processes find it."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_main(worker: Worker, rank: int, port: int, out_dir: str) -> None:
+    try:
+        torch.save(worker(rank, port), Path(out_dir) / f"rank{rank}.pt")
+    except BaseException:
+        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+
+
+def run_ranks(worker: Worker, world_size: int, out_dir: Path, timeout: float = 120) -> list[dict]:
+    """`worker(rank, port)` in `world_size` spawned processes; their results by rank (a failing rank's traceback
+    fails the calling test)."""
+    context = multiprocessing.get_context("spawn")
+    port = free_port()
+    procs = [context.Process(target=_rank_main, args=(worker, rank, port, str(out_dir))) for rank in range(world_size)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=timeout)
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    errors = [path.read_text() for path in sorted(out_dir.glob("rank*.err"))]
+    assert not errors, "\n".join(errors)
+    assert [proc.exitcode for proc in procs] == [0] * world_size
+    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(world_size)]
