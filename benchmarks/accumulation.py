@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from suite import OBJECTIVES, _peak_memory_mib, _synchronize, _train_batch, isolated, machine_record
+from suite import (OBJECTIVES, _peak_memory_mib, _synchronize, _train_batch, isolated, machine_record,
+                   training_task)
 
 MODES = ("independent", "exact", "exact_after_heads", "big", "micro")
 
@@ -86,25 +87,6 @@ class HeapSampler(threading.Thread):
             self.peak_mib = now if self.peak_mib is None else max(self.peak_mib, now)
 
 
-def _setup(device, model_name: str, loss: str, image_size: int | None):
-    import torch
-
-    import slip.losses
-    from slip.engine import TrainTask
-    from slip.host_memory import retain_freed_memory
-    from slip.models import MODEL_BUILDERS
-    from slip.optim import adamw, param_groups
-
-    retain_freed_memory()  # as slip.train does
-    torch.manual_seed(0)
-    objective = getattr(slip.losses, OBJECTIVES[loss])()
-    overrides = {"image_size": image_size} if image_size else {}
-    model = MODEL_BUILDERS[model_name](inputs=objective.inputs, **overrides)
-    task = TrainTask(model, objective).to(device).train()
-    optimizer = adamw(param_groups(model, objective), lr=1e-4, weight_decay=0.1, fused=True)  # conf/optim/adamw
-    return task, optimizer
-
-
 def cached_bytes(task, rows: int) -> int:
     """Bytes of the tower features that exact accumulation caches for `rows` samples (fp32)."""
     model = task.model
@@ -121,7 +103,8 @@ def step_measurement(device_name: str, model_name: str, loss: str, mode: str, mi
     from slip.accumulation import exact_backward
 
     device = torch.device(device_name)
-    task, optimizer = _setup(device, model_name, loss, image_size)
+    task, optimizer = training_task(device, model_name, loss,
+                                    **({"image_size": image_size} if image_size else {}))
     arch = task.model.arch
     inputs = task.objective.inputs
 

@@ -116,9 +116,9 @@ def _train_batch(inputs: tuple[str, ...], batch_size: int, image_size: int, cont
     return {key: value.to(device) for key, value in batch.items()}
 
 
-def training_setup(device, model_name: str, loss: str, batch_size: int) -> tuple[Any, Any, dict[str, Any]]:
-    """(task, optimizer, batch) of the train-step measurements: seeded model + objective, the trainer's fused AdamW,
-    a batch of random images and real-length captions; freed host memory retained, as slip.train does."""
+def training_task(device, model_name: str, loss: str, **model_overrides: Any) -> tuple[Any, Any]:
+    """(task, optimizer) of the train-step measurements: seeded model + objective, the trainer's fused AdamW;
+    freed host memory retained, as slip.train does. `model_overrides` go to the model builder."""
     import torch
 
     import slip.losses
@@ -130,12 +130,19 @@ def training_setup(device, model_name: str, loss: str, batch_size: int) -> tuple
     retain_freed_memory()  # trainer.retain_freed_memory; the measurements run in child processes of their own
     torch.manual_seed(0)
     objective = getattr(slip.losses, OBJECTIVES[loss])()
-    model = MODEL_BUILDERS[model_name](inputs=objective.inputs)
+    model = MODEL_BUILDERS[model_name](inputs=objective.inputs, **model_overrides)
     task = TrainTask(model, objective).to(device)
     optimizer = adamw(param_groups(model, objective), lr=1e-4, weight_decay=0.1, fused=True)  # conf/optim/adamw
-    arch = model.arch
-    return task, optimizer, _train_batch(objective.inputs, batch_size, arch["image_size"], arch["context_length"],
-                                         device)
+    return task, optimizer
+
+
+def training_setup(device, model_name: str, loss: str, batch_size: int) -> tuple[Any, Any, dict[str, Any]]:
+    """(task, optimizer, batch) of the train-step measurements (`training_task`), with a batch of random images
+    and real-length captions."""
+    task, optimizer = training_task(device, model_name, loss)
+    arch = task.model.arch
+    return task, optimizer, _train_batch(task.objective.inputs, batch_size, arch["image_size"],
+                                         arch["context_length"], device)
 
 
 def model_flop_counter():
