@@ -2,7 +2,8 @@
 big batch, for a model and objective at several global batch sizes.
 
 Usage: python benchmarks/accumulation.py [--model vit_s16] [--loss slip] [--micro 16] [--globals 32,64,128,256,512]
-           [--big-max 512] [--after-heads 128] [--image-size N] [--out benchmarks/results] [--render JSON]
+           [--big-max 512] [--after-heads 128] [--image-size N] [--inputs float|deferred] [--out benchmarks/results]
+           [--render JSON]
 Every measurement runs in a fresh process (`suite.isolated`), so its peak memory is its own (peak resident set
 size on CPU, the CUDA allocator's peak on GPU): the model, AdamW's state, one warm-up micro-batch step, then the
 timed optimizer step. Modes:
@@ -15,8 +16,9 @@ timed optimizer step. Modes:
   memory available (and up to --big-max);
 - `micro`: one plain step on one micro-batch, the memory reference for the exact path.
 Every micro-batch holds the same seeded random images and real-length captions (the work does not depend on the
-values). Writes accumulation.json and accumulation.md under --out; `--render JSON` summarises an earlier run's
-measurements again.
+values); with `--inputs deferred` they are the device backend's uint8 crops and drawn operations, finished on the
+device each time a step uses them. Writes accumulation.json and accumulation.md (accumulation-deferred.* for
+deferred inputs) under --out; `--render JSON` summarises an earlier run's measurements again.
 """
 from __future__ import annotations
 
@@ -30,10 +32,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from captions import REAL_CAPTIONS  # benchmarks/captions.py, beside this script
 from suite import (OBJECTIVES, _peak_memory_mib, _synchronize, _train_batch, isolated, machine_record,
                    training_task)
 
 MODES = ("independent", "exact", "exact_after_heads", "big", "micro")
+INPUT_KINDS = {"float": "fp32 views", "deferred": "uint8 crops of the device backend"}
 
 
 class _Mallinfo2(ctypes.Structure):
@@ -95,28 +99,64 @@ def cached_bytes(task, rows: int) -> int:
     return rows * 4 * sum(widths[key] for key in task.objective.inputs)
 
 
+def deferred_batches(inputs: tuple[str, ...], micro: int, image_size: int, context_length: int):
+    """(make, prepare): `make(rows)` gives a loader batch of the device backend (uint8 crops and drawn operations,
+    int64 tokens, on the host), `prepare(batch, device)` finishes its views on `device` (MultiView.to_device)."""
+    import torch
+
+    from slip.data.loader import collate
+    from slip.data.synthetic import photo_like
+    from slip.data.transforms import CLIP_MEAN, CLIP_STD, build_multiview
+
+    views = build_multiview(inputs, image_size, CLIP_MEAN, CLIP_STD, context_length=context_length, backend="device")
+    torch.manual_seed(0)
+    side = image_size * 5 // 4
+    template = collate([views(photo_like(side, side, seed), REAL_CAPTIONS[seed % len(REAL_CAPTIONS)])
+                        for seed in range(micro)])
+
+    def make(rows: int) -> dict:  # copies of the template: each batch holds memory of its own, as a loader's does
+        def grow(value: torch.Tensor) -> torch.Tensor:
+            return value.repeat(-(-rows // micro), *([1] * (value.dim() - 1)))[:rows].clone()
+        return {key: type(value)(*(grow(field) for field in value)) if isinstance(value, tuple) else grow(value)
+                for key, value in template.items()}
+
+    return make, views.to_device
+
+
 def step_measurement(device_name: str, model_name: str, loss: str, mode: str, micro: int, global_batch: int,
-                     image_size: int | None = None) -> dict[str, Any]:
-    """Wall time and peak memory of one optimizer step of `mode` at `global_batch`, in micro-batches of `micro`."""
+                     image_size: int | None = None, inputs_kind: str = "float") -> dict[str, Any]:
+    """Wall time and peak memory of one optimizer step of `mode` at `global_batch`, in micro-batches of `micro`.
+
+    Batches are made on the host, as a loader hands them over (`inputs_kind`: fp32 views, or the device backend's
+    uint8 crops), and put on the device (views finished there) when a step uses them; exact accumulation keeps
+    the loader batches of its window and prepares each for its pass and again for its replay, as the engine does.
+    """
     import torch
 
     from slip.accumulation import exact_backward
+    from slip.data.loader import batch_to_device
 
     device = torch.device(device_name)
     task, optimizer = training_task(device, model_name, loss,
                                     **({"image_size": image_size} if image_size else {}))
     arch = task.model.arch
     inputs = task.objective.inputs
+    if inputs_kind == "deferred":
+        make, prepare = deferred_batches(inputs, micro, arch["image_size"], arch["context_length"])
+    else:
+        def make(rows: int) -> dict:
+            return _train_batch(inputs, rows, arch["image_size"], arch["context_length"], "cpu")
+        prepare = batch_to_device
 
     def batch(rows: int) -> dict:
-        return _train_batch(inputs, rows, arch["image_size"], arch["context_length"], device)
+        return prepare(make(rows), device)
 
     def plain_step(rows: int) -> dict:
         loss_value = task(batch(rows))["loss"]
         loss_value.backward()
         return {"loss": loss_value}
 
-    def micro_batches():
+    def micro_batches():  # on the device, each when it is needed
         return (batch(micro) for _ in range(global_batch // micro))
 
     def independent() -> dict:
@@ -138,8 +178,9 @@ def step_measurement(device_name: str, model_name: str, loss: str, mode: str, mi
     def exact(after_heads: bool) -> dict:
         encode, finish = ((embeddings, objective_of_embeddings) if after_heads
                           else (task.model.tower_features, task.finish))
-        return exact_backward(list(micro_batches()), encode, finish, lambda value: value.backward(), task.model,
-                              device)
+        window = [make(micro) for _ in range(global_batch // micro)]  # the loader batches, on the host
+        return exact_backward(window, lambda loader_batch: encode(prepare(loader_batch, device)), finish,
+                              lambda value: value.backward(), task.model, device)
 
     steps = {"independent": independent, "exact": lambda: exact(False), "exact_after_heads": lambda: exact(True),
              "big": lambda: plain_step(global_batch), "micro": lambda: plain_step(micro)}
@@ -192,9 +233,10 @@ def big_batch_fits(micro_row: dict[str, Any], micro: int, global_batch: int, ava
 
 
 def run(device_name: str, model_name: str, loss: str, micro: int, globals_: list[int], big_max: int,
-        after_heads: list[int], image_size: int | None) -> dict[str, Any]:
+        after_heads: list[int], image_size: int | None, inputs_kind: str = "float") -> dict[str, Any]:
     """Every measurement of the plan, each in its own process; the micro-batch reference first."""
-    rows = [isolated(step_measurement, device_name, model_name, loss, "micro", micro, micro, image_size)]
+    rows = [isolated(step_measurement, device_name, model_name, loss, "micro", micro, micro, image_size,
+                     inputs_kind)]
     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     available = available_memory_mib(device_name)
     for global_batch in globals_:
@@ -202,10 +244,11 @@ def run(device_name: str, model_name: str, loss: str, micro: int, globals_: list
         if global_batch <= big_max and big_batch_fits(rows[0], micro, global_batch, available):
             modes.append("big")
         for mode in modes:
-            row = isolated(step_measurement, device_name, model_name, loss, mode, micro, global_batch, image_size)
+            row = isolated(step_measurement, device_name, model_name, loss, mode, micro, global_batch, image_size,
+                           inputs_kind)
             rows.append(row if "error" not in row else {**row, "mode": mode, "global_batch": global_batch})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    return {"model": model_name, "loss": loss, "micro_batch": micro, "rows": rows}
+    return {"model": model_name, "loss": loss, "micro_batch": micro, "inputs": inputs_kind, "rows": rows}
 
 
 def _step_memory(row: dict[str, Any]) -> float:
@@ -213,8 +256,9 @@ def _step_memory(row: dict[str, Any]) -> float:
     return row["peak_memory_mib"] - row["memory_before_warmup_mib"]
 
 
-def sample_input_mib(model_name: str, loss: str, image_size: int | None = None) -> float:
-    """MiB of one sample's inputs to the model (fp32 views, int64 tokens), read from a model built on no device."""
+def sample_input_mib(model_name: str, loss: str, image_size: int | None = None, inputs_kind: str = "float") -> float:
+    """MiB of one sample's loader inputs (fp32 views, or uint8 crops; int64 tokens), read from a model built on no
+    device (the deferred views' few operation numbers left out)."""
     import torch
 
     import slip.losses
@@ -224,7 +268,7 @@ def sample_input_mib(model_name: str, loss: str, image_size: int | None = None) 
     with torch.device("meta"):
         arch = MODEL_BUILDERS[model_name](inputs=objective.inputs, **({"image_size": image_size} if image_size
                                                                       else {})).arch
-    view_bytes = 3 * arch["image_size"] ** 2 * 4
+    view_bytes = 3 * arch["image_size"] ** 2 * (1 if inputs_kind == "deferred" else 4)
     return sum(arch["context_length"] * 8 if key == "text" else view_bytes for key in objective.inputs) / 2**20
 
 
@@ -270,7 +314,10 @@ def summary(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def markdown(results: dict[str, Any], command: str, machine: dict[str, Any]) -> str:
     """The results as a Markdown page: every measurement, then the ratios the targets are about."""
-    lines = [f"# Accumulation: {results['model']} {results['loss']}, micro-batch {results['micro_batch']}", "",
+    kind = results.get("inputs", "float")
+    described = INPUT_KINDS[kind]
+    lines = [f"# Accumulation: {results['model']} {results['loss']}, micro-batch {results['micro_batch']}, "
+             f"{described} inputs", "",
              f"Command: `{command}`", "", f"Machine: {json.dumps(machine)}", "",
              "| mode | global batch | update_freq | step s | samples/s | peak memory MiB | of it, in the steps "
              "| live heap peak MiB | cached features MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -299,20 +346,26 @@ def markdown(results: dict[str, Any], command: str, machine: dict[str, Any]) -> 
                      f"{cell(line.get('big_time_ratio'))} | {cell(line.get('after_heads_time_ratio'))} | "
                      f"{cell(line['exact_peak_mib'], 0)} | " + " | ".join(memory) + " |")
     if "sample_input_mib" in results:
-        lines += ["", f"The window's inputs: {results['sample_input_mib']:.2f} MiB per sample (fp32 views, int64 "
-                  "tokens), kept until each micro-batch's replay."]
+        lines += ["", f"The window's inputs: {results['sample_input_mib']:.2f} MiB per sample ({described}, int64 "
+                  "tokens), the loader batches kept on the host until each micro-batch's replay."]
     return "\n".join(lines) + "\n"
 
 
+def result_stem(inputs_kind: str) -> str:
+    """File name (without suffix) of a run's results: accumulation, or accumulation-deferred."""
+    return "accumulation" if inputs_kind == "float" else f"accumulation-{inputs_kind}"
+
+
 def write(payload: dict[str, Any], out: Path) -> str:
-    """Write accumulation.json and accumulation.md under `out`; the Markdown."""
+    """Write accumulation[-deferred].json and .md under `out`; the Markdown."""
     from slip.checkpoint import atomic_write
 
     text = markdown(payload, payload["command"], payload["machine"])
+    stem = result_stem(payload.get("inputs", "float"))
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "accumulation.json",
+    atomic_write(out / f"{stem}.json",
                  lambda handle: handle.write(json.dumps(payload, indent=2).encode() + b"\n"))
-    atomic_write(out / "accumulation.md", lambda handle: handle.write(text.encode()))
+    atomic_write(out / f"{stem}.md", lambda handle: handle.write(text.encode()))
     return text
 
 
@@ -330,6 +383,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="largest global batch timed as one plain step (where it is predicted to fit)")
     parser.add_argument("--after-heads", default="128", help="global batches at which to time the after-heads split")
     parser.add_argument("--image-size", type=int, default=None, help="override the model's image size")
+    parser.add_argument("--inputs", default="float", choices=list(INPUT_KINDS),
+                        help="loader batches of fp32 views (tensor backend) or of uint8 crops (device backend)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--render", type=Path, default=None, metavar="JSON",
                         help="measure nothing: summarise an earlier run's accumulation.json again, into --out")
@@ -339,16 +394,17 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--globals: every global batch must be a multiple of --micro {args.micro}")
     if args.render is not None:  # measurements of an earlier run, summarised and written again by this code
         payload = json.loads(args.render.read_text())
-        payload.setdefault("sample_input_mib", sample_input_mib(payload["model"], payload["loss"], args.image_size))
+        payload.setdefault("sample_input_mib", sample_input_mib(payload["model"], payload["loss"], args.image_size,
+                                                                payload.get("inputs", "float")))
         payload["summary"] = summary(payload)
         print(write(payload, args.out))
         return
     after_heads = [int(value) for value in args.after_heads.split(",") if value]
     results = run(args.device, args.model, args.loss, args.micro, globals_, args.big_max, after_heads,
-                  args.image_size)
+                  args.image_size, args.inputs)
     command = "python " + " ".join(shlex.quote(part) for part in [sys.argv[0], *(argv or sys.argv[1:])])
     payload = {"command": command, "machine": machine_record(args.device), **results,
-               "sample_input_mib": sample_input_mib(args.model, args.loss, args.image_size)}
+               "sample_input_mib": sample_input_mib(args.model, args.loss, args.image_size, args.inputs)}
     payload["summary"] = summary(payload)
     print(write(payload, args.out))
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from slip.accumulation import ACCUMULATION_MODES, exact_backward
 from slip.checkpoint import FORMAT_NAME, FORMAT_VERSION, atomic_save
-from slip.data.loader import batch_to_device
+from slip.data.loader import batch_rows, batch_to_device
 from slip.distributed import WorldInfo, average_gradients
 from slip.losses import Objective
 from slip.models import ImageTextModel
@@ -367,9 +367,17 @@ class Trainer:
             self.scaler.scale(result["loss"] / self.settings.update_freq).backward()
         return {key: value.detach() for key, value in result.items()}
 
-    def _exact_step(self, window: list[dict]) -> dict[str, torch.Tensor]:
-        """Gradients of the objective over the whole window of micro-batches (`slip.accumulation`), all ranks'."""
-        result = exact_backward(window, self._encode, self._finish, lambda loss: self.scaler.scale(loss).backward(),
+    def _exact_step(self, window: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """Gradients of the objective over the whole window of micro-batches (`slip.accumulation`), all ranks'.
+
+        `window` holds the loader's batches as they came (on the host; uint8 crops with the device backend): each
+        is put on the device, and its deferred views finished, for its pass and again for its replay, so the
+        device holds one micro-batch's inputs at a time.
+        """
+        def encode(loader_batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+            return self._encode(self._prepare_batch(loader_batch, self.device))
+
+        result = exact_backward(window, encode, self._finish, lambda loss: self.scaler.scale(loss).backward(),
                                 self.task.model, self.device, self._autocast)
         if self.world.is_distributed:
             average_gradients(self.task.parameters())
@@ -450,19 +458,23 @@ class Trainer:
                 break
             data_wait += time.perf_counter() - waited
             self._account_bad_samples(batch)
-            batch = self._prepare_batch(batch, self.device)
+            if self.exact_accumulation:
+                loader_batch, batch = batch, None  # prepared when encoded (twice), see _exact_step
+            else:
+                batch = self._prepare_batch(batch, self.device)
             if state.step == 0 and micro == 0 and settings.log_images:
-                self.monitor.images("views", view_grid(batch, image_mean, image_std))
+                shown = batch if batch is not None else self._prepare_batch(loader_batch, self.device)
+                self.monitor.images("views", view_grid(shown, image_mean, image_std))
             micro += 1
-            rows = next(iter(batch.values())).shape[0]
+            rows = batch_rows(batch if batch is not None else loader_batch)
             images += rows
             state.samples_seen += rows
             if not self.exact_accumulation:
                 results.append(self._micro_step(batch, sync=micro == settings.update_freq))
             elif micro < settings.update_freq:
-                window.append(batch)
+                window.append(loader_batch)
             else:
-                results.append(self._exact_step(window + [batch]))
+                results.append(self._exact_step(window + [loader_batch]))
             if micro < settings.update_freq:
                 continue
             nonfinite = any(not bool(torch.isfinite(result["loss"])) for result in results)

@@ -105,7 +105,9 @@ def worst(errors: Mapping[str, float]) -> tuple[str, float]:
 
 def train_steps(task: TrainTask, batches: Sequence[dict[str, Tensor]], run_dir: Path, *, steps: int = 1,
                 optimizer: torch.optim.Optimizer | None = None, lr: float = 0.1, world: WorldInfo = WorldInfo(),
-                loader: Callable[[int, int], Iterable[dict]] | None = None, **settings: Any) -> Trainer:
+                loader: Callable[[int, int], Iterable[dict]] | None = None,
+                prepare_batch: Callable[[Mapping[str, Any], torch.device], dict] | None = None,
+                **settings: Any) -> Trainer:
     """Train `task` for `steps` optimizer steps on `batches` (one epoch, on the CPU) and return the Trainer.
 
     Plain SGD at `lr` by default, so that the weight change of a step is -lr times its gradient.
@@ -115,5 +117,6 @@ def train_steps(task: TrainTask, batches: Sequence[dict[str, Tensor]], run_dir: 
                 **settings}
     trainer = Trainer(task, optimizer, lambda step: lr, TrainerSettings(**settings), world, run_dir,
                       total_steps=steps, steps_per_epoch=steps)
-    trainer.fit(loader or (lambda epoch, skip: iter(batches[skip:])))
+    trainer.fit(loader or (lambda epoch, skip: iter(batches[skip:])),
+                **({"prepare_batch": prepare_batch} if prepare_batch is not None else {}))
     return trainer

@@ -14,11 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from accumulation_helpers import (OBJECTIVES, gradients, make_batch, parameters, relative_errors, split, tiny_task,
-                                  train_steps, worst)
+from accumulation_helpers import (EOT, OBJECTIVES, TEXT, gradients, image_size, make_batch, parameters,
+                                  relative_errors, split, tiny_task, train_steps, worst)
 from rank_helpers import run_ranks
 from slip.accumulation import exact_backward
 from slip.checkpoint import read_checkpoint
+from slip.data.loader import collate
+from slip.data.synthetic import photo_like
+from slip.data.transforms import CLIP_MEAN, CLIP_STD, build_multiview
 from slip.distributed import WorldInfo, convert_sync_batchnorm, init_process_group, leave_process_group, make_gather
 from slip.engine import Trainer, TrainerSettings, TrainTask
 from train_helpers import FAST, compose_config
@@ -80,6 +83,36 @@ def test_exact_accumulation_of_a_resnet_equals_the_step_with_batchnorm_over_each
     # ... which is not the step on 32 with BatchNorm over all of it.
     name, error = worst(relative_errors(big_batch_step_change("resnet", objective, batch, tmp_path), want))
     assert error > 1e-3
+
+
+def test_exact_accumulation_of_views_finished_on_the_device_equals_one_step_on_the_whole_batch(
+        tmp_path: Path) -> None:
+    # The engine keeps the loader's batches (uint8 crops and drawn operations) and finishes each micro-batch for its
+    # pass and again for its replay.
+    views = build_multiview(("image", "text", "aug1", "aug2"), image_size(tiny_task("vit", "slip")), CLIP_MEAN,
+                            CLIP_STD, context_length=TEXT["context_length"], backend="device")
+    torch.manual_seed(5)
+    samples = [views(photo_like(48, 40, seed), f"photo number {seed}") for seed in range(MICRO * K)]
+    samples = [{**sample, "text": sample["text"].clamp(max=EOT)} for sample in samples]  # the tiny vocabulary
+
+    def prepare(batch: dict, device: torch.device) -> dict:
+        return {key: value.double() if value.is_floating_point() else value
+                for key, value in views.to_device(batch, device).items()}
+
+    micro_batches = [collate(samples[i:i + MICRO]) for i in range(0, MICRO * K, MICRO)]
+    # The reference step sees the views finished a micro-batch at a time too (finishing a batch of 32 at once
+    # rounds float32 differently), concatenated.
+    finished = [prepare(batch, torch.device("cpu")) for batch in micro_batches]
+    whole = {key: torch.cat([batch[key] for batch in finished]) for key in finished[0]}
+    changes = {}
+    for mode, batches, update_freq, prepare_batch in (("big", [whole], 1, None),
+                                                      ("exact", micro_batches, K, prepare)):
+        task = tiny_task("vit", "slip")
+        before = parameters(task)
+        train_steps(task, batches, tmp_path / mode, update_freq=update_freq, accumulation="exact",
+                    prepare_batch=prepare_batch)
+        changes[mode] = change(task, before)
+    assert_exact(changes["exact"], changes["big"])
 
 
 def run_exact_backward(task: TrainTask, micro_batches: list[dict], encode=None, finish=None,

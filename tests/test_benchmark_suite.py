@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -160,6 +161,22 @@ def test_the_accumulation_benchmark_times_every_mode_and_renders_its_ratios(monk
     assert line["global_batch"] == 4 and line["window_inputs_mib"] == 2.0 and "big_time_ratio" in line
     assert {"of_micro", "of_micro_and_inputs", "of_independent"} == line["peak"].keys() == line["heap"].keys()
     assert line["peak"]["of_micro_and_inputs"] < line["peak"]["of_micro"]
+
+
+def test_the_accumulation_benchmark_keeps_uint8_loader_batches_for_the_device_backend(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    accumulation = _load("accumulation")
+    rows = {mode: accumulation.step_measurement("cpu", "vit_ti16", "slip", mode, 2, 4, image_size=32,
+                                                inputs_kind="deferred") for mode in ("exact", "big")}
+    # The same samples finished a micro-batch at a time (exact) or all at once (big): one objective value.
+    assert rows["exact"]["loss"] == pytest.approx(rows["big"]["loss"], rel=1e-4)
+    make, prepare = accumulation.deferred_batches(("image", "text", "aug1", "aug2"), 2, 32, 77)
+    loader_batch = make(3)
+    assert loader_batch["aug1"].pixels.dtype == torch.uint8 and loader_batch["text"].shape == (3, 77)
+    assert prepare(loader_batch, torch.device("cpu"))["aug2"].shape == (3, 3, 32, 32)
+    uint8, fp32 = (accumulation.sample_input_mib("vit_s16", "slip", inputs_kind=kind) for kind in ("deferred", "float"))
+    assert uint8 == pytest.approx((3 * 3 * 224 * 224 + 77 * 8) / 2**20) and fp32 > 3.9 * uint8
+    assert accumulation.result_stem("deferred") == "accumulation-deferred"
 
 
 def test_a_measurement_whose_process_dies_comes_back_as_an_error(suite, monkeypatch):

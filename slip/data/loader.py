@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, defa
 from slip.data.datasets import MAX_SKIPPED_EXAMPLES, derive_seed
 from slip.distributed import WorldInfo
 
-__all__ = ["EpochSampler", "batch_to_device", "build_eval_loader", "build_train_loader", "collate"]
+__all__ = ["EpochSampler", "batch_rows", "batch_to_device", "build_eval_loader", "build_train_loader", "collate"]
 
 
 def _is_named_tuple(value: Any) -> bool:
@@ -30,6 +30,16 @@ def batch_to_device(batch: Mapping[str, Any], device: torch.device | str) -> dic
     """The batch with its tensors on `device` (asynchronous copies from pinned memory); other entries as they are."""
     return {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
             for key, value in batch.items()}
+
+
+def batch_rows(batch: Mapping[str, Any]) -> int:
+    """The number of samples in a collated batch (the rows of its first tensor or named tuple of tensors)."""
+    for value in batch.values():
+        if isinstance(value, torch.Tensor):
+            return value.shape[0]
+        if _is_named_tuple(value):
+            return value[0].shape[0]
+    raise ValueError(f"batch has no tensor entries: keys {sorted(batch)}")
 
 
 def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
