@@ -273,7 +273,7 @@ def data_pipeline(device_name: str, samples: int,
     """
     import torch
 
-    from slip.data.datasets import decode_image
+    from slip.data.decode import decode_image
     from slip.data.transforms import build_multiview
     from slip.models import IMAGENET_MEAN, IMAGENET_STD
 
@@ -304,7 +304,7 @@ def data_pipeline(device_name: str, samples: int,
 
 def _deferred_batch(batch_size: int) -> tuple[Any, dict[str, Any]]:
     """The "device" backend's SLIP MultiView and one collated batch of its deferred views of 640x430 photos."""
-    from slip.data.datasets import decode_image
+    from slip.data.decode import decode_image
     from slip.data.loader import collate
     from slip.data.transforms import build_multiview
     from slip.models import IMAGENET_MEAN, IMAGENET_STD
@@ -344,7 +344,8 @@ def training_loader(device_name: str, samples: int, batch_size: int, workers: in
 
     import torch
 
-    from slip.data.datasets import CsvSource, ImageTextDataset
+    from slip.data.dataset import ImageTextDataset
+    from slip.data.sources import CsvSource
     from slip.data.loader import build_train_loader
     from slip.data.transforms import build_multiview
     from slip.distributed import WorldInfo
@@ -601,7 +602,7 @@ def markdown(results: dict[str, Any], command: str, machine: dict[str, Any],
              sections: list[str] | None = None) -> str:
     """The results as Markdown tables; a run whose `sections` are not all in results["sections_done"] says so."""
     peak = results["matmul_peak"]
-    lines = [f"# Benchmark suite\n", f"Command: `{command}`  ", f"Machine: {machine}\n"]
+    lines = ["# Benchmark suite\n", f"Command: `{command}`  ", f"Machine: {machine}\n"]
     missing = [section for section in sections or [] if section not in results.get("sections_done", sections)]
     if missing:
         done = ", ".join(results["sections_done"]) or "the matmul peak"

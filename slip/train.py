@@ -8,16 +8,16 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from slip.checkpoint import CheckpointError, read_checkpoint
-from slip.config import ConfigError, build, first_difference
-from slip.data.datasets import DataError, ImageTextDataset
-from slip.data.loader import build_train_loader
+from slip.config import (ConfigError, build, check_renamed_keys, check_renamed_overrides, first_difference,
+                         upgrade_saved_config)
+from slip.data import build_train_data
+from slip.data.decode import DataError
 from slip.distributed import WorldInfo, convert_sync_batchnorm, init_process_group, leave_process_group, make_gather
-from slip.engine import Trainer, TrainingError, TrainTask, seed_everything
+from slip.engine import Trainer, TrainingError, TrainTask, resolve_device, seed_everything
 from slip.eval.zeroshot import zero_shot_evaluator
 from slip.host_memory import retain_freed_memory
 from slip.optim import param_groups
@@ -39,7 +39,7 @@ def _resume_checkpoint(setting: str, run_dir: Path, cfg: DictConfig) -> dict[str
     if setting == "auto" and not latest.exists():
         return None
     checkpoint = read_checkpoint(path)
-    saved = OmegaConf.create(checkpoint.get("config") or "{}")
+    saved = upgrade_saved_config(OmegaConf.create(checkpoint.get("config") or "{}"))
     for section in RUN_DEFINING_SECTIONS:
         difference = first_difference(saved.get(section), cfg.get(section), section)
         if difference is not None:
@@ -51,6 +51,7 @@ def _resume_checkpoint(setting: str, run_dir: Path, cfg: DictConfig) -> dict[str
 def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Train as `cfg` says; returns the results that are also written to results.json in `run_dir`."""
     started = time.perf_counter()
+    check_renamed_keys(cfg)
     world = WorldInfo.from_env()
     settings = build(cfg.trainer, "trainer")
     if settings.retain_freed_memory:
@@ -64,16 +65,10 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
         inputs=objective.inputs, image_size=arch["image_size"], mean=arch["image_mean"], std=arch["image_std"],
         context_length=arch["context_length"],
     )
-    if cfg.data.get("stream") is not None:
-        dataset = build(cfg.data.stream, "data.stream", transform=transform, seed=settings.seed)
-    else:
-        dataset = ImageTextDataset(build(cfg.data.source, "data.source"), transform, seed=settings.seed)
-    batch_size, workers = int(cfg.data.batch_size), int(cfg.data.num_workers)
-    global_batch = batch_size * world.world_size
-    if batch_size < 1 or len(dataset) < global_batch * settings.update_freq:
-        raise ConfigError(f"data.batch_size: {batch_size} x {world.world_size} processes x update_freq "
-                          f"{settings.update_freq} needs at least that many samples; the data has {len(dataset)}")
-    steps_per_epoch = len(dataset) // global_batch // settings.update_freq
+    device = resolve_device(settings.device, world)
+    data = build_train_data(cfg.data, transform, world, settings.seed, settings.update_freq,
+                            pin_memory=device.type == "cuda")  # page-locked batches: asynchronous copies
+    steps_per_epoch = data.steps_per_epoch
     total_steps = settings.max_steps or settings.epochs * steps_per_epoch
     optimizer = build(cfg.optim, "optim")(param_groups(model, objective))
     schedule = build(cfg.schedule, "schedule")(total_steps=total_steps, steps_per_epoch=steps_per_epoch)
@@ -97,16 +92,9 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     if cfg.get("val") and evaluate is None:
         trainer.monitor.message(f"no zero-shot validation: {type(objective).__name__} trains no text tower "
                                 "(evaluate it with python -m slip.eval: linear probe, kNN)")
-    trainer.monitor.message(f"run dir {run_dir}: {total_steps} steps of global batch {global_batch}, "
+    trainer.monitor.message(f"run dir {run_dir}: {total_steps} steps of global batch {data.global_batch}, "
                             f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
-
-    pin_memory = trainer.device.type == "cuda"  # page-locked batches: asynchronous host-to-device copies
-
-    def loader_for_epoch(epoch: int, skip_batches: int):
-        return build_train_loader(dataset, batch_size, world, num_workers=workers, seed=settings.seed,
-                                  epoch=epoch, start_batch=skip_batches, pin_memory=pin_memory)
-
-    state = trainer.fit(loader_for_epoch, arch["image_mean"], arch["image_std"], transform.to_device)
+    state = trainer.fit(data.loader, arch["image_mean"], arch["image_std"], transform.to_device)
     results = {
         "objective": cfg.loss._target_.rsplit(".", 1)[-1],
         "step": state.step,
@@ -141,5 +129,15 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console entry point: a renamed key on the command line stops with one line before Hydra reads it."""
+    try:
+        check_renamed_overrides(sys.argv[1:])
+    except ConfigError as error:
+        print(f"slip.train: error: {error}", file=sys.stderr)
+        sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from slip.config import ConfigError, build, check_node
-from slip.data.datasets import ImageTextDataset
+from slip.data.dataset import ImageTextDataset
 from slip.engine import TrainerSettings
 from slip.train import train
 from data_helpers import image_bytes, write_image, write_shard

@@ -24,21 +24,10 @@ from data_helpers import (
 )
 from PIL import Image
 
-from slip.data.datasets import (
-    BadSample,
-    CocoCaptionsSource,
-    ConceptualCaptionsSource,
-    CsvSource,
-    ImageTextDataset,
-    RedCapsSource,
-    WebDatasetStream,
-    YFCC15MSource,
-    brace_expand,
-    check_caption,
-    decode_image,
-    expand_urls,
-    read_image_file,
-)
+from slip.data.dataset import ImageTextDataset
+from slip.data.decode import BadSample, check_caption, decode_image, read_image_file
+from slip.data.sources import CocoCaptionsSource, ConceptualCaptionsSource, CsvSource, RedCapsSource, YFCC15MSource
+from slip.data.webdataset import WebDatasetStream, brace_expand, expand_urls
 from slip.distributed import WorldInfo
 
 RED, GREEN, BLUE = (200, 30, 30), (30, 200, 30), (30, 30, 200)

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from slip.data.labelled import ImageFolderDataset, LabelledCsvDataset, check_class_names
-from slip.eval.prompts import DEFAULT_TEMPLATES, load_prompts
+from slip.prompts import DEFAULT_TEMPLATES, load_prompts
 
 
 def write_image(path: Path, color: tuple[int, int, int], mode: str = "RGB") -> Path:

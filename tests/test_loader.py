@@ -9,7 +9,9 @@ import pytest
 import torch
 from data_helpers import caption_of, tiny_transform, write_image, write_shard
 
-from slip.data.datasets import CsvSource, ImageTextDataset, WebDatasetStream
+from slip.data.dataset import ImageTextDataset
+from slip.data.sources import CsvSource
+from slip.data.webdataset import WebDatasetStream
 from slip.data.loader import EpochSampler, build_eval_loader, build_train_loader, collate
 from slip.data.tensor_views import DeferredView
 from slip.distributed import WorldInfo

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from slip.eval.prompts import (
+from slip.prompts import (
     DEFAULT_TEMPLATES,
     ClassPrompts,
     builtin_prompt_sets,

@@ -49,10 +49,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from data_helpers import image_bytes, png_claiming_size, write_image, write_tar
+from data_helpers import image_bytes, png_claiming_size, write_tar
 from slip.checkpoint import CheckpointError, atomic_save, load_pretrained, read_checkpoint
 from slip.config import ConfigError
-from slip.data.datasets import CsvSource, ImageTextDataset
+from slip.data.dataset import ImageTextDataset
+from slip.data.sources import CsvSource
 from slip.engine import TrainingError
 from slip.losses import CLIPLoss
 from slip.train import train

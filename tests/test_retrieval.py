@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from slip.data.datasets import CocoCaptionsSource, CsvSource
+from slip.data.sources import CocoCaptionsSource, CsvSource
 from slip.data.synthetic import SyntheticShapes
 from slip.data.transforms import eval_view
 from slip.eval.retrieval import CaptionedImages, recall_at_k, retrieval_scores

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from slip.checkpoint import load_pretrained_with_info, read_checkpoint
 from slip.config import ConfigError
 from slip.train import train
@@ -73,6 +74,31 @@ def test_an_objective_without_text_trains_with_the_default_validation_configured
     assert results["finished"] and not results["zeroshot"]
 
 
+PRE_BUILDER_CHECKPOINT = Path(__file__).parent / "fixtures" / "pre_data_builder_step3.pt"
+
+
+def test_a_checkpoint_written_before_the_data_builder_resumes_exactly(tmp_path: Path) -> None:
+    # The fixture is what the code before slip.data.build_train_data saved at step 3 of these overrides, weights and
+    # optimizer state left out (size): position, random states, history and the config in the old layout (`data`
+    # without its _target_, augment.ssl_scale).
+    overrides = [*FAST, "loss=slip", "data.source.num_samples=32", "trainer.max_steps=6", "trainer.save_every=0"]
+    full = train(compose_config(*overrides), tmp_path / "full")
+    train(compose_config(*overrides, "trainer.stop_after=3"), tmp_path / "split")
+    old = torch.load(PRE_BUILDER_CHECKPOINT, map_location="cpu", weights_only=False)
+    saved = OmegaConf.create(old["config"])
+    assert "_target_" not in saved.data and "ssl_scale" in saved.augment
+    path = tmp_path / "split" / "checkpoints" / "last.pt"
+    today = read_checkpoint(path)
+    assert today["state"] == old["state"]  # the same position: epoch 0, 3 of its 4 steps, 24 samples
+    for new_step, old_step in zip(today["history"], old["history"], strict=True):
+        assert new_step["loss"] == pytest.approx(old_step["loss"], rel=1e-3)  # other CPUs round differently
+    torch.save({**today, **{key: old[key] for key in ("state", "rng", "config", "history")}}, path)
+    resumed = train(compose_config(*overrides), tmp_path / "split")
+    assert resumed["finished"] and sorted(losses_by_step(resumed)) == list(range(1, 7))
+    for step in (4, 5, 6):
+        assert losses_by_step(resumed)[step] == pytest.approx(losses_by_step(full)[step], rel=1e-5), f"step {step}"
+
+
 def test_refuses_to_overwrite_an_existing_run_unless_resuming(tmp_path: Path) -> None:
     train(compose_config(*FAST, "trainer.max_steps=1"), tmp_path)
     with pytest.raises(ConfigError, match="trainer.resume"):
@@ -96,6 +122,12 @@ def test_resume_with_a_different_config_names_the_key(tmp_path: Path) -> None:
         ("optim.betas=[0.9,1.5]", "optim.betas"),
         ("optim.eps=-1", "optim.eps"),
         ("data.batch_size=0", "data.batch_size"),
+        ("data.batch_size=eight", "data.batch_size"),
+        ("data.num_workers=-1", "data.num_workers"),
+        ("data.num_workers=1.5", "data.num_workers"),
+        ("+data.batchsize=8", "data.batchsize"),
+        ("data.source.num_samples=4", "data.batch_size"),  # fewer samples than one global batch
+        ("+augment.ssl_scale=[0.2,1.0]", "augment.ssl_scale: renamed to augment.ssl_crop_scale"),
         ("+model.colour=red", "model.colour"),
         ("loss.ssl_scale=-1", "loss"),
         ("augment.jitter_p=2", "augment"),
@@ -110,6 +142,13 @@ def test_bad_values_fail_before_training_naming_the_key(tmp_path: Path, override
     message = str(info.value)
     assert message.startswith(key) and "\n" not in message
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_renamed_key_on_the_command_line_stops_with_one_line_naming_the_new_key(tmp_path: Path) -> None:
+    result = run_cli(*FAST, "augment.ssl_scale=[0.2,1.0]", f"output_root={tmp_path}", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == ("slip.train: error: augment.ssl_scale: renamed to augment.ssl_crop_scale (the "
+                                     "SSL views' crop-area range; loss.ssl_scale is the SSL loss weight)")
 
 
 @pytest.mark.parametrize(

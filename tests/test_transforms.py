@@ -184,7 +184,7 @@ def test_gaussian_blur_tensor_path_matches_pil_path():
         (dict(mean=(0.5, 0.5)), "mean"),
         (dict(std=(0.2, 0.0, 0.2)), "std"),
         (dict(clip_scale=(0.8, 0.5)), "clip_scale"),
-        (dict(ssl_scale=(0.0, 1.0)), "ssl_scale"),
+        (dict(ssl_crop_scale=(0.0, 1.0)), "ssl_crop_scale"),
         (dict(jitter_strength=-1.0), "jitter_strength"),
         (dict(jitter_p=1.5), "jitter_p"),
         (dict(grayscale_p=-0.1), "grayscale_p"),
@@ -201,8 +201,8 @@ def test_build_multiview_rejects_bad_arguments(kwargs, match):
 
 
 def test_build_multiview_checks_arguments_of_views_it_does_not_build():
-    with pytest.raises(ValueError, match="ssl_scale"):
-        build_multiview(("image", "text"), 16, CLIP_MEAN, CLIP_STD, ssl_scale=(0.5, 0.1))
+    with pytest.raises(ValueError, match="ssl_crop_scale"):
+        build_multiview(("image", "text"), 16, CLIP_MEAN, CLIP_STD, ssl_crop_scale=(0.5, 0.1))
     with pytest.raises(ValueError, match="blur_p"):
         build_multiview(("image", "text"), 16, CLIP_MEAN, CLIP_STD, blur_p=-1)
 

@@ -5,7 +5,7 @@ prompt templates when the classes came from a prompt set (else None). Both datas
 that every image file exists (one stat per file). An image that cannot be decoded raises ValueError naming
 the file: an evaluation must see every image, so nothing is skipped or replaced.
 
-Paths are kept packed in flat arrays (as in `slip.data.datasets`), so that DataLoader workers share them
+Paths are kept packed in flat arrays (as in `slip.data.sources.PackedRecords`), so that DataLoader workers share them
 instead of copying millions of Python strings.
 """
 from __future__ import annotations
@@ -18,16 +18,11 @@ from typing import Union
 import numpy as np
 from PIL import Image
 
-from slip.data.datasets import (
-    DEFAULT_MAX_PIXELS,
-    BadSample,
-    PackedRecords,
-    as_path,
-    check_index,
-    read_csv_columns,
-    read_image_file,
-)
-from slip.eval.prompts import ClassPrompts, load_prompts, parse_prompts
+from slip.data.decode import DEFAULT_MAX_PIXELS, BadSample, read_image_file
+from slip.data.sources import PackedRecords
+from slip.data.sources.base import as_path, check_index
+from slip.data.sources.csv import read_csv_columns
+from slip.prompts import ClassPrompts, load_prompts, parse_prompts
 
 __all__ = [
     "DEFAULT_IMAGE_EXTENSIONS",
@@ -214,7 +209,7 @@ class LabelledCsvDataset(_LabelledImages):
 
     Image paths are relative to the file's directory (absolute paths work too). `classes` is a list of
     class names, the path of a JSON file (a list of names, or ``{"classes": [...], "templates": [...]}``),
-    a built-in prompt set key (see `slip.eval.prompts.load_prompts`) or a `ClassPrompts`; `templates`
+    a built-in prompt set key (see `slip.prompts.load_prompts`) or a `ClassPrompts`; `templates`
     comes from that prompt set (the default template for a plain list).
 
     A label is a class name or an integer index into `classes`. With ``label_kind="auto"`` a label that

@@ -1,24 +1,29 @@
-"""DataLoader construction: batching, and splitting the data over ranks (and workers) reproducibly.
+"""Batching and every piece of sharding arithmetic: batches per epoch, ranks, workers, stream shares, resumes.
 
 Training loaders are built once per epoch: `build_train_loader(..., epoch=e)` sets the dataset's epoch before
 any worker starts, so caption draws and augmentations are those of epoch `e`. To resume mid-epoch, pass the
 number of batches already consumed as `start_batch`; the loader then yields exactly the remaining batches of
-an uninterrupted epoch, without loading the skipped samples (map-style datasets).
+an uninterrupted epoch, without loading the skipped samples (map-style datasets). Map-style datasets are split
+over ranks by `EpochSampler`; streams read the share a `StreamPlan` gives each (rank, worker) reader.
 """
 from __future__ import annotations
 
+import random
 import signal
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate
 
-from slip.data.datasets import MAX_SKIPPED_EXAMPLES, derive_seed
+from slip.data.decode import MAX_SKIPPED_EXAMPLES
+from slip.data.seeding import derive_seed
 from slip.distributed import WorldInfo
 
-__all__ = ["EpochSampler", "batch_rows", "batch_to_device", "build_eval_loader", "build_train_loader", "collate"]
+__all__ = ["EpochSampler", "ReaderShare", "StreamPlan", "batch_rows", "batch_to_device", "batches_per_epoch",
+           "build_eval_loader", "build_train_loader", "check_batch_size", "collate", "shard_order"]
 
 
 def _is_named_tuple(value: Any) -> bool:
@@ -118,10 +123,132 @@ class EpochSampler(Sampler[int]):
         return iter(mine[self.start_index :].tolist())
 
 
-def _check_batch_size(batch_size: int) -> None:
+def check_batch_size(batch_size: int) -> None:
     """Raise a one-line ValueError unless `batch_size` is a positive integer."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+def _check_num_workers(num_workers: int) -> None:
+    """Raise a one-line ValueError unless `num_workers` is a non-negative integer."""
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers!r}")
+
+
+@dataclass(frozen=True)
+class ReaderShare:
+    """What one DataLoader worker of one rank reads of a stream this epoch."""
+
+    role: int  # the worker position whose shards and random draws this worker takes (see StreamPlan.reader)
+    slot: int  # this reader among all (rank, worker) readers, rank-major
+    slots: int
+    quota: int | None  # samples it yields, or None: until its shards run out
+    to_skip: int  # raw samples it passes over first (batches consumed before a resume)
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """How one rank reads a stream in an epoch: its world, DataLoader workers, batch size, batches already consumed.
+
+    With `samples_per_epoch` (all ranks together) every (rank, worker) reader yields exactly its equal share,
+    rounded down to whole batches, so every rank sees the same number of batches (DDP needs that).
+    """
+
+    world: WorldInfo = WorldInfo()
+    num_workers: int = 0
+    batch_size: int = 1
+    start_batch: int = 0
+    samples_per_epoch: int | None = None
+
+    @property
+    def workers(self) -> int:
+        """Readers per rank (the main process reads when there are no workers)."""
+        return max(1, self.num_workers)
+
+    def quota(self, workers: int | None = None) -> int | None:
+        """Samples each reader yields per epoch (None without samples_per_epoch)."""
+        if self.samples_per_epoch is None:
+            return None
+        share = self.samples_per_epoch // (self.world.world_size * (workers or self.workers))
+        return share // self.batch_size * self.batch_size
+
+    def batches(self) -> int:
+        """Batches this rank gets in a whole epoch."""
+        quota = self.quota()
+        if quota is None:
+            raise TypeError("a stream without samples_per_epoch has no length")
+        return self.workers * quota // self.batch_size
+
+    def remaining_samples(self) -> int:
+        """Samples this rank still yields this epoch, after `start_batch` batches."""
+        return max(0, (self.batches() - self.start_batch) * self.batch_size)
+
+    def too_few_shards(self, shards: int, workers: int | None = None) -> str:
+        """The error message for fewer shards than (rank, worker) readers."""
+        workers = workers or self.workers
+        return (f"{shards} shards cannot feed {self.world.world_size * workers} readers ({self.world.world_size} "
+                f"ranks x {workers} workers); use fewer workers, more shards, or resample=True")
+
+    def check(self, shards: int, resample: bool) -> None:
+        """Raise a one-line ValueError where this plan cannot be read from `shards` shards."""
+        if not resample and shards < self.world.world_size * self.workers:
+            raise ValueError(self.too_few_shards(shards))
+        if self.samples_per_epoch is None:
+            if self.start_batch:
+                raise ValueError("resuming a stream mid-epoch (start_batch > 0) needs samples_per_epoch")
+            return
+        if self.quota() == 0:
+            raise ValueError(
+                f"samples_per_epoch={self.samples_per_epoch} is less than one batch per reader: "
+                f"{self.world.world_size} ranks x {self.workers} workers x batch_size {self.batch_size}"
+            )
+        if self.start_batch > self.batches():
+            raise ValueError(f"start_batch={self.start_batch} is past the {self.batches()} batches of an epoch")
+
+    def reader(self, worker: int, num_workers: int) -> ReaderShare:
+        """The share of DataLoader worker `worker` of `num_workers` (as the running loader reports them)."""
+        if self.samples_per_epoch is not None and num_workers != self.workers:
+            raise RuntimeError(f"stream configured for {self.workers} workers but runs in {num_workers}: "
+                               "call configure() with the DataLoader's num_workers")
+        # A resumed DataLoader asks worker 0 first, but batch `start_batch` came from worker start_batch % n:
+        # workers take over the roles (shards, seeds) of the workers that would be next in line.
+        role = (worker + self.start_batch) % num_workers
+        # Role r delivered batches r, r + num_workers, ... of the epoch: skip those already consumed.
+        to_skip = max(0, -(-(self.start_batch - role) // num_workers)) * self.batch_size
+        return ReaderShare(role, self.world.rank * num_workers + role, self.world.world_size * num_workers,
+                           self.quota(num_workers), to_skip)
+
+
+def shard_order(shards: int, share: ReaderShare, plan: StreamPlan, resample: bool, seed: int,
+                epoch: int) -> Iterator[int]:
+    """Indices of the shards a reader reads, in order.
+
+    Without `resample` each epoch deals a per-epoch shuffle of all shards out to the readers (every shard once
+    across them; endlessly again from the start when the plan has a quota). With `resample` each reader draws
+    shards with replacement, seeded by (seed, epoch, rank, role), endlessly.
+    """
+    if resample:
+        rng = random.Random(derive_seed(seed, epoch, plan.world.rank, share.role))
+        while True:
+            yield rng.randrange(shards)
+    order = list(range(shards))
+    random.Random(derive_seed(seed, epoch)).shuffle(order)
+    mine = order[share.slot :: share.slots]
+    if not mine:
+        raise ValueError(plan.too_few_shards(shards, share.slots // plan.world.world_size))
+    while True:
+        yield from mine
+        if share.quota is None:
+            return
+
+
+def batches_per_epoch(dataset: Dataset | IterableDataset, batch_size: int, world: WorldInfo,
+                      num_workers: int = 0) -> int:
+    """Batches each rank gets in a whole epoch of `dataset` (a stream needs its samples_per_epoch)."""
+    check_batch_size(batch_size)
+    if isinstance(dataset, IterableDataset):
+        return StreamPlan(world, num_workers, batch_size, 0, getattr(dataset, "samples_per_epoch", None)).batches()
+    return len(dataset) // world.world_size // batch_size
 
 
 def build_train_loader(
@@ -142,9 +269,8 @@ def build_train_loader(
     The loader skips the first `start_batch` batches of the epoch. `persistent_workers` keeps workers (and
     their copy of the dataset) alive between iterations, so only use it to iterate the same epoch again.
     """
-    _check_batch_size(batch_size)
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    check_batch_size(batch_size)
+    _check_num_workers(num_workers)
     if start_batch < 0:
         raise ValueError(f"start_batch must be >= 0, got {start_batch}")
     if hasattr(dataset, "set_epoch"):
@@ -162,7 +288,7 @@ def build_train_loader(
                 f"dataset of {size} samples is smaller than one global batch of {global_batch} "
                 f"(batch_size {batch_size} x world_size {world.world_size})"
             )
-        batches = size // world.world_size // batch_size
+        batches = batches_per_epoch(dataset, batch_size, world)
         if start_batch > batches:
             raise ValueError(f"start_batch={start_batch} is past the {batches} batches of an epoch")
         sampler = EpochSampler(size, world, seed, epoch, start_index=start_batch * batch_size)
@@ -195,9 +321,8 @@ def build_eval_loader(
     dataset: Dataset | IterableDataset, batch_size: int, num_workers: int = 0, pin_memory: bool = False
 ) -> DataLoader:
     """A plain evaluation DataLoader: every sample once, in order, last batch kept even if smaller."""
-    _check_batch_size(batch_size)
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    check_batch_size(batch_size)
+    _check_num_workers(num_workers)
     return DataLoader(
         dataset,
         batch_size=batch_size,

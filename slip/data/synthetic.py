@@ -26,7 +26,7 @@ from types import MappingProxyType
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from slip.data.datasets import check_index
+from slip.data.sources.base import check_index
 
 __all__ = [
     "COLORS",

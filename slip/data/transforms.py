@@ -241,7 +241,7 @@ def build_multiview(
     std: Sequence[float],
     context_length: int = 77,
     clip_scale: Sequence[float] = (0.5, 1.0),
-    ssl_scale: Sequence[float] = (0.08, 1.0),
+    ssl_crop_scale: Sequence[float] = (0.08, 1.0),
     jitter_strength: float = 1.0,
     jitter_p: float = 0.8,
     grayscale_p: float = 0.2,
@@ -276,7 +276,7 @@ def build_multiview(
     if context_length < 2:
         raise ValueError(f"context_length must be >= 2 (start + end token), got {context_length}")
     clip_scale = _check_range("clip_scale", clip_scale, 0.0, 1.0)
-    ssl_scale = _check_range("ssl_scale", ssl_scale, 0.0, 1.0)
+    ssl_crop_scale = _check_range("ssl_crop_scale", ssl_crop_scale, 0.0, 1.0)
     for name, value in [("jitter_p", jitter_p), ("grayscale_p", grayscale_p), ("blur_p", blur_p),
                         ("hflip_p", hflip_p)]:
         _check_probability(name, value)
@@ -294,7 +294,7 @@ def build_multiview(
             s = float(jitter_strength)
             make_ssl = tensor_views.TensorSSLView if on_tensors else ssl_view
             views[name] = make_ssl(
-                image_size, mean, std, scale=ssl_scale, jitter=(0.4 * s, 0.4 * s, 0.4 * s, 0.1 * s),
+                image_size, mean, std, scale=ssl_crop_scale, jitter=(0.4 * s, 0.4 * s, 0.4 * s, 0.1 * s),
                 jitter_p=jitter_p, grayscale_p=grayscale_p, blur_sigma=blur_sigma, blur_p=blur_p,
                 hflip_p=hflip_p, **deferred,
             )

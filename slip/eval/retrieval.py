@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from slip.data.datasets import BadSample, Source
+from slip.data.decode import BadSample
+from slip.data.sources import Source
 from slip.models import ImageTextModel
 
 __all__ = ["CaptionedImages", "recall_at_k", "retrieval_scores"]

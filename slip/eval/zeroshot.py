@@ -10,7 +10,7 @@ from torch import Tensor
 
 from slip.data.labelled import check_class_names
 from slip.eval.features import EvalViewDataset
-from slip.eval.prompts import load_prompts
+from slip.prompts import load_prompts
 from slip.models import ImageTextModel
 
 Tokenize = Callable[[list[str], int], Tensor]
