@@ -292,19 +292,17 @@ def build_train_loader(
         if start_batch > batches:
             raise ValueError(f"start_batch={start_batch} is past the {batches} batches of an epoch")
         sampler = EpochSampler(size, world, seed, epoch, start_index=start_batch * batch_size)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=num_workers,
-        collate_fn=collate,
-        pin_memory=pin_memory,
-        drop_last=True,
-        persistent_workers=persistent_workers and num_workers > 0,
-        # Our own generator: the workers' base seed would otherwise be drawn from the caller's global RNG.
-        generator=torch.Generator().manual_seed(derive_seed(seed, epoch, world.rank, "loader")),
-        worker_init_fn=ignore_sigterm,
-    )
+    return _data_loader(dataset, batch_size, num_workers, pin_memory, derive_seed(seed, epoch, world.rank, "loader"),
+                        sampler=sampler, drop_last=True, worker_init_fn=ignore_sigterm,
+                        persistent_workers=persistent_workers and num_workers > 0)
+
+
+def _data_loader(dataset: Dataset | IterableDataset, batch_size: int, num_workers: int, pin_memory: bool,
+                 generator_seed: int, **options: Any) -> DataLoader:
+    """A DataLoader of our collated batches, with a generator of its own: the workers' base seed would otherwise
+    be drawn from the caller's global RNG."""
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(generator_seed), **options)
 
 
 def ignore_sigterm(worker_id: int) -> None:
@@ -323,13 +321,4 @@ def build_eval_loader(
     """A plain evaluation DataLoader: every sample once, in order, last batch kept even if smaller."""
     check_batch_size(batch_size)
     _check_num_workers(num_workers)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=collate,
-        pin_memory=pin_memory,
-        drop_last=False,
-        generator=torch.Generator().manual_seed(0),
-    )
+    return _data_loader(dataset, batch_size, num_workers, pin_memory, 0, shuffle=False, drop_last=False)

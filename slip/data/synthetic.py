@@ -249,7 +249,27 @@ def _background(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(level + t) for t in rng.integers(-10, 11, size=3))
 
 
-class SyntheticShapes:
+class _GeneratedSamples:
+    """What the synthetic datasets share: a checked size, image side and seed, a length and a repr of them."""
+
+    def __init__(self, num_samples: int, image_size: int, seed: int) -> None:
+        self.num_samples = _check_int("num_samples", num_samples, 1)
+        self.image_size = _check_int("image_size", image_size, _MIN_IMAGE_SIZE)
+        self.seed = _check_int("seed", seed, 0)
+
+    def _settings(self) -> dict[str, object]:
+        return {"num_samples": self.num_samples, "image_size": self.image_size, "seed": self.seed}
+
+    def __len__(self) -> int:
+        """Number of samples."""
+        return self.num_samples
+
+    def __repr__(self) -> str:
+        """The settings that define the samples."""
+        return f"{type(self).__name__}({', '.join(f'{key}={value!r}' for key, value in self._settings().items())})"
+
+
+class SyntheticShapes(_GeneratedSamples):
     """Image-caption pairs of one or two coloured shapes; `load(i)` gives (image, its captions)."""
 
     def __init__(
@@ -258,18 +278,10 @@ class SyntheticShapes:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.split = split
-        self.num_samples = _check_int("num_samples", num_samples, 1)
-        self.image_size = _check_int("image_size", image_size, _MIN_IMAGE_SIZE)
-        self.seed = _check_int("seed", seed, 0)
+        super().__init__(num_samples, image_size, seed)
 
-    def __len__(self) -> int:
-        """Number of samples."""
-        return self.num_samples
-
-    def __repr__(self) -> str:
-        """Split, size and seed."""
-        return (f"{type(self).__name__}(split={self.split!r}, num_samples={self.num_samples}, "
-                f"image_size={self.image_size}, seed={self.seed})")
+    def _settings(self) -> dict[str, object]:
+        return {"split": self.split, **super()._settings()}
 
     def scene(self, index: int) -> Scene:
         """The scene description of sample `index` (what `load` draws and captions)."""
@@ -294,13 +306,11 @@ class SyntheticShapes:
         return render(scene, self.image_size), scene.captions()
 
 
-class SyntheticClassification:
+class SyntheticClassification(_GeneratedSamples):
     """Held-out zero-shot task: single-object images labelled with their colour-shape class."""
 
     def __init__(self, num_samples: int = 1000, image_size: int = 64, seed: int = 1) -> None:
-        self.num_samples = _check_int("num_samples", num_samples, 1)
-        self.image_size = _check_int("image_size", image_size, _MIN_IMAGE_SIZE)
-        self.seed = _check_int("seed", seed, 0)
+        super().__init__(num_samples, image_size, seed)
         self.classes: list[str] = [f"{color} {shape}" for color in COLORS for shape in SHAPES]
         self.templates: list[str] = [
             "a {}.",
@@ -310,15 +320,6 @@ class SyntheticClassification:
             "a large {}.",
             "a single {}.",
         ]
-
-    def __len__(self) -> int:
-        """Number of samples."""
-        return self.num_samples
-
-    def __repr__(self) -> str:
-        """Size and seed."""
-        return (f"{type(self).__name__}(num_samples={self.num_samples}, image_size={self.image_size}, "
-                f"seed={self.seed})")
 
     def scene(self, index: int) -> Scene:
         """The scene of sample `index`: one object of class `index % len(classes)`, random size and place."""
