@@ -41,7 +41,7 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
 def build_model(args: argparse.Namespace) -> ImageTextModel:
     """The checkpoint's model, or a randomly initialised preset at the requested image size."""
     if args.checkpoint:
-        from slip.checkpoint import load_pretrained
+        from slip.pretrained import load_pretrained
 
         return load_pretrained(args.checkpoint)
     torch.manual_seed(0)

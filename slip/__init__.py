@@ -9,7 +9,14 @@ __version__ = "0.1.0"
 # Public names and the module that defines each. They are imported on first use, so that light entry points
 # (python -m slip.report, DataLoader workers) do not pay for importing torch and timm up front.
 _EXPORTS = {
-    "load_pretrained": "slip.checkpoint",
+    "create_model": "slip.api",
+    "create_model_and_transforms": "slip.api",
+    "get_tokenizer": "slip.api",
+    "model_names": "slip.api",
+    "zero_shot_classifier": "slip.api",
+    "export": "slip.export",
+    "load_pretrained": "slip.pretrained",
+    "save_safetensors": "slip.interop.safetensors_io",
     "save_model": "slip.checkpoint",
     "CLIPLoss": "slip.losses",
     "Objective": "slip.losses",

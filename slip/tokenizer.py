@@ -45,6 +45,7 @@ __all__ = [
     "decode",
     "default_merges_path",
     "default_tokenizer",
+    "read_merges",
     "tokenize",
 ]
 
@@ -107,7 +108,7 @@ def default_merges_path() -> Traversable:
     return importlib.resources.files("slip") / "assets" / _MERGES_FILENAME
 
 
-def _read_merges(source: MergesSource) -> list[tuple[str, str]]:
+def read_merges(source: MergesSource) -> list[tuple[str, str]]:
     """Read the first `NUM_MERGES` merge rules (after the header line) from a gzipped merges file."""
     if isinstance(source, (str, os.PathLike)):
         raw = gzip.open(source, "rb")
@@ -144,14 +145,14 @@ class Tokenizer:
         """Load the merges (package data by default, never the network) and build the vocabulary."""
         self._merges_path = default_merges_path() if merges_path is None else merges_path
         self._word_cache_size = word_cache_size
-        merges = _read_merges(self._merges_path)
+        merges = read_merges(self._merges_path)
 
         byte_map = bytes_to_unicode()
         byte_symbols = list(byte_map.values())
         vocab = byte_symbols + [symbol + _WORD_END for symbol in byte_symbols]
         vocab += [left + right for left, right in merges]
         vocab += [SOT_TOKEN, EOT_TOKEN]
-        if len(vocab) != VOCAB_SIZE:  # pragma: no cover - guarded by _read_merges
+        if len(vocab) != VOCAB_SIZE:  # pragma: no cover - guarded by read_merges
             raise AssertionError(f"vocabulary has {len(vocab)} entries, expected {VOCAB_SIZE}")
 
         self._id_to_token: list[str] = vocab

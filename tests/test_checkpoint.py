@@ -12,8 +12,8 @@ import timm
 import torch
 from torch import nn
 
-from slip.checkpoint import (CheckpointError, CheckpointInfo, atomic_save, load_pretrained, load_pretrained_with_info,
-                             save_model)
+from slip.checkpoint import CheckpointError, CheckpointInfo, atomic_save, save_model
+from slip.pretrained import load_pretrained, load_pretrained_with_info
 from slip.models import (IMAGENET_MEAN, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, build_resnet_model,
                          build_vit_model)
 

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from data_helpers import write_image
-from slip.checkpoint import load_pretrained
+from slip.pretrained import load_pretrained
 from slip.config import ConfigError
 from slip.data.synthetic import SyntheticClassification
 from slip.eval.runner import evaluate

@@ -50,7 +50,8 @@ from PIL import Image
 from torch import nn
 
 from data_helpers import image_bytes, png_claiming_size, write_tar
-from slip.checkpoint import CheckpointError, atomic_save, load_pretrained, read_checkpoint
+from slip.checkpoint import CheckpointError, atomic_save, read_checkpoint
+from slip.pretrained import load_pretrained
 from slip.config import ConfigError
 from slip.data.dataset import ImageTextDataset
 from slip.data.sources import CsvSource

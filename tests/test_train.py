@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from slip.checkpoint import load_pretrained_with_info, read_checkpoint
+from slip.checkpoint import read_checkpoint
+from slip.pretrained import load_pretrained_with_info
 from slip.config import ConfigError
 from slip.train import train
 from rank_helpers import free_port

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from slip.checkpoint import CheckpointInfo, load_pretrained_with_info
+from slip.checkpoint import CheckpointInfo
+from slip.pretrained import load_pretrained_with_info
 from slip.config import ConfigError, build
 from slip.eval.features import FeatureCache, checkpoint_fingerprint, extract_features
 from slip.eval.knn import knn_accuracy

@@ -11,7 +11,7 @@ from slip.models.vision import ModifiedResNet, vit_tower
 
 __all__ = [
     "ALL_INPUTS", "IMAGENET_MEAN", "IMAGENET_STD", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "ImageTextModel", "MODEL_BUILDERS", "build_from_arch", "build_resnet_model",
-    "build_vit_model", "rn50", "rn101", "rn50x4", "rn50x16", "rn50x64", "vit_b16", "vit_l16",
+    "build_vit_model", "rn50", "rn101", "rn50x4", "rn50x16", "rn50x64", "tiny", "vit_b16", "vit_l16",
     "vit_s16", "vit_ti16",
 ]
 
@@ -148,6 +148,13 @@ def build_resnet_model(
     return _assemble(visual, arch, project_image=False)
 
 
+def tiny(**overrides: Any) -> ImageTextModel:
+    """The CPU-sized ViT of conf/model/tiny.yaml (32 px, 4x4 patches, 128 wide, 4 layers; 128-wide 3-layer text)."""
+    preset = dict(image_size=32, patch_size=4, vision_width=128, vision_layers=4, vision_heads=4, embed_dim=128,
+                  text_width=128, text_layers=3, text_heads=4, context_length=32, ssl_mlp_dim=512, ssl_embed_dim=128)
+    return build_vit_model(**{**preset, **overrides})
+
+
 def vit_ti16(**overrides: Any) -> ImageTextModel:
     """ViT-Ti/16 image tower (192 wide, 12 layers, 3 heads): the CPU-friendly size."""
     return build_vit_model(**{"vision_width": 192, "vision_layers": 12, "vision_heads": 3, **overrides})
@@ -201,7 +208,7 @@ def rn50x64(**overrides: Any) -> ImageTextModel:
 
 MODEL_BUILDERS: Mapping[str, Callable[..., ImageTextModel]] = MappingProxyType({
     builder.__name__: builder
-    for builder in (vit_ti16, vit_s16, vit_b16, vit_l16, rn50, rn101, rn50x4, rn50x16, rn50x64)
+    for builder in (tiny, vit_ti16, vit_s16, vit_b16, vit_l16, rn50, rn101, rn50x4, rn50x16, rn50x64)
 })
 
 ARCH_FAMILIES: Mapping[str, Callable[..., ImageTextModel]] = MappingProxyType({

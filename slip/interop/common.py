@@ -1,0 +1,68 @@
+"""What every converter shares: the converted result, the export error, and reading tower sizes off a state dict."""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slip.checkpoint import CheckpointInfo
+
+__all__ = ["SLIP_TEXT_PREFIXES", "Converted", "ExportError", "Exported", "count_blocks", "prefix_text_keys",
+           "text_arch", "unprefix_text_keys"]
+
+# Our text tower's parameters live under "text."; OpenAI CLIP, original SLIP and open_clip keep them at the top.
+SLIP_TEXT_PREFIXES = ("transformer.", "token_embedding.", "positional_embedding", "ln_final.")
+
+
+class ExportError(ValueError):
+    """A model that a target format cannot express exactly; the message names the missing piece."""
+
+
+@dataclass(frozen=True)
+class Converted:
+    """A foreign checkpoint in our terms: the arch record `build_from_arch` takes, our state dict, what it says."""
+
+    arch: dict[str, Any]
+    state: Mapping[str, torch.Tensor]
+    info: CheckpointInfo
+
+
+@dataclass(frozen=True)
+class Exported:
+    """What an export wrote, and one-line notes on what the target has no place for (e.g. the SSL head)."""
+
+    files: list[Path]
+    notes: list[str] = field(default_factory=list)
+
+
+def count_blocks(state: Mapping[str, torch.Tensor], prefix: str) -> int:
+    """How many numbered blocks `prefix<i>.` the state dict holds."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    indices = {int(m.group(1)) for key in state if (m := pattern.match(key))}
+    return max(indices) + 1 if indices else 0
+
+
+def text_arch(state: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, Any]:
+    """Text-tower hyperparameters read off the tensor shapes of a CLIP-layout text tower (heads are width / 64)."""
+    width = state[f"{prefix}ln_final.weight"].shape[0]
+    return dict(
+        text_width=width,
+        text_heads=max(width // 64, 1),
+        text_layers=count_blocks(state, f"{prefix}transformer.resblocks."),
+        context_length=state[f"{prefix}positional_embedding"].shape[0],
+        vocab_size=state[f"{prefix}token_embedding.weight"].shape[0],
+    )
+
+
+def prefix_text_keys(key: str) -> str:
+    """A top-level CLIP text-tower key under our "text." prefix; other keys unchanged."""
+    return f"text.{key}" if key.startswith(SLIP_TEXT_PREFIXES) else key
+
+
+def unprefix_text_keys(key: str) -> str:
+    """Our "text." keys at the top level, as CLIP-layout checkpoints keep them."""
+    return key[len("text."):] if key.startswith("text.") else key

@@ -1,0 +1,135 @@
+"""OpenAI CLIP's layout (its released `.pt` files, and open_clip's OpenAI-style models) to ours and back.
+
+ViTs map onto our timm ViT in `openai_layout` (LayerNorm before the blocks, QuickGELU, no patch bias); the
+ModifiedResNet and the text tower already share CLIP's parameter names (the text tower under "text.").
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slip.checkpoint import CheckpointError, CheckpointInfo
+from slip.interop.common import Converted, ExportError, count_blocks, prefix_text_keys, text_arch, unprefix_text_keys
+from slip.models import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTextModel
+
+__all__ = ["OPENAI_METADATA_KEYS", "from_openai", "is_openai_state", "read_torchscript_tensors", "to_openai"]
+
+OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
+# OpenAI ViT key patterns -> our timm ViT's (applied in order; the inverse is read right to left).
+_VIT_RENAMES = (
+    (r"^visual\.conv1\.", "visual.patch_embed.proj."),
+    (r"^visual\.class_embedding$", "visual.cls_token"),
+    (r"^visual\.positional_embedding$", "visual.pos_embed"),
+    (r"^visual\.ln_pre\.", "visual.norm_pre."),
+    (r"^visual\.ln_post\.", "visual.norm."),
+    (r"^visual\.proj$", "image_projection"),
+    (r"^visual\.transformer\.resblocks\.", "visual.blocks."),
+    (r"\.ln_1\.", ".norm1."),
+    (r"\.ln_2\.", ".norm2."),
+    (r"\.attn\.in_proj_weight$", ".attn.qkv.weight"),
+    (r"\.attn\.in_proj_bias$", ".attn.qkv.bias"),
+    (r"\.attn\.out_proj\.", ".attn.proj."),
+    (r"\.mlp\.c_fc\.", ".mlp.fc1."),
+    (r"\.mlp\.c_proj\.", ".mlp.fc2."),
+)
+def _openai_vit_key(key: str) -> str:
+    for pattern, replacement in _VIT_RENAMES:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def _our_vit_key_to_openai(key: str) -> str:
+    renames = (
+        (r"^visual\.patch_embed\.proj\.", "visual.conv1."),
+        (r"^visual\.cls_token$", "visual.class_embedding"),
+        (r"^visual\.pos_embed$", "visual.positional_embedding"),
+        (r"^visual\.norm_pre\.", "visual.ln_pre."),
+        (r"^visual\.norm\.", "visual.ln_post."),
+        (r"^image_projection$", "visual.proj"),
+        (r"^visual\.blocks\.", "visual.transformer.resblocks."),
+        (r"\.norm1\.", ".ln_1."),
+        (r"\.norm2\.", ".ln_2."),
+        (r"\.attn\.qkv\.weight$", ".attn.in_proj_weight"),
+        (r"\.attn\.qkv\.bias$", ".attn.in_proj_bias"),
+        (r"\.attn\.proj\.", ".attn.out_proj."),
+        (r"\.mlp\.fc1\.", ".mlp.c_fc."),
+        (r"\.mlp\.fc2\.", ".mlp.c_proj."),
+    )
+    for pattern, replacement in renames:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def is_openai_state(content: Any) -> bool:
+    """Whether `content` is an OpenAI-CLIP-layout state dict (ViT or ModifiedResNet)."""
+    return isinstance(content, Mapping) and "text_projection" in content and (
+        "visual.layer1.0.conv1.weight" in content or "visual.proj" in content)
+
+
+def from_openai(state: Mapping[str, torch.Tensor], info: CheckpointInfo | None = None) -> Converted:
+    """An OpenAI CLIP state dict (ViT or ModifiedResNet) in our terms (text heads: width / 64, CLIP's rule)."""
+    state = {k: v.float() for k, v in state.items() if k not in OPENAI_METADATA_KEYS}
+    arch: dict[str, Any] = dict(text_arch(state), embed_dim=state["text_projection"].shape[1],
+                                inputs=("image", "text"), image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
+    if "visual.proj" in state:
+        width = state["visual.conv1.weight"].shape[0]
+        patch = state["visual.conv1.weight"].shape[-1]
+        grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        arch.update(family="vit", openai_layout=True, patch_size=patch, image_size=patch * grid,
+                    vision_width=width, vision_heads=width // 64,
+                    vision_layers=count_blocks(state, "visual.transformer.resblocks."))
+        converted = {}
+        for key, value in state.items():
+            new_key = prefix_text_keys(_openai_vit_key(key)) if key.startswith("visual.") else prefix_text_keys(key)
+            if new_key in ("visual.cls_token", "visual.pos_embed"):
+                value = value.reshape(1, -1, width)
+            converted[new_key] = value
+    else:
+        width = state["visual.layer1.0.conv1.weight"].shape[0]
+        grid = round((state["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+        arch.update(family="resnet", image_size=grid * 32, vision_width=width, vision_heads=width * 32 // 64,
+                    vision_layers=tuple(count_blocks(state, f"visual.layer{i}.") for i in range(1, 5)))
+        converted = {prefix_text_keys(key): value for key, value in state.items()}
+    return Converted(arch, converted, info or CheckpointInfo("openai-clip", "CLIPLoss"))
+
+
+def to_openai(model: ImageTextModel) -> dict[str, torch.Tensor]:
+    """The image-text part of `model` as an OpenAI CLIP state dict (what open_clip's OpenAI-style models load).
+
+    Needs a text tower, and a ViT in `openai_layout` or a ModifiedResNet; the SSL head has no place there and is
+    left out (the caller says so). Raises ExportError naming the missing piece otherwise.
+    """
+    arch = model.arch
+    if model.text is None:
+        raise ExportError("the model has no text tower (an SSL-only objective): CLIP layouts need one")
+    if arch.get("family") == "vit" and not arch.get("openai_layout"):
+        raise ExportError("a SLIP-layout timm ViT (no LayerNorm before the blocks, patch bias, GELU) has no "
+                          "OpenAI CLIP layout; export it with its timm tower instead")
+    state = {key: value.detach().clone() for key, value in model.state_dict().items()
+             if not key.startswith("image_mlp.")}
+    if arch.get("family") == "vit":
+        width = arch["vision_width"]
+        converted = {}
+        for key, value in state.items():
+            new_key = _our_vit_key_to_openai(key) if key.startswith(("visual.", "image_projection")) else key
+            if new_key == "visual.class_embedding":
+                value = value.reshape(width)
+            elif new_key == "visual.positional_embedding":
+                value = value.reshape(-1, width)
+            converted[unprefix_text_keys(new_key)] = value
+        return converted
+    return {unprefix_text_keys(key): value for key, value in state.items()}
+
+
+def read_torchscript_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a TorchScript archive (OpenAI's released files); its code is never called."""
+    try:
+        scripted = torch.jit.load(str(path), map_location="cpu")
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: unreadable TorchScript archive ({first_line})") from None
+    return {name: tensor.detach().clone() for name, tensor in scripted.state_dict().items()}

@@ -1,0 +1,99 @@
+"""`load_pretrained`: a model in eval mode from any file or directory slip reads.
+
+Recognised, in this order: a transformers CLIPModel directory and an open_clip directory (`slip.interop.hf`,
+`slip.interop.open_clip`); a `.safetensors` file written by slip; our own `.pt` checkpoints; original SLIP
+checkpoints; OpenAI CLIP weights (its TorchScript archives and plain state dicts, which are also what open_clip's
+OpenAI-style models save). Pickles are read with `weights_only=True`; TorchScript code is never run.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from slip.checkpoint import (FORMAT_NAME, CheckpointError, CheckpointInfo, is_torchscript_archive,
+                             objective_from_config, read_safely)
+from slip.interop.common import Converted
+from slip.interop.hf import read_hf
+from slip.interop.open_clip import read_open_clip
+from slip.interop.openai import from_openai, is_openai_state, read_torchscript_tensors
+from slip.interop.safetensors_io import read_safetensors
+from slip.interop.slip_original import from_original_slip, is_original_slip
+from slip.models import ImageTextModel, build_from_arch
+
+__all__ = ["build_converted", "load_pretrained", "load_pretrained_with_info", "read_pretrained"]
+
+
+def _from_pickle(content: Any, path: Path) -> Converted:
+    """Recognise the format of an unpickled checkpoint."""
+    if isinstance(content, Mapping) and content.get("format") == FORMAT_NAME:
+        config = content.get("config")
+        step = (content.get("state") or {}).get("step")
+        return Converted(dict(content["arch"]), content["model"],
+                         CheckpointInfo(FORMAT_NAME, objective_from_config(config), step, config))
+    if is_original_slip(content):
+        return from_original_slip(content, path)
+    if is_openai_state(content):
+        return from_openai(dict(content))
+    kind = type(content).__name__
+    keys = ", ".join(map(str, list(content)[:5])) if isinstance(content, Mapping) else ""
+    raise CheckpointError(f"{path}: not a slip, original-SLIP, OpenAI-CLIP or open_clip (OpenAI-style) checkpoint "
+                          f"({kind} with keys: {keys})")
+
+
+def read_pretrained(path: str | os.PathLike) -> Converted:
+    """The arch record, state dict and provenance of the model at `path`, in our terms, without building it."""
+    path = Path(path)
+    if path.is_dir():
+        for reader in (read_hf, read_open_clip):
+            converted = reader(path)
+            if converted is not None:
+                return converted
+        present = ", ".join(sorted(p.name for p in path.iterdir())[:6]) or "nothing"
+        raise CheckpointError(f"{path}: a directory that is no transformers CLIP (config.json + model.safetensors) "
+                              f"or open_clip (open_clip_config.json + weights) model; it holds {present}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    if is_torchscript_archive(path):
+        return from_openai(read_torchscript_tensors(path))
+    return _from_pickle(read_safely(path), path)
+
+
+def _describe_mismatch(missing: list[str], unexpected: list[str]) -> str:
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} keys, e.g. {missing[:3]}")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} keys, e.g. {unexpected[:3]}")
+    return "; ".join(parts)
+
+
+def build_converted(converted: Converted, path: Path) -> ImageTextModel:
+    """The model a converted checkpoint describes, its weights loaded strictly, in eval mode."""
+    try:
+        model = build_from_arch(converted.arch)
+    except (TypeError, ValueError, KeyError) as error:
+        raise CheckpointError(f"{path}: cannot build its architecture {converted.arch}: {error}") from None
+    try:
+        missing, unexpected = model.load_state_dict(converted.state, strict=False)
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"{path}: weights do not fit the architecture: {first_line}") from None
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not fit the architecture: "
+                              f"{_describe_mismatch(missing, unexpected)}")
+    return model.eval()
+
+
+def load_pretrained(path: str | os.PathLike) -> ImageTextModel:
+    """A model in eval mode from any format `read_pretrained` recognises."""
+    return load_pretrained_with_info(path)[0]
+
+
+def load_pretrained_with_info(path: str | os.PathLike) -> tuple[ImageTextModel, CheckpointInfo]:
+    """`load_pretrained`, plus what the checkpoint records about its training (format, objective, step)."""
+    converted = read_pretrained(path)
+    return build_converted(converted, Path(path)), converted.info
