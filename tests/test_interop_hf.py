@@ -310,3 +310,17 @@ def test_transformers_tokenizer_from_our_merges_gives_our_ids(tmp_path):
                                    pooled(hf_model.get_text_features(input_ids=hf_ids)))
     print(f"\nHF tokenizer + model vs ours, full vocabulary: text max rel diff {diff:.2e}")
     assert diff < TOLERANCE
+
+
+def test_a_directory_whose_vocabulary_is_not_ours_is_refused_naming_the_first_mismatch(tmp_path):
+    export_hf(tiny_vit(seed=61, vocab_size=49408), tmp_path)
+    assert read_hf(tmp_path) is not None  # our own vocabulary reads
+    vocab = json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8"))
+    first, second = [token for token, index in vocab.items() if index in (300, 301)]
+    vocab[first], vocab[second] = vocab[second], vocab[first]  # two ids swapped: another tokenizer's numbering
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    with pytest.raises(CheckpointError) as info:
+        read_hf(tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'vocab.json'}: not slip's CLIP vocabulary: id 300 is ")
+    assert "\n" not in message

@@ -513,6 +513,30 @@ def _from_hf_state(hf_state: Mapping[str, torch.Tensor], arch: Mapping[str, Any]
     return {ours: _to_ours([hf_state[key] for key in theirs], how) for ours, theirs, how in links}
 
 
+def _check_vocabulary(directory: Path) -> None:
+    """Raise CheckpointError where the directory's tokenizer (vocab.json) is not slip's CLIP vocabulary, whose
+    ids the text tower would then be fed; a directory without one is taken as CLIP's."""
+    vocab_path = directory / "vocab.json"
+    if not vocab_path.is_file():
+        return
+    from slip.tokenizer import default_tokenizer
+
+    try:
+        theirs = json.loads(vocab_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise CheckpointError(f"{vocab_path}: unreadable vocabulary ({type(error).__name__}: {error})") from None
+    ours = default_tokenizer()
+    if not isinstance(theirs, Mapping) or len(theirs) != ours.vocab_size:
+        size = len(theirs) if isinstance(theirs, Mapping) else type(theirs).__name__
+        raise CheckpointError(f"{vocab_path}: not slip's CLIP vocabulary: {size} tokens, slip's tokenizer has "
+                              f"{ours.vocab_size}")
+    by_id = {index: token for token, index in theirs.items()}
+    for index in range(ours.vocab_size):
+        if by_id.get(index) != ours.id_to_token(index):
+            raise CheckpointError(f"{vocab_path}: not slip's CLIP vocabulary: id {index} is {by_id.get(index)!r}, "
+                                  f"slip's tokenizer has {ours.id_to_token(index)!r}")
+
+
 def read_hf(path: Path) -> Converted | None:
     """A transformers CLIPModel directory (config.json + model.safetensors) in our terms; None for anything
     else.
@@ -541,6 +565,7 @@ def read_hf(path: Path) -> Converted | None:
     except ImportError:  # an optional extra
         raise CheckpointError(f"{config_path}: reading transformers weights needs safetensors: pip install "
                               "safetensors") from None
+    _check_vocabulary(directory)
     arch = _arch_from_config(config, config_path)
     arch.update(_normalization(directory))
     hf_state, source = _load_weights(directory)
