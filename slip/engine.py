@@ -7,7 +7,7 @@ import random
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,6 +135,31 @@ class PreemptionFlag:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
+    @contextlib.contextmanager
+    def interrupting(self, error: type[BaseException]) -> Iterator[None]:
+        """Inside the block SIGTERM also raises `error` at once (long loops that do not check the flag, such as
+        validation); raised on entry when SIGTERM already came."""
+        if self.requested:
+            raise error()
+
+        def handle(signum: int, frame: Any) -> None:
+            self.requested = True
+            raise error()
+
+        try:
+            previous = signal.signal(signal.SIGTERM, handle)
+        except ValueError:  # not the main thread: the flag alone
+            yield
+            return
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class EvaluationInterrupted(Exception):
+    """SIGTERM arrived during validation."""
+
 
 def resolve_device(name: str, world: WorldInfo) -> torch.device:
     """'auto' -> this rank's GPU when CUDA is available, else the CPU."""
@@ -200,7 +225,11 @@ def view_grid(batch: Mapping[str, torch.Tensor], mean: Iterable[float], std: Ite
 
 
 class Trainer:
-    """Runs `fit`: one instance per training run."""
+    """Runs `fit`: one instance per training run.
+
+    `evaluate(model, progress=callback) -> metrics` validates (e.g. `slip.eval.zeroshot.ZeroShotEvaluator`; its
+    `len` is the number of images it scores, when it has one).
+    """
 
     def __init__(
         self,
@@ -213,7 +242,7 @@ class Trainer:
         total_steps: int,
         steps_per_epoch: int,
         config_text: str = "",
-        evaluate: Callable[[ImageTextModel], dict[str, float]] | None = None,
+        evaluate: Callable[..., dict[str, float]] | None = None,
     ) -> None:
         self.task, self.optimizer, self.schedule = task, optimizer, schedule
         self.settings, self.world, self.run_dir = settings, world, run_dir
@@ -406,13 +435,33 @@ class Trainer:
         shown["img/s"] = perf["images_per_second"]
         self.monitor.progress(self.state.step, shown)
 
-    def _run_evaluation(self) -> None:
+    def _run_evaluation(self, preempted: PreemptionFlag) -> bool:
+        """Validate (with progress lines); False when SIGTERM came first or stopped it, which takes seconds."""
         if self.evaluate is None:
-            return
+            return True
+        total = len(self.evaluate) if hasattr(self.evaluate, "__len__") else None
+        step, started = self.state.step, time.perf_counter()
+        self.monitor.message(f"step {step}: zero-shot validation" + (f" on {total} images" if total else ""))
+        reported = [0.0]
+
+        def progress(done: int, total: int) -> None:
+            if done == total or done / total >= reported[0] + 0.25:
+                reported[0] = done / total
+                self.monitor.message(f"validation: {done}/{total} images, {time.perf_counter() - started:.0f} s")
+
         self.task.model.eval()
-        self.last_eval = self.evaluate(self.task.model)
-        self.task.model.train()
-        self.monitor.scalars(self.state.step, self.last_eval, "eval/")
+        try:
+            with preempted.interrupting(EvaluationInterrupted):
+                self.last_eval = self.evaluate(self.task.model, progress=progress)
+        except EvaluationInterrupted:
+            self.monitor.message(f"validation at step {step} stopped by SIGTERM")
+            return False
+        finally:
+            self.task.model.train()
+        self.monitor.scalars(step, self.last_eval, "eval/")
+        shown = ", ".join(f"{key} {value:.1f}" for key, value in self.last_eval.items())
+        self.monitor.message(f"validation done in {time.perf_counter() - started:.0f} s: {shown}")
+        return True
 
     def fit(self, loader_for_epoch: LoaderForEpoch, image_mean=(0, 0, 0), image_std=(1, 1, 1),
             prepare_batch: PrepareBatch = batch_to_device) -> TrainState:
@@ -439,7 +488,9 @@ class Trainer:
                     state.epoch += 1
                     state.step_in_epoch = 0
                     self.save()
-                self._run_evaluation()
+                if not self._run_evaluation(preempted):
+                    self.monitor.message(f"the checkpoint of step {state.step} is saved ({self.checkpoint_path}); "
+                                         "run again to validate")
             finally:
                 self.monitor.close()
         return state
@@ -489,7 +540,7 @@ class Trainer:
             if settings.save_every and state.step % settings.save_every == 0:
                 self.save()
             if settings.eval_every and state.step % settings.eval_every == 0 and state.step < self.total_steps:
-                self._run_evaluation()
+                self._run_evaluation(preempted)  # SIGTERM there stops the run below, as during a step
             if _any_rank(preempted.requested, self.world, self.device) or (
                     settings.stop_after is not None and state.step - self._first_step >= settings.stop_after):
                 return True

@@ -18,7 +18,7 @@ from slip.data import build_train_data
 from slip.data.decode import DataError
 from slip.distributed import WorldInfo, convert_sync_batchnorm, init_process_group, leave_process_group, make_gather
 from slip.engine import Trainer, TrainingError, TrainTask, resolve_device, seed_everything
-from slip.eval.zeroshot import zero_shot_evaluator
+from slip.eval.zeroshot import validation_images, zero_shot_evaluator
 from slip.host_memory import retain_freed_memory
 from slip.optim import param_groups
 from slip.run_layout import CHECKPOINT_IN_RUN, RESULTS_FILE
@@ -74,8 +74,14 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     schedule = build(cfg.schedule, "schedule")(total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     evaluate = None
     if cfg.get("val") and "text" in objective.inputs:  # zero-shot needs a text tower (not SimCLR's)
-        evaluate = zero_shot_evaluator(build(cfg.val.dataset, "val.dataset"), cfg.val.get("prompts"), "val.prompts",
-                                       int(cfg.val.batch_size))
+        val_dataset = build(cfg.val.dataset, "val.dataset")
+        try:
+            limit = validation_images(cfg.val.get("max_images", "all"), len(val_dataset),
+                                      total_steps * settings.update_freq * data.global_batch)
+        except ValueError as error:
+            raise ConfigError(f"val.max_images: {error}") from None
+        evaluate = zero_shot_evaluator(val_dataset, cfg.val.get("prompts"), "val.prompts", int(cfg.val.batch_size),
+                                       max_images=limit)
     checkpoint = _resume_checkpoint(settings.resume, run_dir, cfg)
 
     init_process_group(world)

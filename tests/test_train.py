@@ -258,3 +258,60 @@ def test_tensorboard_gets_losses_lr_throughput_and_the_view_grid(tmp_path: Path)
         assert f"train/{tag}" in scalars
     assert events.Tags()["images"] == ["views"]
     assert [event.step for event in events.Scalars("train/loss")] == [1, 2]
+
+
+def test_sigterm_during_validation_stops_within_seconds_and_the_run_validates_when_run_again(tmp_path: Path) -> None:
+    args = [*FAST, "trainer.max_steps=2", "val=synthetic", "val.max_images=all", "val.dataset.num_samples=200000",
+            "val.batch_size=50", f"output_root={tmp_path}"]
+    process = subprocess.Popen([sys.executable, "-m", "slip.train", *args], cwd=tmp_path, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                               env=subprocess_env())
+    seen = []
+    deadline = time.monotonic() + 180
+    for line in process.stdout:  # type: ignore[union-attr]
+        seen.append(line)
+        if "zero-shot validation on 200000 images" in line or time.monotonic() > deadline:
+            break
+    time.sleep(1.0)  # well inside the validation, which takes minutes
+    signalled = time.monotonic()
+    os.killpg(process.pid, signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    stopped_after = time.monotonic() - signalled
+    print(f"stopped {stopped_after:.1f} s after SIGTERM")  # shown with pytest -s
+    text = "".join(seen) + output
+    assert process.returncode == 0, text
+    assert stopped_after < 15, f"took {stopped_after:.1f} s to stop"
+    assert "validation at step 2 stopped by SIGTERM" in text and "run again to validate" in text
+    assert read_checkpoint(tmp_path / "test" / "checkpoints" / "last.pt")["state"]["step"] == 2
+    again = run_cli(*FAST, "trainer.max_steps=2", "val=synthetic", "val.max_images=all",
+                    "val.dataset.num_samples=48", f"output_root={tmp_path}", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "top1" in json.loads((tmp_path / "test" / "results.json").read_text())["zeroshot"]
+    assert "validation: 48/48 images" in again.stdout + again.stderr
+
+
+def test_auto_validation_scores_no_more_images_than_the_run_trains_on(tmp_path: Path) -> None:
+    result = run_cli(*FAST, "trainer.max_steps=2", "val=synthetic", f"output_root={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "step 2: zero-shot validation on 96 images" in result.stdout + result.stderr  # 16 trained, at least 96
+
+
+def test_sigterm_during_feature_extraction_stops_within_seconds_and_leaves_no_partial_cache(tmp_path: Path) -> None:
+    train(compose_config(*FAST, "loss=clip", "trainer.max_steps=1"), tmp_path / "run")
+    base = [sys.executable, "-m", "slip.eval", f"checkpoint={tmp_path / 'run'}", "tasks.zeroshot=[]",
+            "tasks.knn=[]", "tasks.retrieval=[]", "catalog.synthetic.test.num_samples=24"]
+    process = subprocess.Popen([*base, "catalog.synthetic.train.num_samples=400000"], cwd=tmp_path, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                               env=subprocess_env())
+    time.sleep(12)  # start-up, then well inside extracting 400,000 images
+    assert process.poll() is None, process.communicate()[0]
+    signalled = time.monotonic()
+    os.killpg(process.pid, signal.SIGTERM)
+    process.communicate(timeout=60)
+    assert time.monotonic() - signalled < 10 and process.returncode != 0
+    cache = tmp_path / "run" / "eval" / "feature_cache"
+    assert not any(path.name.endswith(".tmp") for path in cache.rglob("*")) if cache.exists() else True
+    again = subprocess.run([*base, "catalog.synthetic.train.num_samples=48"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300, env=subprocess_env())
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (tmp_path / "run" / "eval").is_dir()

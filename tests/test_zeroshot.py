@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from slip.data.labelled import ImageFolderDataset
 from slip.data.synthetic import SyntheticClassification
-from slip.eval.zeroshot import ZeroShotEvaluator, text_classifier, zero_shot_accuracy, zero_shot_evaluator
+from slip.eval.zeroshot import (ZeroShotEvaluator, text_classifier, validation_images, zero_shot_accuracy,
+                                zero_shot_evaluator)
 from slip.models import build_vit_model
 from slip.tokenizer import tokenize
 from data_helpers import write_image
@@ -79,3 +80,27 @@ def test_top_k_beyond_the_class_count_is_not_reported(model) -> None:
     classifier = F.normalize(torch.randn(3, 24), dim=-1)
     got = zero_shot_accuracy(model, classifier, [(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]))])
     assert set(got) == {"top1"}
+
+
+@pytest.mark.parametrize(("setting", "training_images", "want"), [
+    ("auto", 16, 96), ("auto", 500, 500), ("auto", 5000, None), ("all", 16, None), (None, 16, None),
+    (200, 16, 200), (2000, 16, None),
+])
+def test_validation_size_settings(setting, training_images, want) -> None:
+    assert validation_images(setting, 1000, training_images) == want
+
+
+@pytest.mark.parametrize("setting", ["some", 0, -3, True, 1.5])
+def test_bad_validation_size_settings_name_the_key(setting) -> None:
+    with pytest.raises(ValueError, match=r"^max_images must be 'auto', 'all' or a positive number"):
+        validation_images(setting, 1000, 16)
+
+
+def test_a_limited_evaluator_scores_evenly_spaced_images_of_every_class(model) -> None:
+    dataset = SyntheticClassification(num_samples=240, image_size=32, seed=1)
+    evaluator = ZeroShotEvaluator(dataset, batch_size=50, max_images=48)
+    calls = []
+    evaluator(model, progress=lambda done, total: calls.append((done, total)))
+    assert len(evaluator) == 48 and calls[-1] == (48, 48) and [done for done, _ in calls] == [48]
+    picked = [i * 240 // 48 for i in range(48)]
+    assert len({index % 24 for index in picked}) > 12  # spread over the classes (class = index % 24)

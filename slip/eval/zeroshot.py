@@ -1,7 +1,7 @@
 """Zero-shot classification: a text classifier from class names x prompt templates, and top-k accuracy."""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -14,6 +14,21 @@ from slip.prompts import load_prompts
 from slip.models import ImageTextModel
 
 Tokenize = Callable[[list[str], int], Tensor]
+Progress = Callable[[int, int], None]
+"""progress(images done, images in all), called after each batch."""
+# "auto" validation never scores fewer images than this (4 per class of the synthetic task's 24).
+MIN_AUTO_VALIDATION_IMAGES = 96
+
+
+def _reporting(batches: Iterable[tuple[Tensor, Tensor]], total: int,
+               progress: Progress | None) -> Iterator[tuple[Tensor, Tensor]]:
+    """The batches, calling `progress` after each has been handed on."""
+    done = 0
+    for images, labels in batches:
+        yield images, labels
+        done += labels.shape[0]
+        if progress is not None:
+            progress(done, total)
 
 
 @torch.no_grad()
@@ -81,6 +96,7 @@ class ZeroShotEvaluator:
         num_workers: int = 0,
         class_names: Sequence[str | Sequence[str]] | None = None,
         templates: Sequence[str] | None = None,
+        max_images: int | None = None,
     ) -> None:
         class_names = class_names if class_names is not None else getattr(dataset, "classes", None)
         templates = templates if templates is not None else getattr(dataset, "templates", None)
@@ -88,32 +104,56 @@ class ZeroShotEvaluator:
             if not value:
                 raise ValueError(f"zero-shot dataset {type(dataset).__name__} has no {attribute}")
         self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
+        self.max_images = max_images
         self.class_names: list[str | Sequence[str]] = list(class_names)
         self.templates: list[str] = list(templates)
 
-    def __call__(self, model: ImageTextModel) -> dict[str, float]:
-        """Build the text classifier with `model`, then score every image of the dataset."""
+    def __len__(self) -> int:
+        """The number of images scored: the dataset's, or `max_images` of them evenly spaced over it."""
+        size = len(self.dataset)
+        return size if self.max_images is None else min(size, self.max_images)
+
+    def __call__(self, model: ImageTextModel, progress: Progress | None = None) -> dict[str, float]:
+        """Build the text classifier with `model`, then score the images; `progress(done, total)` after each batch."""
         from slip.data.transforms import eval_view
         from slip.tokenizer import tokenize
 
         arch = model.arch
         transform = eval_view(arch["image_size"], arch["image_mean"], arch["image_std"])
-        loader = torch.utils.data.DataLoader(EvalViewDataset(self.dataset, transform, len(self.class_names)), batch_size=self.batch_size,
-                                             num_workers=self.num_workers)
+        images = EvalViewDataset(self.dataset, transform, len(self.class_names))
+        if len(self) < len(self.dataset):  # evenly spaced, so class-sorted datasets keep every class
+            images = torch.utils.data.Subset(images, [i * len(self.dataset) // len(self) for i in range(len(self))])
+        loader = torch.utils.data.DataLoader(images, batch_size=self.batch_size, num_workers=self.num_workers)
         classifier = text_classifier(model, self.class_names, self.templates, tokenize)
-        return zero_shot_accuracy(model, classifier, loader)
+        return zero_shot_accuracy(model, classifier, _reporting(loader, len(self), progress))
+
+
+def validation_images(setting: int | str | None, dataset_size: int, training_images: int) -> int | None:
+    """How many images validation scores: "all" (or None) -> every one; a number -> at most that many; "auto" ->
+    at most as many as the run trains on, and at least `MIN_AUTO_VALIDATION_IMAGES` (None where that is all)."""
+    if setting is None or setting == "all":
+        return None
+    if setting == "auto":
+        limit = max(MIN_AUTO_VALIDATION_IMAGES, training_images)
+    elif isinstance(setting, int) and not isinstance(setting, bool) and setting > 0:
+        limit = setting
+    else:
+        raise ValueError(f"max_images must be 'auto', 'all' or a positive number, got {setting!r}")
+    return None if limit >= dataset_size else limit
 
 
 def zero_shot_evaluator(
-    dataset: Any, prompts: str | None, where: str, batch_size: int = 256, num_workers: int = 0
+    dataset: Any, prompts: str | None, where: str, batch_size: int = 256, num_workers: int = 0,
+    max_images: int | None = None,
 ) -> ZeroShotEvaluator:
-    """An evaluator for `dataset`, with the class names and templates of prompt set `prompts` when given.
+    """An evaluator for `dataset` (`max_images` of them, evenly spaced, when given), with the class names and templates
+    of prompt set `prompts` when given.
 
     `where` names the config key of `prompts` in the error raised when its classes do not fit the dataset.
     """
     if not prompts:
-        return ZeroShotEvaluator(dataset, batch_size, num_workers)
+        return ZeroShotEvaluator(dataset, batch_size, num_workers, max_images=max_images)
     prompt_set = load_prompts(prompts)
     check_class_names(list(dataset.classes), list(prompt_set.classes), where)
     return ZeroShotEvaluator(dataset, batch_size, num_workers, prompt_set.synonyms or prompt_set.classes,
-                             prompt_set.templates)
+                             prompt_set.templates, max_images)
