@@ -136,10 +136,11 @@ def training_task(device, model_name: str, loss: str, **model_overrides: Any) ->
     return task, optimizer
 
 
-def training_setup(device, model_name: str, loss: str, batch_size: int) -> tuple[Any, Any, dict[str, Any]]:
+def training_setup(device, model_name: str, loss: str, batch_size: int,
+                   **model_overrides: Any) -> tuple[Any, Any, dict[str, Any]]:
     """(task, optimizer, batch) of the train-step measurements (`training_task`), with a batch of random images
     and real-length captions."""
-    task, optimizer = training_task(device, model_name, loss)
+    task, optimizer = training_task(device, model_name, loss, **model_overrides)
     arch = task.model.arch
     return task, optimizer, _train_batch(task.objective.inputs, batch_size, arch["image_size"],
                                          arch["context_length"], device)
@@ -171,19 +172,20 @@ def model_flop_counter():
 
 
 def train_step(device_name: str, model_name: str, loss: str, batch_size: int, repeats: int,
-               matmul_size: int, probe_s: float, compiled: bool = False) -> dict[str, Any]:
+               matmul_size: int, probe_s: float, compiled: bool = False,
+               model_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """img/s, model FLOP/s and peak memory of full training steps (fwd, bwd, AdamW) on real-length captions.
 
     Around every timed step the dense-matmul rate is measured again in this process, sustained over
     `probe_s` seconds before and after (averaged), so that the step's share of it does not depend on how fast
     a shared machine ran when the suite started, nor compare a multi-second step with a lucky burst.
     `compiled`: time torch.compile(task) as trainer.compile=true does (FLOPs are counted on the eager step;
-    compilation is untimed).
+    compilation is untimed). `model_overrides` go to the model builder (e.g. patch_dropout).
     """
     import torch
 
     device = _device(device_name)
-    task, optimizer, batch = training_setup(device, model_name, loss, batch_size)
+    task, optimizer, batch = training_setup(device, model_name, loss, batch_size, **(model_overrides or {}))
     dtype = torch.bfloat16 if device.type == "cuda" else None
     a, b = _matmul_operands(device, matmul_size)
 

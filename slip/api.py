@@ -28,7 +28,7 @@ __all__ = ["ContextTokenizer", "ZeroShotClassifier", "create_model", "create_mod
 
 # Arch entries that say which parts were built or how they were initialised, not what the weights compute with.
 _NOT_SIZES = frozenset({"inputs", "logit_scale_init", "drop_path_rate", "channels_last", "ssl_head_norm",
-                        "ssl_mlp_dim", "ssl_embed_dim"})
+                        "ssl_mlp_dim", "ssl_embed_dim", "patch_dropout", "ssl_patch_dropout"})
 
 
 def model_names() -> list[str]:

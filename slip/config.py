@@ -71,6 +71,27 @@ def upgrade_saved_config(saved: DictConfig) -> DictConfig:
     return upgraded
 
 
+def fill_added_defaults(saved: Any, current: Any) -> None:
+    """Give `saved` (in place) the keys that `current`'s builder nodes have and it lacks, where `current` sets them
+    to the builder's default: a key added in a later version, left at its default, changes nothing."""
+    if not (isinstance(saved, DictConfig) and isinstance(current, DictConfig)):
+        return
+    target = current.get("_target_")
+    defaults: dict[str, Any] = {}
+    if isinstance(target, str) and saved.get("_target_") == target:
+        try:
+            defaults = {name: parameter.default for name, parameter in inspect.signature(get_method(target)).parameters
+                        .items() if parameter.default is not inspect.Parameter.empty}
+        except Exception:  # an unimportable target: nothing to fill
+            defaults = {}
+    for name in current:
+        if name not in saved:
+            if name in defaults and OmegaConf.select(current, str(name)) == defaults[name]:
+                saved[name] = current[name]
+        else:
+            fill_added_defaults(saved[name], current[name])
+
+
 def _move_targets(node: Any) -> None:
     if isinstance(node, DictConfig):
         for name in node:

@@ -12,8 +12,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from slip.checkpoint import CheckpointError, read_checkpoint
-from slip.config import (ConfigError, build, check_renamed_keys, check_renamed_overrides, first_difference,
-                         upgrade_saved_config)
+from slip.config import (ConfigError, build, check_renamed_keys, check_renamed_overrides, fill_added_defaults,
+                         first_difference, upgrade_saved_config)
 from slip.data import build_train_data
 from slip.data.decode import DataError
 from slip.distributed import WorldInfo, convert_sync_batchnorm, init_process_group, leave_process_group, make_gather
@@ -40,6 +40,7 @@ def _resume_checkpoint(setting: str, run_dir: Path, cfg: DictConfig) -> dict[str
         return None
     checkpoint = read_checkpoint(path)
     saved = upgrade_saved_config(OmegaConf.create(checkpoint.get("config") or "{}"))
+    fill_added_defaults(saved, cfg)
     for section in RUN_DEFINING_SECTIONS:
         difference = first_difference(saved.get(section), cfg.get(section), section)
         if difference is not None:

@@ -197,3 +197,27 @@ def test_the_big_batch_is_timed_only_where_the_scaled_micro_step_fits(monkeypatc
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       24683648 kB\nMemAvailable:   20480000 kB\n")
     assert accumulation.available_memory_mib("cpu", meminfo) == 20000
+
+
+def test_the_patch_dropout_benchmark_counts_fewer_flops_at_higher_rates(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    patch_dropout = _load("patch_dropout")
+    suite = _load("suite")
+    rows = [{"objective": "clip", "patch_dropout": rate,
+             **suite.train_step("cpu", "tiny", "clip", 4, 1, 64, 0.01, False, {"patch_dropout": rate})}
+            for rate in (0.0, 0.5)]
+    assert rows[1]["model_tflops_per_step"] < 0.75 * rows[0]["model_tflops_per_step"]
+    text = patch_dropout.markdown({"model": "tiny", "batch": 4, "command": "cmd", "machine": {}, "rows": rows})
+    assert "| clip | 0.5 |" in text and "1.00x" in text
+
+
+def test_the_peer_benchmark_times_the_same_network_in_open_clip(monkeypatch):
+    pytest.importorskip("open_clip")
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    peers = _load("peers")
+    row = peers.train_steps("cpu", "tiny", 4, 2, False, 0.0, 0.0)
+    assert row["ours_step_s"] > 0 and row["open_clip_step_s"] > 0 and len(row["times"]["ours"]) == 2
+    full = peers.train_steps("cpu", "tiny", 4, 1, True, 0.5, 0.5)
+    assert full["mean_caption_tokens"] == 32 > row["mean_caption_tokens"]  # the tiny model's whole context
+    text = peers.markdown({"command": "cmd", "machine": {}, "train": [row, full], "clip_view": {"error": "skipped"}})
+    assert "| real-length |" in text and "| full-context |" in text and "CLIP view: error: skipped" in text

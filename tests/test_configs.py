@@ -173,3 +173,20 @@ def test_too_many_bad_samples_stop_the_run_naming_examples(tmp_path: Path) -> No
     with pytest.raises(TrainingError, match=r"above trainer.max_bad_fraction=0.5.*(gone|broken)") as info:
         train(cfg, tmp_path / "run")
     assert "\n" not in str(info.value)
+
+
+def test_a_key_added_later_at_its_default_does_not_block_resuming() -> None:
+    from omegaconf import OmegaConf
+
+    from slip.config import fill_added_defaults, first_difference
+
+    current = compose_config("model=vit_b16")
+    saved = OmegaConf.create(OmegaConf.to_container(current.model))
+    del saved["patch_dropout"], saved["ssl_patch_dropout"]  # a config saved before the keys existed
+    fill_added_defaults(saved, current.model)
+    assert first_difference(saved, current.model, "model") is None
+    changed = compose_config("model=vit_b16", "model.patch_dropout=0.5")
+    old = OmegaConf.create(OmegaConf.to_container(current.model))
+    del old["patch_dropout"]
+    fill_added_defaults(old, changed.model)  # not the default: the runs differ
+    assert first_difference(old, changed.model, "model") == "model.patch_dropout"

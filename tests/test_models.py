@@ -354,3 +354,75 @@ def test_tower_features_then_heads_is_the_forward_pass():
     assert split.keys() == whole.keys()
     for key in whole:
         torch.testing.assert_close(split[key], whole[key], rtol=0, atol=0)
+
+
+def _patch_dropout_model(patch_dropout: float, ssl_patch_dropout: float | None = None, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_vit_model(image_size=32, patch_size=4, vision_width=16, vision_layers=1, vision_heads=2,
+                           embed_dim=8, text_width=16, text_layers=1, text_heads=2, context_length=8, vocab_size=64,
+                           ssl_mlp_dim=16, ssl_embed_dim=8, patch_dropout=patch_dropout,
+                           ssl_patch_dropout=ssl_patch_dropout)
+
+
+def _tokens_entering_the_blocks(model, images: torch.Tensor) -> list[torch.Tensor]:
+    """The token sequences the first block receives, one per tower call."""
+    seen = []
+    handle = model.visual.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    try:
+        model.image_features(images)
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_patch_dropout_zero_is_the_plain_model_and_evaluation_keeps_every_token() -> None:
+    plain, zero, half = _patch_dropout_model(0.0), _patch_dropout_model(0.0), _patch_dropout_model(0.5)
+    batch = make_batch(plain, batch=3)
+    for model in (plain, zero):
+        model.zero_grad()
+        sum(value.sum() for value in model(batch).values()).backward()
+    for (name, a), b in zip(plain.named_parameters(), zero.parameters()):
+        assert torch.equal(a, b) and (a.grad is None) == (b.grad is None), name
+        assert a.grad is None or torch.equal(a.grad, b.grad), name
+    half.load_state_dict(plain.state_dict())
+    plain.eval(), half.eval()
+    with torch.no_grad():
+        for key, value in plain(batch).items():
+            assert torch.equal(half(batch)[key], value), key
+
+
+def test_patch_dropout_keeps_a_uniform_random_subset_per_image_with_its_positions() -> None:
+    model = _patch_dropout_model(0.5).train()
+    visual = model.visual
+    with torch.no_grad():  # token = (its patch's pixel value, its position index, class marker, 0, ...)
+        visual.patch_embed.proj.weight.zero_()
+        visual.patch_embed.proj.bias.zero_()
+        visual.patch_embed.proj.weight[0, 0] = 1.0 / 16  # channel 0: the mean of the patch's red pixels
+        visual.pos_embed.zero_()
+        visual.pos_embed[0, 1:, 1] = torch.arange(64, dtype=torch.float32)
+        visual.cls_token.zero_()
+        visual.cls_token[0, 0, 2] = 1.0
+    grid = torch.arange(64, dtype=torch.float32).view(8, 8)
+    images = grid.repeat_interleave(4, 0).repeat_interleave(4, 1).expand(2000, 3, 32, 32).contiguous()
+    (tokens,) = _tokens_entering_the_blocks(model, images)
+    assert tokens.shape == (2000, 1 + 32, 16)
+    assert torch.equal(tokens[:, 0, 2], torch.ones(2000))  # the class token always, first
+    content, position = tokens[:, 1:, 0], tokens[:, 1:, 1]
+    torch.testing.assert_close(content, position)  # every kept token carries its own positional embedding
+    kept = torch.zeros(2000, 64)
+    kept.scatter_(1, position.round().long(), 1.0)
+    assert torch.equal(kept.sum(dim=1), torch.full((2000,), 32.0))  # 32 distinct patches per image
+    assert len({tuple(row.nonzero().flatten().tolist()) for row in kept}) > 1990  # drawn per image
+    frequency = kept.mean(dim=0)
+    assert (frequency - 0.5).abs().max() < 0.05, frequency  # each patch kept half the time (4.5 sigma)
+
+
+def test_the_ssl_views_take_their_own_patch_dropout_rate() -> None:
+    model = _patch_dropout_model(0.0, ssl_patch_dropout=0.75).train()
+    seen = []
+    handle = model.visual.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
+    model(make_batch(model, batch=2))
+    handle.remove()
+    assert sorted(shape[1] for shape in seen) == [1 + 16, 1 + 64]  # SSL views batched (75% dropped), image whole
+    with pytest.raises(ValueError, match=r"ssl_patch_dropout must be a fraction in \[0, 1\), got 1.0"):
+        _patch_dropout_model(0.0, ssl_patch_dropout=1.0)

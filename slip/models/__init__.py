@@ -1,13 +1,15 @@
 """Model builders: one flat builder per tower family, and named presets (vit_b16, rn50, ...) over them."""
 from __future__ import annotations
 
+import functools
+import inspect
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Sequence
 
 from slip.models.heads import CLIP_INITIAL_LOGIT_SCALE, SSLHead
 from slip.models.image_text import ALL_INPUTS, ImageTextModel
 from slip.models.text import TextTransformer
-from slip.models.vision import ModifiedResNet, vit_tower
+from slip.models.vision import ModifiedResNet, check_patch_dropout, vit_tower
 
 __all__ = [
     "ALL_INPUTS", "IMAGENET_MEAN", "IMAGENET_STD", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "ImageTextModel", "MODEL_BUILDERS", "build_from_arch", "build_resnet_model",
@@ -77,6 +79,8 @@ def build_vit_model(
     vision_heads: int = 12,
     openai_layout: bool = False,
     drop_path_rate: float = 0.0,
+    patch_dropout: float = 0.0,
+    ssl_patch_dropout: float | None = None,
     embed_dim: int = 512,
     text_width: int = 512,
     text_layers: int = 12,
@@ -94,7 +98,12 @@ def build_vit_model(
     """A model with a timm ViT image tower; text tower and SSL head only where `inputs` need them.
 
     `ssl_head_norm`: the SSL head's hidden normalisation, "batch" (SLIP's), "layer" or "none".
+    `patch_dropout`: the share of patch tokens the CLIP view ("image") drops in training (FLIP), drawn per image;
+    `ssl_patch_dropout`: the same for the SSL views (None: as `patch_dropout`). Evaluation uses every token.
     """
+    check_patch_dropout("patch_dropout", patch_dropout)
+    ssl_patch_dropout = check_patch_dropout("ssl_patch_dropout",
+                                            patch_dropout if ssl_patch_dropout is None else ssl_patch_dropout)
     arch = dict(locals(), family="vit", inputs=tuple(inputs), **_normalization(image_mean, image_std))
     visual = vit_tower(
         image_size=image_size,
@@ -104,8 +113,12 @@ def build_vit_model(
         heads=vision_heads,
         openai_layout=openai_layout,
         drop_path_rate=drop_path_rate,
+        patch_dropout=max(patch_dropout, ssl_patch_dropout),
     )
-    return _assemble(visual, arch, project_image=True)
+    model = _assemble(visual, arch, project_image=True)
+    model.view_patch_dropout.update(image=float(patch_dropout), aug1=float(ssl_patch_dropout),
+                                    aug2=float(ssl_patch_dropout))
+    return model
 
 
 def build_resnet_model(
@@ -148,62 +161,75 @@ def build_resnet_model(
     return _assemble(visual, arch, project_image=False)
 
 
+def _preset_of(builder: Callable[..., ImageTextModel], **preset: Any) -> Callable[[Callable], Callable]:
+    """Make the decorated (docstring-only) function build `builder(**preset, **overrides)`; its signature is the
+    builder's with the preset's defaults, so config checks see every key and its default."""
+    def decorate(function: Callable) -> Callable[..., ImageTextModel]:
+        @functools.wraps(function)
+        def build(**overrides: Any) -> ImageTextModel:
+            return builder(**{**preset, **overrides})
+
+        signature = inspect.signature(builder)
+        build.__signature__ = signature.replace(parameters=[  # type: ignore[attr-defined]
+            parameter.replace(default=preset.get(name, parameter.default))
+            for name, parameter in signature.parameters.items()])
+        return build
+    return decorate
+
+
+@_preset_of(build_vit_model, image_size=32, patch_size=4, vision_width=128, vision_layers=4, vision_heads=4,
+            embed_dim=128, text_width=128, text_layers=3, text_heads=4, context_length=32, ssl_mlp_dim=512,
+            ssl_embed_dim=128)
 def tiny(**overrides: Any) -> ImageTextModel:
     """The CPU-sized ViT of conf/model/tiny.yaml (32 px, 4x4 patches, 128 wide, 4 layers; 128-wide 3-layer text)."""
-    preset = dict(image_size=32, patch_size=4, vision_width=128, vision_layers=4, vision_heads=4, embed_dim=128,
-                  text_width=128, text_layers=3, text_heads=4, context_length=32, ssl_mlp_dim=512, ssl_embed_dim=128)
-    return build_vit_model(**{**preset, **overrides})
 
 
+@_preset_of(build_vit_model, vision_width=192, vision_layers=12, vision_heads=3)
 def vit_ti16(**overrides: Any) -> ImageTextModel:
     """ViT-Ti/16 image tower (192 wide, 12 layers, 3 heads): the CPU-friendly size."""
-    return build_vit_model(**{"vision_width": 192, "vision_layers": 12, "vision_heads": 3, **overrides})
 
 
+@_preset_of(build_vit_model, vision_width=384, vision_layers=12, vision_heads=12)
 def vit_s16(**overrides: Any) -> ImageTextModel:
     """ViT-S/16 in SLIP's MoCo-v3 variant (384 wide, 12 layers, 12 heads)."""
-    return build_vit_model(**{"vision_width": 384, "vision_layers": 12, "vision_heads": 12, **overrides})
 
 
+@_preset_of(build_vit_model, vision_width=768, vision_layers=12, vision_heads=12)
 def vit_b16(**overrides: Any) -> ImageTextModel:
     """ViT-B/16 (768 wide, 12 layers, 12 heads)."""
-    return build_vit_model(**{"vision_width": 768, "vision_layers": 12, "vision_heads": 12, **overrides})
 
 
+@_preset_of(build_vit_model, vision_width=1024, vision_layers=24, vision_heads=16)
 def vit_l16(**overrides: Any) -> ImageTextModel:
     """ViT-L/16 (1024 wide, 24 layers, 16 heads)."""
-    return build_vit_model(**{"vision_width": 1024, "vision_layers": 24, "vision_heads": 16, **overrides})
 
 
+@_preset_of(build_resnet_model, vision_layers=(3, 4, 6, 3), vision_width=64, embed_dim=1024)
 def rn50(**overrides: Any) -> ImageTextModel:
     """CLIP RN50: stages (3, 4, 6, 3), width 64, 1024-d joint space."""
-    return build_resnet_model(**{"vision_layers": (3, 4, 6, 3), "vision_width": 64, "embed_dim": 1024, **overrides})
 
 
+@_preset_of(build_resnet_model, vision_layers=(3, 4, 23, 3), vision_width=64, embed_dim=512)
 def rn101(**overrides: Any) -> ImageTextModel:
     """CLIP RN101: stages (3, 4, 23, 3), width 64, 512-d joint space."""
-    return build_resnet_model(**{"vision_layers": (3, 4, 23, 3), "vision_width": 64, "embed_dim": 512, **overrides})
 
 
+@_preset_of(build_resnet_model, vision_layers=(4, 6, 10, 6), vision_width=80, embed_dim=640, image_size=288,
+            text_width=640, text_heads=10)
 def rn50x4(**overrides: Any) -> ImageTextModel:
     """CLIP RN50x4: stages (4, 6, 10, 6), width 80, 640-d joint space, 288 px, 640-wide text."""
-    preset = dict(vision_layers=(4, 6, 10, 6), vision_width=80, embed_dim=640, image_size=288,
-                  text_width=640, text_heads=10)
-    return build_resnet_model(**{**preset, **overrides})
 
 
+@_preset_of(build_resnet_model, vision_layers=(6, 8, 18, 8), vision_width=96, embed_dim=768, image_size=384,
+            text_width=768, text_heads=12)
 def rn50x16(**overrides: Any) -> ImageTextModel:
     """CLIP RN50x16: stages (6, 8, 18, 8), width 96, 768-d joint space, 384 px, 768-wide text."""
-    preset = dict(vision_layers=(6, 8, 18, 8), vision_width=96, embed_dim=768, image_size=384,
-                  text_width=768, text_heads=12)
-    return build_resnet_model(**{**preset, **overrides})
 
 
+@_preset_of(build_resnet_model, vision_layers=(3, 15, 36, 10), vision_width=128, embed_dim=1024, image_size=448,
+            text_width=1024, text_heads=16)
 def rn50x64(**overrides: Any) -> ImageTextModel:
     """CLIP RN50x64: stages (3, 15, 36, 10), width 128, 1024-d joint space, 448 px, 1024-wide text."""
-    preset = dict(vision_layers=(3, 15, 36, 10), vision_width=128, embed_dim=1024, image_size=448,
-                  text_width=1024, text_heads=16)
-    return build_resnet_model(**{**preset, **overrides})
 
 
 MODEL_BUILDERS: Mapping[str, Callable[..., ImageTextModel]] = MappingProxyType({

@@ -8,7 +8,7 @@ from torch import nn
 
 from slip.models.heads import CLIP_INITIAL_LOGIT_SCALE, SSLHead, projection
 from slip.models.text import TextTransformer
-from slip.models.vision import has_batch_statistics
+from slip.models.vision import has_batch_statistics, patch_dropout_rate
 
 IMAGE_VIEWS = ("image", "aug1", "aug2")
 ALL_INPUTS = ("image", "text", "aug1", "aug2")
@@ -32,8 +32,11 @@ class ImageTextModel(nn.Module):
         max_logit_scale: float = 100.0,
         batch_views: bool = True,
         arch: Mapping[str, Any] | None = None,
+        view_patch_dropout: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
+        # The share of patch tokens each image view drops in training (ViT towers; FLIP's patch dropout).
+        self.view_patch_dropout = {view: 0.0 for view in IMAGE_VIEWS} | dict(view_patch_dropout or {})
         self.visual = visual
         self.text = text
         self.image_mlp = ssl_head
@@ -101,7 +104,17 @@ class ImageTextModel(nn.Module):
         return self.logit_scale.exp().clamp(max=self.max_logit_scale)
 
     def _view_features(self, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Image-tower features of every view, in one batched pass when that cannot change the result."""
+        """Image-tower features of every view, in one batched pass per patch-dropout rate when that cannot change
+        the result."""
+        rates = {name: self.view_patch_dropout[name] if self.training else 0.0 for name in views}
+        features: dict[str, torch.Tensor] = {}
+        for rate in dict.fromkeys(rates.values()):
+            group = {name: images for name, images in views.items() if rates[name] == rate}
+            with patch_dropout_rate(self.visual, rate):
+                features.update(self._group_features(group))
+        return {name: features[name] for name in views}
+
+    def _group_features(self, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         shapes = {tuple(v.shape[1:]) for v in views.values()}
         independent_samples = not (self.training and self._visual_has_batch_statistics)
         if self.batch_views and len(views) > 1 and len(shapes) == 1 and independent_samples:

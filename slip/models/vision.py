@@ -1,13 +1,16 @@
 """Image towers: timm Vision Transformers and CLIP's ModifiedResNet, each mapping images to a feature vector."""
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
+from collections.abc import Iterator
 from functools import partial
 from typing import Sequence
 
 import torch
 import torch.utils.checkpoint
 import torch.nn.functional as F
+from timm.layers import PatchDropout
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -21,8 +24,13 @@ def vit_tower(
     mlp_ratio: float = 4.0,
     openai_layout: bool = False,
     drop_path_rate: float = 0.0,
+    patch_dropout: float = 0.0,
 ) -> VisionTransformer:
     """A timm ViT without classifier head whose output is the class-token feature of size `width`.
+
+    `patch_dropout` > 0 adds timm's PatchDropout after the positional embeddings (FLIP): in training each image
+    keeps a uniformly random subset of its patch tokens (and the class token); `set_patch_dropout` changes the
+    rate per call. In eval mode every token is used.
 
     `openai_layout=False` is timm's standard ViT as SLIP uses it (GELU, LayerNorm eps 1e-6, patch bias);
     `openai_layout=True` is the layout of OpenAI CLIP's ViTs (LayerNorm before the blocks, QuickGELU,
@@ -32,6 +40,7 @@ def vit_tower(
         raise ValueError(f"image_size={image_size} is not a multiple of patch_size={patch_size}")
     if width % heads:
         raise ValueError(f"vision width={width} is not divisible by heads={heads}")
+    check_patch_dropout("patch_dropout", patch_dropout)
     layout: dict = {}
     if openai_layout:
         layout = dict(pre_norm=True, norm_layer=partial(nn.LayerNorm, eps=1e-5), act_layer="quick_gelu")
@@ -45,8 +54,32 @@ def vit_tower(
         num_classes=0,
         global_pool="token",
         drop_path_rate=drop_path_rate,
+        patch_drop_rate=patch_dropout,
         **layout,
     )
+
+
+def check_patch_dropout(name: str, rate: float) -> float:
+    """`rate` as a float, or a one-line ValueError naming `name` unless 0 <= rate < 1."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+        raise ValueError(f"{name} must be a fraction in [0, 1), got {rate!r}")
+    return float(rate)
+
+
+@contextlib.contextmanager
+def patch_dropout_rate(tower: nn.Module, rate: float) -> Iterator[None]:
+    """Inside the block, `tower`'s PatchDropout (built with a rate > 0) drops `rate` of the patch tokens."""
+    dropout = getattr(tower, "patch_drop", None)
+    if not isinstance(dropout, PatchDropout):
+        if rate:
+            raise ValueError(f"patch dropout {rate} needs a ViT tower built with patch_dropout > 0")
+        yield
+        return
+    previous, dropout.prob = dropout.prob, rate
+    try:
+        yield
+    finally:
+        dropout.prob = previous
 
 
 class Bottleneck(nn.Module):
