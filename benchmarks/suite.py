@@ -1,7 +1,7 @@
 """The benchmark suite: train step, model FLOP/s against the measured matmul peak, the 3-view data pipeline,
 evaluation against one feature-extraction pass, and the contrastive loss against global batch size.
 
-Usage: python benchmarks/suite.py [--quick] [--sections train,data,loader,eval,loss] [--device cpu|cuda]
+Usage: python benchmarks/suite.py [--quick] [--sections train,data,loader,eval,loss,end_to_end] [--device cpu|cuda]
            [--out benchmarks/results]
 Everything runs in one invocation on whatever device is present (fp32 on CPU, bf16 autocast on GPU). Each
 measurement runs in a fresh child process, so that peak memory is that measurement's own (peak resident set
@@ -333,6 +333,48 @@ def view_finishing(device_name: str, batch_size: int, repeats: int) -> dict[str,
             "samples_per_s": batch_size / median, "threads": torch.get_num_threads()}
 
 
+def write_jpeg_csv(root: Path, count: int) -> Path:
+    """`count` photo-like 640x430 JPEG files under `root`, listed with real captions in root/train.csv."""
+    with open(root / "train.csv", "w", newline="") as listing:
+        writer = csv.writer(listing)
+        writer.writerow(["filepath", "title"])
+        for index in range(count):
+            (root / f"{index}.jpg").write_bytes(photo_jpeg(seed=index))
+            writer.writerow([f"{index}.jpg", REAL_CAPTIONS[index % len(REAL_CAPTIONS)]])
+    return root / "train.csv"
+
+
+def end_to_end(device_name: str, model_name: str, loss: str, batch_size: int, steps: int,
+               workers: int) -> dict[str, Any]:
+    """img/s and data-wait fraction of the whole `slip.train` loop (loader workers + step) on JPEG files in a CSV,
+    read back from the run's TensorBoard scalars; the first step (worker start-up, warm-up) is left out."""
+    import tempfile
+
+    from hydra import compose, initialize_config_dir
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from slip.train import train
+
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    with tempfile.TemporaryDirectory() as root:
+        listing = write_jpeg_csv(Path(root), max(64, batch_size * 2))
+        overrides = [f"model={model_name}", f"loss={loss}", "data=csv", f"data.source.path={listing}",
+                     f"data.batch_size={batch_size}", f"data.num_workers={workers}", f"trainer.max_steps={steps}",
+                     "trainer.log_every=1", "trainer.save_every=0", "trainer.log_images=false", "val=none",
+                     f"trainer.device={device_name}", "run_name=end_to_end"]
+        with initialize_config_dir(str(conf), version_base="1.3"):
+            cfg = compose("train", overrides=overrides)
+        run_dir = Path(root) / "run"
+        train(cfg, run_dir)
+        events = EventAccumulator(str(run_dir / "tensorboard"))
+        events.Reload()
+        series = {tag: [event.value for event in events.Scalars(f"train/{tag}") if event.step > 1]
+                  for tag in ("images_per_second", "data_wait_fraction")}
+    return {"model": model_name, "objective": loss, "batch_size": batch_size, "workers": workers, "steps": steps,
+            "images_per_s": statistics.median(series["images_per_second"]),
+            "data_wait_fraction": statistics.median(series["data_wait_fraction"])}
+
+
 def training_loader(device_name: str, samples: int, batch_size: int, workers: int,
                     backend: str = "tensor") -> dict[str, Any]:
     """Samples/s of the training loader on all cores: JPEG files listed in a CSV, 3-view SLIP, `workers` workers.
@@ -359,13 +401,7 @@ def training_loader(device_name: str, samples: int, batch_size: int, workers: in
     device = _device(device_name)
     transform = build_multiview(("image", "text", "aug1", "aug2"), 224, IMAGENET_MEAN, IMAGENET_STD, backend=backend)
     with tempfile.TemporaryDirectory() as root:
-        with open(Path(root, "train.csv"), "w", newline="") as listing:
-            writer = csv.writer(listing)
-            writer.writerow(["filepath", "title"])
-            for index in range(64):
-                Path(root, f"{index}.jpg").write_bytes(photo_jpeg(seed=index))
-                writer.writerow([f"{index}.jpg", REAL_CAPTIONS[index % len(REAL_CAPTIONS)]])
-        records = CsvSource(str(Path(root, "train.csv")))
+        records = CsvSource(str(write_jpeg_csv(Path(root), 64)))
         dataset = ImageTextDataset(records, transform)
         # Enough epochs of the 64 files for `samples` samples plus the untimed first batch.
         repeat = torch.utils.data.ConcatDataset([dataset] * (1 + (samples + batch_size) // len(dataset)))
@@ -486,6 +522,9 @@ def plan(quick: bool, device_type: str) -> dict[str, Any]:
                  "num_test": 24 if quick else (5000 if on_gpu else 300), "batch_size": 16 if quick else 64},
         "loss": {"batches": [64, 256] if quick else [256, 1024, 4096, 8192] + ([32768] if on_gpu else []),
                  "embed_dim": 512, "repeats": 2 if quick else 5},
+        "end_to_end": {"model": "vit_ti16" if quick else "vit_s16", "loss": "slip",
+                       "batch_size": 2 if quick else (128 if on_gpu else 16), "steps": 3 if quick else 6,
+                       "workers": 1 if quick else 2},
     }
 
 
@@ -547,6 +586,15 @@ def run(sections: list[str], device_name: str, quick: bool, compiled: bool = Fal
             for batch in settings["loss"]["batches"]]
         print(f"contrastive loss: {results['contrastive_loss']}", flush=True)
         finished("loss")
+    if "end_to_end" in sections:
+        e2e = settings["end_to_end"]
+        whole = isolated(end_to_end, device_name, e2e["model"], e2e["loss"], e2e["batch_size"], e2e["steps"],
+                         e2e["workers"])
+        bare = isolated(train_step, device_name, e2e["model"], e2e["loss"], e2e["batch_size"], 3,
+                        settings["matmul"]["size"], settings["train"]["probe_s"])
+        results["end_to_end"] = {"loop": whole, "bare_step": bare}
+        print(f"end to end: {results['end_to_end']}", flush=True)
+        finished("end_to_end")
     return results
 
 
@@ -663,6 +711,8 @@ def markdown(results: dict[str, Any], command: str, machine: dict[str, Any],
                   f"{_fmt(e.get('zero_shot_x_test_extraction', 0))}x the test-set extraction; linear probe (L-BFGS "
                   f"with its l2 sweep) {_fmt(e.get('linear_probe_s', 0))} s = "
                   f"{_fmt(e.get('linear_probe_x_extraction', 0))}x the extraction. {e.get('error', '')}\n"]
+    if "end_to_end" in results:
+        lines += _end_to_end_markdown(results["end_to_end"])
     if "contrastive_loss" in results:
         lines += ["## Contrastive loss (CLIPLoss fwd + bwd, embed dim 512)\n", "| global batch | ms | peak MiB |",
                   "|---:|---:|---:|"]
@@ -671,6 +721,24 @@ def markdown(results: dict[str, Any], command: str, machine: dict[str, Any],
                          f"{row.get('peak_memory_mib', 0):.0f} |" if "error" not in row else f"| error: {row['error']} | | |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _end_to_end_markdown(e2e: dict[str, Any]) -> list[str]:
+    """The whole slip.train loop against the bare step, and where the difference goes."""
+    loop, bare = e2e["loop"], e2e["bare_step"]
+    if "error" in loop or "error" in bare:
+        return ["## The whole slip.train loop\n", f"error: {loop.get('error') or bare.get('error')}\n"]
+    share = loop["images_per_s"] / bare["images_per_s"]  # = bare step time / the loop's time per step
+    waiting = loop["data_wait_fraction"]
+    slower = max(0.0, 1 - waiting - share)
+    return ["## The whole slip.train loop against the bare step\n",
+            f"`slip.train` on {loop['model']} {loop['objective']}, batch {loop['batch_size']}, JPEG files in a CSV, "
+            f"{loop['workers']} loader workers, median over steps 2-{loop['steps']} (TensorBoard `train/`): "
+            f"**{loop['images_per_s']:.2f} img/s**, against {bare['images_per_s']:.2f} img/s for the bare step "
+            f"(fwd + bwd + AdamW on a ready batch), {100 * share:.0f}% of it. Of the loop's time per step: "
+            f"{100 * share:.0f}% is the bare step's work, {100 * waiting:.0f}% waiting for the next batch, and "
+            f"{100 * slower:.0f}% the step running slower than alone while the workers decode and augment on the "
+            "same cores (and host-side batch handling).\n"]
 
 
 def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
@@ -707,7 +775,7 @@ def main(argv: list[str] | None = None) -> None:
     from slip.checkpoint import atomic_write
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default="train,data,loader,eval,loss")
+    parser.add_argument("--sections", default="train,data,loader,eval,loss,end_to_end")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the suite runs, numbers mean nothing")
     parser.add_argument("--compile", action="store_true", help="train steps through torch.compile (trainer.compile)")

@@ -221,3 +221,10 @@ def test_the_peer_benchmark_times_the_same_network_in_open_clip(monkeypatch):
     assert full["mean_caption_tokens"] == 32 > row["mean_caption_tokens"]  # the tiny model's whole context
     text = peers.markdown({"command": "cmd", "machine": {}, "train": [row, full], "clip_view": {"error": "skipped"}})
     assert "| real-length |" in text and "| full-context |" in text and "CLIP view: error: skipped" in text
+
+
+def test_the_end_to_end_section_reads_the_training_loops_own_rates(suite):
+    loop = suite.end_to_end("cpu", "tiny", "clip", 4, 3, 1)
+    assert loop["images_per_s"] > 0 and 0 <= loop["data_wait_fraction"] <= 1
+    text = "\n".join(suite._end_to_end_markdown({"loop": loop, "bare_step": {"images_per_s": 2 * loop["images_per_s"]}}))
+    assert "50% of it" in text and "img/s" in text
