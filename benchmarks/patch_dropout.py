@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from suite import OBJECTIVES, isolated, machine_record, train_step
+from suite import OBJECTIVES, isolated, machine_record, train_step, write_results
 
 
 def measure(device: str, model: str, losses: list[str], rates: list[float], batch: int, repeats: int) -> list[dict]:
@@ -53,8 +53,6 @@ def main(argv: list[str] | None = None) -> None:
     """Parse arguments, measure, write the results."""
     import torch
 
-    from slip.checkpoint import atomic_write
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", default="vit_s16")
@@ -74,9 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     payload = {"command": command, "machine": machine_record(args.device), "model": args.model, "batch": args.batch,
                "rows": rows}
     text = markdown(payload)
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out / "patch_dropout.json", lambda handle: handle.write(json.dumps(payload, indent=2).encode()))
-    atomic_write(args.out / "patch_dropout.md", lambda handle: handle.write(text.encode()))
+    write_results(args.out, "patch_dropout", payload, text)
     print(text)
 
 

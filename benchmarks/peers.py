@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from captions import REAL_CAPTIONS
-from suite import _synchronize, _train_batch, isolated, machine_record, photo_jpeg, training_task
+from suite import (_synchronize, _train_batch, isolated, machine_record, photo_jpeg, timed_in_rounds,
+                   training_task, write_results)
 
 
 def train_steps(device_name: str, model_name: str, batch_size: int, pairs: int, full_captions: bool,
@@ -104,17 +105,7 @@ def clip_view_rates(samples: int, rounds: int = 10) -> dict[str, Any]:
     theirs = open_clip.image_transform(224, is_train=True, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)
     runs = {"ours": lambda jpeg: ours(decode_image(jpeg, "bench"), "")["image"],
             "open_clip": lambda jpeg: theirs(decode_image(jpeg, "bench"))}
-    seconds = dict.fromkeys(runs, 0.0)
-    for run in runs.values():
-        run(jpegs[0])
-    per_round = max(samples // rounds, 1)
-    for round_index in range(rounds):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            for index in range(round_index * per_round, (round_index + 1) * per_round):
-                run(jpegs[index % len(jpegs)])
-            seconds[name] += time.perf_counter() - start
-    count = per_round * rounds
+    seconds, count = timed_in_rounds(runs, jpegs, samples, rounds)
     return {"samples": count, "source": "640x430 JPEG q90",
             **{f"{name}_samples_per_s_per_core": count / seconds[name] for name in runs},
             "speedup": seconds["open_clip"] / seconds["ours"],
@@ -151,8 +142,6 @@ def main(argv: list[str] | None = None) -> None:
     """Parse arguments, measure, write peers.json and peers.md."""
     import torch
 
-    from slip.checkpoint import atomic_write
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", default="vit_s16")
@@ -171,9 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     command = "python " + " ".join(shlex.quote(part) for part in [sys.argv[0], *(argv or sys.argv[1:])])
     payload = {"command": command, "machine": machine_record(args.device), "train": train, "clip_view": view}
     text = markdown(payload)
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out / "peers.json", lambda handle: handle.write(json.dumps(payload, indent=2).encode()))
-    atomic_write(args.out / "peers.md", lambda handle: handle.write(text.encode()))
+    write_results(args.out, "peers", payload, text)
     print(text)
 
 

@@ -263,6 +263,33 @@ def original_slip_views() -> Callable[[Any, str], dict[str, Any]]:
                                    "text": tokenize(caption, 77)[0]}
 
 
+def timed_in_rounds(runs: dict[str, Callable[[Any], Any]], inputs: list[Any], samples: int,
+                    rounds: int) -> tuple[dict[str, float], int]:
+    """(seconds each run took, samples each ran) over `samples` inputs (cycled), the runs taking turns
+    `samples / rounds` inputs at a time after one warm-up call each, so that drift in the machine's speed hits
+    them alike."""
+    seconds = dict.fromkeys(runs, 0.0)
+    for run in runs.values():
+        run(inputs[0])
+    per_round = max(samples // rounds, 1)
+    for round_index in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            for index in range(round_index * per_round, (round_index + 1) * per_round):
+                run(inputs[index % len(inputs)])
+            seconds[name] += time.perf_counter() - start
+    return seconds, per_round * rounds
+
+
+def write_results(out: Path, stem: str, payload: dict[str, Any], text: str) -> None:
+    """`stem`.json (the payload) and `stem`.md (the text) under `out`, each written atomically."""
+    from slip.checkpoint import atomic_write
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / f"{stem}.json", lambda handle: handle.write(json.dumps(payload, indent=2).encode()))
+    atomic_write(out / f"{stem}.md", lambda handle: handle.write(text.encode()))
+
+
 def data_pipeline(device_name: str, samples: int,
                   backends: tuple[str, ...] = ("tensor", "device", "pil", "slip_original"),
                   rounds: int = 10) -> list[dict[str, Any]]:
@@ -287,17 +314,7 @@ def data_pipeline(device_name: str, samples: int,
     runs: dict[str, Callable[[bytes], Any]] = {"decode": lambda jpeg: decode_image(jpeg, "bench")}
     for backend, transform in transforms.items():
         runs[backend] = lambda jpeg, transform=transform: transform(decode_image(jpeg, "bench"), caption)
-    seconds = dict.fromkeys(runs, 0.0)
-    for run in runs.values():
-        run(jpegs[0])  # warm-up
-    per_round = max(samples // rounds, 1)
-    for round_index in range(rounds):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            for index in range(round_index * per_round, (round_index + 1) * per_round):
-                run(jpegs[index % len(jpegs)])
-            seconds[name] += time.perf_counter() - start
-    count = per_round * rounds
+    seconds, count = timed_in_rounds(runs, jpegs, samples, rounds)
     return [{"pipeline": "slip 3-view (image, aug1, aug2) + text", "backend": backend, "source": "640x430 JPEG q90",
              "samples": count, "rounds": rounds, "samples_per_s_per_core": count / seconds[backend],
              "ms_per_sample": 1000 * seconds[backend] / count, "decode_ms": 1000 * seconds["decode"] / count,

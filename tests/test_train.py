@@ -163,19 +163,26 @@ def test_command_line_errors_are_short(tmp_path: Path, override: str, named: str
     assert "Traceback" not in result.stderr
 
 
+def train_until(args: list[str], cwd: Path, seen_enough, timeout: float = 180) -> tuple[subprocess.Popen, list[str]]:
+    """Start `python -m slip.train ARGS` in a session of its own; read its output until a line satisfies
+    `seen_enough` (or `timeout` seconds pass); the process (still running) and the lines read."""
+    process = subprocess.Popen([sys.executable, "-m", "slip.train", *args], cwd=cwd, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                               env=subprocess_env())
+    seen = []
+    deadline = time.monotonic() + timeout
+    for line in process.stdout:  # type: ignore[union-attr]
+        seen.append(line)
+        if seen_enough(line) or time.monotonic() > deadline:
+            break
+    return process, seen
+
+
 def test_sigterm_to_the_process_group_saves_and_exits_resumably(tmp_path: Path) -> None:
     """As under SLURM preemption, the DataLoader worker gets SIGTERM too; the run must still save and exit."""
     args = [*FAST, "trainer.max_steps=10000", "trainer.save_every=0", "data.source.num_samples=100000",
             "data.num_workers=1", f"output_root={tmp_path}"]
-    process = subprocess.Popen([sys.executable, "-m", "slip.train", *args], cwd=tmp_path, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                               env=subprocess_env())
-    seen = []
-    deadline = time.monotonic() + 120
-    for line in process.stdout:  # type: ignore[union-attr]
-        seen.append(line)
-        if line.startswith("step 2/") or time.monotonic() > deadline:
-            break
+    process, seen = train_until(args, tmp_path, lambda line: line.startswith("step 2/"))
     os.killpg(process.pid, signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
     text = "".join(seen) + output
@@ -263,15 +270,7 @@ def test_tensorboard_gets_losses_lr_throughput_and_the_view_grid(tmp_path: Path)
 def test_sigterm_during_validation_stops_within_seconds_and_the_run_validates_when_run_again(tmp_path: Path) -> None:
     args = [*FAST, "trainer.max_steps=2", "val=synthetic", "val.max_images=all", "val.dataset.num_samples=200000",
             "val.batch_size=50", f"output_root={tmp_path}"]
-    process = subprocess.Popen([sys.executable, "-m", "slip.train", *args], cwd=tmp_path, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                               env=subprocess_env())
-    seen = []
-    deadline = time.monotonic() + 180
-    for line in process.stdout:  # type: ignore[union-attr]
-        seen.append(line)
-        if "zero-shot validation on 200000 images" in line or time.monotonic() > deadline:
-            break
+    process, seen = train_until(args, tmp_path, lambda line: "zero-shot validation on 200000 images" in line)
     time.sleep(1.0)  # well inside the validation, which takes minutes
     signalled = time.monotonic()
     os.killpg(process.pid, signal.SIGTERM)
@@ -308,7 +307,7 @@ def test_sigterm_during_feature_extraction_stops_within_seconds_and_leaves_no_pa
     signalled = time.monotonic()
     os.killpg(process.pid, signal.SIGTERM)
     process.communicate(timeout=60)
-    assert time.monotonic() - signalled < 10 and process.returncode != 0
+    assert time.monotonic() - signalled < 15 and process.returncode != 0  # killed, not minutes later
     cache = tmp_path / "run" / "eval" / "feature_cache"
     assert not any(path.name.endswith(".tmp") for path in cache.rglob("*")) if cache.exists() else True
     again = subprocess.run([*base, "catalog.synthetic.train.num_samples=48"], cwd=tmp_path, capture_output=True,
