@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -14,8 +15,12 @@ from data_helpers import write_image
 from slip.pretrained import load_pretrained
 from slip.config import ConfigError
 from slip.data.synthetic import SyntheticClassification
+from slip.data.transforms import eval_view
+from slip.eval.features import EvalViewDataset
+from slip.eval.metrics import mean_per_class_accuracy
 from slip.eval.runner import evaluate
-from slip.eval.zeroshot import ZeroShotEvaluator
+from slip.eval.zeroshot import ZeroShotEvaluator, text_classifier, zero_shot_scores
+from slip.tokenizer import tokenize
 from slip.train import train
 from train_helpers import CONF_DIR, FAST, compose_config, subprocess_env
 
@@ -183,3 +188,29 @@ def test_a_catalog_entry_added_on_the_command_line_runs_a_csv_list_with_a_class_
     zero_shot = json.loads((tmp_path / "out" / "zeroshot.json").read_text())["records"]
     assert {(r["dataset"], r["metric"]) for r in zero_shot} == {("mine", "top1")}  # 3 classes: no top-5
     assert json.loads((tmp_path / "out" / "knn.json").read_text())["records"][0]["dataset"] == "mine"
+
+
+def test_each_task_reports_the_catalog_entrys_own_metric(trained_runs: Path) -> None:
+    run = trained_runs / "0_loss-slip"
+    evaluate(eval_config(f"checkpoint={run}", *SMALL, "catalog.synthetic.metric=mean_per_class",
+                         "tasks.retrieval=[]"))
+    for task in ("zeroshot", "linear_probe", "knn"):
+        metrics = {record["metric"]: record["value"] for record in read_task(run, task)["records"]}
+        assert {"mean_per_class", "top1"} <= set(metrics), task
+        assert 0.0 <= metrics["mean_per_class"] <= 100.0
+    # The zero-shot record is the evaluator's score matrix scored by the metric.
+    model = load_pretrained(run / "checkpoints" / "last.pt")
+    dataset = SyntheticClassification(num_samples=48, image_size=64, seed=1)
+    arch = model.arch
+    images = EvalViewDataset(dataset, eval_view(arch["image_size"], arch["image_mean"], arch["image_std"]),
+                             len(dataset.classes))
+    classifier = text_classifier(model, dataset.classes, dataset.templates, tokenize)
+    scores, labels = zero_shot_scores(model, classifier, torch.utils.data.DataLoader(images, batch_size=32))
+    recorded = {r["metric"]: r["value"] for r in read_task(run, "zeroshot")["records"]}
+    assert recorded["mean_per_class"] == pytest.approx(mean_per_class_accuracy(scores, labels)["mean_per_class"])
+
+
+def test_an_unknown_metric_names_the_catalog_key(trained_runs: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^catalog\.synthetic\.metric: unknown metric 'f1'; one of top1"):
+        evaluate(eval_config(f"checkpoint={trained_runs / '0_loss-slip'}", *SMALL, "catalog.synthetic.metric=f1",
+                             "tasks.retrieval=[]", "tasks.linear_probe=[]", "tasks.knn=[]"))

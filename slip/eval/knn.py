@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from slip.eval.features import check_features
-from slip.eval.metrics import topk_accuracy
+from slip.eval.metrics import report
 
 __all__ = ["knn_accuracy", "knn_predict"]
 
@@ -73,8 +73,10 @@ def knn_accuracy(
     k: int = 20,
     temperature: float = 0.07,
     chunk_size: int = 1024,
+    metric: str = "top1",
 ) -> dict[str, float]:
-    """Percent {"top1", "top5" (with >= 5 classes)} of `knn_predict` on labelled test features."""
+    """Percent {"top1", "top5" (with >= 5 classes)} of `knn_predict` on labelled test features, plus the dataset's
+    own `metric` when it is another one."""
     check_features("test", test_x, test_y, num_classes if isinstance(num_classes, int) else None)
     scores = knn_predict(train_x, train_y, test_x, num_classes, k, temperature, chunk_size)
-    return topk_accuracy(scores, test_y.to(scores.device).long())
+    return report(metric, scores, test_y.to(scores.device).long())

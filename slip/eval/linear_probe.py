@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from slip.eval.features import check_features
-from slip.eval.metrics import topk_accuracy
+from slip.eval.metrics import report, topk_accuracy
 
 __all__ = [
     "DEFAULT_L2_GRID",
@@ -223,8 +223,10 @@ def linear_probe(
     seed: int = 0,
     refinements: int = 4,
     max_iter: int = 1000,
+    metric: str = "top1",
 ) -> dict[str, object]:
-    """CLIP's linear probe: sweep l2 on a stratified validation split, refit on all of train, score test.
+    """CLIP's linear probe: sweep l2 on a stratified validation split, refit on all of train, score test
+    (top-1/top-5, plus the dataset's own `metric` from `slip.eval.metrics.DATASET_METRICS`).
 
     Returns {"top1", "top5" (with >= 5 classes), "l2", "val_top1", "sweep": [[l2, val_top1], ...]}
     (accuracies in percent; the sweep sorted by l2). The best l2 has the highest validation accuracy;
@@ -254,7 +256,7 @@ def linear_probe(
     weight, bias = fit_logistic_regression(to_train_space(train_x), train_y, num_classes, best, max_iter,
                                            init=solutions[best])
     with torch.no_grad():
-        result: dict[str, object] = topk_accuracy(to_train_space(test_x) @ weight.T + bias, test_y)
+        result: dict[str, object] = report(metric, to_train_space(test_x) @ weight.T + bias, test_y)
     result.update(l2=best, val_top1=scores[best][0], sweep=[[l2, scores[l2][0]] for l2 in sorted(scores)])
     return result
 
@@ -272,12 +274,13 @@ def sgd_linear_probe(
     weight_decay: float = 0.0,
     normalize: bool = False,
     seed: int = 0,
+    metric: str = "top1",
 ) -> dict[str, float]:
     """SLIP's linear-probe protocol on cached features: momentum SGD, per-epoch cosine lr, then test top-k.
 
     `normalize=True` standardises the features with the training statistics first (what a BatchNorm without
     affine parameters in front of the classifier does at test time, as in MAE's probe); SLIP has none.
-    Returns {"top1", "top5" (with >= 5 classes)} in percent.
+    Returns {"top1", "top5" (with >= 5 classes)} and the dataset's own `metric` when another, in percent.
     """
     _check_train_test(train_x, train_y, test_x, test_y, num_classes)
     epochs = _check_positive_int("epochs", epochs)
@@ -306,4 +309,4 @@ def sgd_linear_probe(
                 F.cross_entropy(train_x[rows] @ weight.T + bias, train_y[rows]).backward()
             optimizer.step()
     with torch.no_grad():
-        return topk_accuracy(test_x @ weight.T + bias, test_y)
+        return report(metric, test_x @ weight.T + bias, test_y)

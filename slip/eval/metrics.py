@@ -12,8 +12,8 @@ from types import MappingProxyType
 import torch
 from torch import Tensor
 
-__all__ = ["DATASET_METRICS", "eleven_point_map", "mean_per_class_accuracy", "mean_top1_top5", "roc_auc",
-           "score", "top1", "topk_accuracy"]
+__all__ = ["DATASET_METRICS", "check_metric", "eleven_point_map", "mean_per_class_accuracy", "mean_top1_top5",
+           "report", "roc_auc", "score", "top1", "topk_accuracy"]
 
 
 def _check(scores: Tensor, labels: Tensor) -> None:
@@ -125,8 +125,20 @@ DATASET_METRICS: Mapping[str, Callable[[Tensor, Tensor], dict[str, float]]] = Ma
 })
 
 
-def score(metric: str, scores: Tensor, labels: Tensor) -> dict[str, float]:
-    """The dataset metric `metric` (a DATASET_METRICS name) of `scores` against `labels`."""
+def check_metric(metric: str) -> str:
+    """`metric` if it is a DATASET_METRICS name, else a one-line ValueError listing them."""
     if metric not in DATASET_METRICS:
         raise ValueError(f"unknown metric {metric!r}; one of {', '.join(DATASET_METRICS)}")
-    return DATASET_METRICS[metric](scores, labels)
+    return metric
+
+
+def report(metric: str, scores: Tensor, labels: Tensor) -> dict[str, float]:
+    """Top-1 and top-5 (where there are 5 classes), plus the dataset's own `metric` when it is another one."""
+    check_metric(metric)
+    result = topk_accuracy(scores, labels)
+    return result if metric == "top1" else {**DATASET_METRICS[metric](scores, labels), **result}
+
+
+def score(metric: str, scores: Tensor, labels: Tensor) -> dict[str, float]:
+    """The dataset metric `metric` (a DATASET_METRICS name) of `scores` against `labels`."""
+    return DATASET_METRICS[check_metric(metric)](scores, labels)

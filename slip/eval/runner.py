@@ -16,6 +16,7 @@ from slip.config import ConfigError, build
 from slip.eval.features import FeatureCache, checkpoint_fingerprint, extract_features
 from slip.eval.knn import knn_accuracy
 from slip.eval.linear_probe import linear_probe, sgd_linear_probe
+from slip.eval.metrics import check_metric
 from slip.eval.retrieval import retrieval_scores
 from slip.eval.zeroshot import zero_shot_evaluator
 from slip.host_memory import retain_freed_memory
@@ -63,10 +64,20 @@ class EvalContext:
         return features.to(device), labels.to(device)
 
 
+def dataset_metric(context: EvalContext, name: str) -> str:
+    """The catalog entry's `metric:` (top1 when unset), checked against DATASET_METRICS."""
+    metric = context.cfg.catalog[name].get("metric") or "top1"
+    try:
+        return check_metric(metric)
+    except ValueError as error:
+        raise ConfigError(f"catalog.{name}.metric: {error}") from None
+
+
 def zero_shot_task(context: EvalContext, name: str) -> dict[str, float]:
-    """Top-1/top-5 of the text classifier built from the entry's class names and templates."""
+    """Top-1/top-5 (and the entry's own metric) of the text classifier from its class names and templates."""
     evaluator = zero_shot_evaluator(context.dataset(name, "test"), context.cfg.catalog[name].get("prompts"),
-                                    f"catalog.{name}.prompts", context.cfg.batch_size, context.cfg.num_workers)
+                                    f"catalog.{name}.prompts", context.cfg.batch_size, context.cfg.num_workers,
+                                    metric=dataset_metric(context, name))
     return evaluator(context.model)
 
 
@@ -76,11 +87,13 @@ def linear_probe_task(context: EvalContext, name: str) -> dict[str, float]:
     train_x, train_y = context.features(name, "train")
     test_x, test_y = context.features(name, "test")
     num_classes = len(context.dataset(name, "test").classes)
+    metric = dataset_metric(context, name)
     if settings.method == "lbfgs":
         result = linear_probe(train_x, train_y, test_x, test_y, num_classes, val_fraction=settings.val_fraction,
-                              seed=settings.seed, refinements=settings.refinements, max_iter=settings.max_iter)
+                              seed=settings.seed, refinements=settings.refinements, max_iter=settings.max_iter,
+                              metric=metric)
     elif settings.method == "sgd":
-        result = sgd_linear_probe(train_x, train_y, test_x, test_y, num_classes, seed=settings.seed)
+        result = sgd_linear_probe(train_x, train_y, test_x, test_y, num_classes, seed=settings.seed, metric=metric)
     else:
         raise ConfigError(f"linear_probe.method: {settings.method!r} is not one of lbfgs, sgd")
     return {key: value for key, value in result.items() if isinstance(value, (int, float))}
@@ -91,8 +104,8 @@ def knn_task(context: EvalContext, name: str) -> dict[str, float]:
     train_x, train_y = context.features(name, "train")
     test_x, test_y = context.features(name, "test")
     num_classes = len(context.dataset(name, "test").classes)
-    return knn_accuracy(train_x, train_y, test_x, test_y, num_classes,
-                        k=context.cfg.knn.k, temperature=context.cfg.knn.temperature)
+    return knn_accuracy(train_x, train_y, test_x, test_y, num_classes, k=context.cfg.knn.k,
+                        temperature=context.cfg.knn.temperature, metric=dataset_metric(context, name))
 
 
 def retrieval_task(context: EvalContext, name: str) -> dict[str, float]:

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from slip.data.labelled import check_class_names
 from slip.eval.features import EvalViewDataset
+from slip.eval.metrics import check_metric, report
 from slip.prompts import load_prompts
 from slip.models import ImageTextModel
 
@@ -83,6 +84,20 @@ def zero_shot_accuracy(
     return {f"top{k}": 100.0 * correct[k] / total for k in top_k}
 
 
+@torch.no_grad()
+def zero_shot_scores(model: ImageTextModel, classifier: Tensor,
+                     batches: Iterable[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """([N, C] cosine similarities of every image with every class, [N] labels), on the CPU."""
+    scores, labels = [], []
+    for images, batch_labels in batches:
+        image_embed = F.normalize(model.encode_image(images.to(classifier.device)).float(), dim=-1)
+        scores.append((image_embed @ classifier.T).cpu())
+        labels.append(batch_labels)
+    if not scores:
+        raise ValueError("zero-shot evaluation got an empty dataset")
+    return torch.cat(scores), torch.cat(labels)
+
+
 class ZeroShotEvaluator:
     """Callable(model) -> {top1, top5}: zero-shot accuracy on a labelled dataset.
 
@@ -97,7 +112,9 @@ class ZeroShotEvaluator:
         class_names: Sequence[str | Sequence[str]] | None = None,
         templates: Sequence[str] | None = None,
         max_images: int | None = None,
+        metric: str = "top1",
     ) -> None:
+        self.metric = check_metric(metric)
         class_names = class_names if class_names is not None else getattr(dataset, "classes", None)
         templates = templates if templates is not None else getattr(dataset, "templates", None)
         for attribute, value in (("classes", class_names), ("templates", templates)):
@@ -125,7 +142,10 @@ class ZeroShotEvaluator:
             images = torch.utils.data.Subset(images, [i * len(self.dataset) // len(self) for i in range(len(self))])
         loader = torch.utils.data.DataLoader(images, batch_size=self.batch_size, num_workers=self.num_workers)
         classifier = text_classifier(model, self.class_names, self.templates, tokenize)
-        return zero_shot_accuracy(model, classifier, _reporting(loader, len(self), progress))
+        batches = _reporting(loader, len(self), progress)
+        if self.metric == "top1":  # streamed: no [N, C] score matrix held
+            return zero_shot_accuracy(model, classifier, batches)
+        return report(self.metric, *zero_shot_scores(model, classifier, batches))
 
 
 def validation_images(setting: int | str | None, dataset_size: int, training_images: int) -> int | None:
@@ -144,7 +164,7 @@ def validation_images(setting: int | str | None, dataset_size: int, training_ima
 
 def zero_shot_evaluator(
     dataset: Any, prompts: str | None, where: str, batch_size: int = 256, num_workers: int = 0,
-    max_images: int | None = None,
+    max_images: int | None = None, metric: str = "top1",
 ) -> ZeroShotEvaluator:
     """An evaluator for `dataset` (`max_images` of them, evenly spaced, when given), with the class names and templates
     of prompt set `prompts` when given.
@@ -152,8 +172,8 @@ def zero_shot_evaluator(
     `where` names the config key of `prompts` in the error raised when its classes do not fit the dataset.
     """
     if not prompts:
-        return ZeroShotEvaluator(dataset, batch_size, num_workers, max_images=max_images)
+        return ZeroShotEvaluator(dataset, batch_size, num_workers, max_images=max_images, metric=metric)
     prompt_set = load_prompts(prompts)
     check_class_names(list(dataset.classes), list(prompt_set.classes), where)
     return ZeroShotEvaluator(dataset, batch_size, num_workers, prompt_set.synonyms or prompt_set.classes,
-                             prompt_set.templates, max_images)
+                             prompt_set.templates, max_images, metric)
