@@ -26,9 +26,12 @@ from slip.prompts import ClassPrompts, load_prompts, parse_prompts
 
 __all__ = [
     "DEFAULT_IMAGE_EXTENSIONS",
+    "ClassesSpec",
     "ImageFolderDataset",
     "LabelledCsvDataset",
     "check_class_names",
+    "check_files_exist",
+    "resolve_classes",
 ]
 
 DEFAULT_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -73,7 +76,7 @@ class _LabelledImages:
         return image, int(self.labels[index])
 
 
-def _check_files_exist(paths: Sequence[str], where: str, lines: Sequence[int] | None = None) -> None:
+def check_files_exist(paths: Sequence[str], where: str, lines: Sequence[int] | None = None) -> None:
     """Raise FileNotFoundError naming the first missing file and how many are missing (one stat each)."""
     missing = [index for index, path in enumerate(paths) if not os.path.isfile(path)]
     if missing:
@@ -126,7 +129,7 @@ class ImageFolderDataset(_LabelledImages):
             labels += [label] * len(found)
         if not paths:
             raise ValueError(f"{root}: no images found (extensions {', '.join(extensions)})")
-        _check_files_exist(paths, root)
+        check_files_exist(paths, root)
         self.root = root
         super().__init__(paths, labels, classes, None, max_pixels)
 
@@ -150,7 +153,7 @@ ClassesSpec = Union[str, os.PathLike, Sequence[str], ClassPrompts]
 """LabelledCsvDataset's `classes`: a prompt-set key or JSON file, a list of class names, or a ClassPrompts."""
 
 
-def _resolve_classes(classes: ClassesSpec, path: str) -> ClassPrompts:
+def resolve_classes(classes: ClassesSpec, path: str) -> ClassPrompts:
     """The prompt set behind the `classes` argument of LabelledCsvDataset."""
     if isinstance(classes, ClassPrompts):
         return classes
@@ -229,13 +232,13 @@ class LabelledCsvDataset(_LabelledImages):
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         path = os.fspath(path)
-        prompts = _resolve_classes(classes, path)
+        prompts = resolve_classes(classes, path)
         parse_label = _LabelParser(prompts.classes, label_kind, path)
         rows = _csv_rows(path, sep, image_column, label_column)
         labels = [parse_label(label, line) for line, _, label in rows]
         directory = os.path.dirname(os.path.abspath(path))
         paths = [os.path.join(directory, image) for _, image, _ in rows]
-        _check_files_exist(paths, path, [line for line, _, _ in rows])
+        check_files_exist(paths, path, [line for line, _, _ in rows])
         self.path = path
         super().__init__(paths, labels, prompts.classes, prompts.templates, max_pixels)
 

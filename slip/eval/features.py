@@ -75,11 +75,15 @@ class EvalViewDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[Tensor, int | Tensor]:
         image, label = self.dataset[index]
         name = type(self.dataset).__name__
         if not isinstance(image, Image.Image):
             raise ValueError(f"{name}[{index}] gave a {type(image).__name__}, expected a PIL image")
+        if isinstance(label, Tensor) and label.ndim == 1:  # multi-label targets: 1 present, 0 absent, -1 ignored
+            if self.num_classes is not None and label.shape[0] != self.num_classes:
+                raise ValueError(f"{name}[{index}] has {label.shape[0]} targets for {self.num_classes} classes")
+            return self.transform(image if image.mode == "RGB" else image.convert("RGB")), label
         try:
             if isinstance(label, bool):
                 raise TypeError

@@ -69,16 +69,18 @@ def eleven_point_map(scores: Tensor, targets: Tensor) -> dict[str, float]:
     """PASCAL VOC 2007's 11-point interpolated mean average precision over the classes that have a positive.
 
     Per class, AP is the mean over recall levels t = 0, 0.1, ..., 1 of the highest precision at recall >= t
-    (0 where recall t is never reached). `targets` is [N, C] with 1 for every class an image holds.
+    (0 where recall t is never reached). `targets` is [N, C] with 1 for every class an image holds, 0 where
+    it does not, and -1 where the class is ignored for that image (VOC's "difficult").
     """
     if scores.shape != targets.shape or scores.ndim != 2:
         raise ValueError(f"scores and targets must both be [N, C]: {tuple(scores.shape)} and {tuple(targets.shape)}")
     precisions = []
     for column in range(scores.shape[1]):
-        positives = targets[:, column] > 0
+        counted = targets[:, column] >= 0
+        positives = targets[counted, column] > 0
         if not positives.any():
             continue
-        precision, recall = _precision_at_thresholds(scores[:, column].double(), positives)
+        precision, recall = _precision_at_thresholds(scores[counted, column].double(), positives)
         levels = [precision[recall >= level / 10].max() if (recall >= level / 10).any() else precision.new_zeros(())
                   for level in range(11)]
         precisions.append(torch.stack(levels).mean())
@@ -135,6 +137,8 @@ def check_metric(metric: str) -> str:
 def report(metric: str, scores: Tensor, labels: Tensor) -> dict[str, float]:
     """Top-1 and top-5 (where there are 5 classes), plus the dataset's own `metric` when it is another one."""
     check_metric(metric)
+    if labels.ndim == 2:  # multi-label targets: only the dataset's metric applies
+        return DATASET_METRICS[metric](scores, labels)
     result = topk_accuracy(scores, labels)
     return result if metric == "top1" else {**DATASET_METRICS[metric](scores, labels), **result}
 

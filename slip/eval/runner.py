@@ -73,6 +73,12 @@ def dataset_metric(context: EvalContext, name: str) -> str:
         raise ConfigError(f"catalog.{name}.metric: {error}") from None
 
 
+def _single_label(context: EvalContext, name: str, task: str) -> None:
+    """Raise ConfigError naming the task where catalog entry `name` is multi-label (zero-shot scores those)."""
+    if getattr(context.dataset(name, "test"), "multi_label", False):
+        raise ConfigError(f"tasks.{task}: catalog.{name} is multi-label; only zero-shot scores it for now")
+
+
 def zero_shot_task(context: EvalContext, name: str) -> dict[str, float]:
     """Top-1/top-5 (and the entry's own metric) of the text classifier from its class names and templates."""
     evaluator = zero_shot_evaluator(context.dataset(name, "test"), context.cfg.catalog[name].get("prompts"),
@@ -88,6 +94,7 @@ def linear_probe_task(context: EvalContext, name: str) -> dict[str, float]:
     test_x, test_y = context.features(name, "test")
     num_classes = len(context.dataset(name, "test").classes)
     metric = dataset_metric(context, name)
+    _single_label(context, name, "linear_probe")
     if settings.method == "lbfgs":
         result = linear_probe(train_x, train_y, test_x, test_y, num_classes, val_fraction=settings.val_fraction,
                               seed=settings.seed, refinements=settings.refinements, max_iter=settings.max_iter,
@@ -101,6 +108,7 @@ def linear_probe_task(context: EvalContext, name: str) -> dict[str, float]:
 
 def knn_task(context: EvalContext, name: str) -> dict[str, float]:
     """Cosine kNN with temperature-weighted votes on frozen features."""
+    _single_label(context, name, "knn")
     train_x, train_y = context.features(name, "train")
     test_x, test_y = context.features(name, "test")
     num_classes = len(context.dataset(name, "test").classes)

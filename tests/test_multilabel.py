@@ -1,0 +1,108 @@
+"""Multi-label evaluation data (PASCAL VOC 2007's layout and a CSV form) and the 11-point mAP through zero-shot."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from data_helpers import write_image
+
+from slip.config import ConfigError
+from slip.data.multilabel import MultiLabelCsvDataset, VocClassificationDataset
+from slip.eval.metrics import eleven_point_map
+
+sklearn_metrics = pytest.importorskip("sklearn.metrics")
+
+VOC_OBJECTS = {  # image id -> (class, difficult) objects
+    "000001": [("dog", False), ("person", False)],
+    "000002": [("cat", False), ("dog", True)],
+    "000003": [("car", False), ("car", True)],
+    "000004": [("bicycle", True)],
+}
+
+
+def write_voc(root: Path) -> Path:
+    """A VOCdevkit/VOC2007-like tree with four annotated images."""
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    (root / "ImageSets" / "Main" / "test.txt").write_text("".join(f"{image_id}\n" for image_id in VOC_OBJECTS))
+    (root / "Annotations").mkdir()
+    for number, (image_id, objects) in enumerate(VOC_OBJECTS.items()):
+        write_image(root / "JPEGImages" / f"{image_id}.jpg", (40 * number, 90, 160), fmt="JPEG")
+        body = "".join(f"<object><name>{name}</name><difficult>{int(difficult)}</difficult></object>"
+                       for name, difficult in objects)
+        (root / "Annotations" / f"{image_id}.xml").write_text(f"<annotation>{body}</annotation>")
+    return root
+
+
+def test_voc_targets_mark_present_absent_and_difficult_only_classes(tmp_path: Path) -> None:
+    dataset = VocClassificationDataset(write_voc(tmp_path / "voc"))
+    assert len(dataset) == 4 and len(dataset.classes) == 20 and dataset.templates
+    column = {name: dataset.classes.index(name) for name in ("dog", "person", "cat", "car", "bicycle")}
+    image, targets = dataset[1]
+    assert image.mode == "RGB" and targets.shape == (20,)
+    assert targets[column["cat"]] == 1 and targets[column["dog"]] == -1 and int((targets != 0).sum()) == 2
+    assert dataset[2][1][column["car"]] == 1  # a difficult object beside a plain one of its class: present
+    assert dataset[3][1][column["bicycle"]] == -1
+    assert dataset[0][1][column["dog"]] == dataset[0][1][column["person"]] == 1
+
+
+def test_voc_errors_name_the_file(tmp_path: Path) -> None:
+    root = write_voc(tmp_path / "voc")
+    (root / "Annotations" / "000002.xml").write_text("<annotation><object><name>unicorn</name></object></annotation>")
+    with pytest.raises(ValueError, match=r"000002\.xml: unknown class 'unicorn'"):
+        VocClassificationDataset(root)
+    with pytest.raises(FileNotFoundError, match=r"val\.txt: no such image list"):
+        VocClassificationDataset(root, split="val")
+
+
+def test_a_csv_of_label_sets(tmp_path: Path) -> None:
+    for name in ("a.png", "b.png"):
+        write_image(tmp_path / name, (10, 20, 30))
+    (tmp_path / "labels.csv").write_text("filepath,labels\na.png,cat;dog\nb.png,\n")
+    dataset = MultiLabelCsvDataset(tmp_path / "labels.csv", ["cat", "dog", "car"])
+    assert dataset[0][1].tolist() == [1, 1, 0] and dataset[1][1].tolist() == [0, 0, 0]
+    (tmp_path / "bad.csv").write_text("filepath,labels\na.png,cow\n")
+    with pytest.raises(ValueError, match=r"bad\.csv: line 2: unknown class 'cow'"):
+        MultiLabelCsvDataset(tmp_path / "bad.csv", ["cat", "dog", "car"])
+
+
+def test_ignored_images_are_left_out_of_their_class_only() -> None:
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(40, 3, generator=generator, dtype=torch.float64)
+    targets = (torch.rand(40, 3, generator=generator) < 0.4).long()
+    targets[::5, 1] = -1
+    want = []
+    for column in range(3):
+        kept = (targets[:, column] >= 0).numpy()
+        precision, recall, _ = sklearn_metrics.precision_recall_curve(targets[kept, column].numpy(),
+                                                                      scores[kept, column].numpy())
+        precision, recall = precision[:-1], recall[:-1]
+        want.append(np.mean([precision[recall >= t / 10].max() if (recall >= t / 10).any() else 0.0
+                             for t in range(11)]))
+    assert eleven_point_map(scores, targets)["11point_map"] == pytest.approx(100 * np.mean(want), abs=1e-9)
+
+
+def test_zero_shot_scores_a_voc_stand_in_with_its_11_point_map(tmp_path: Path) -> None:
+    from slip.checkpoint import save_model
+    from slip.eval.runner import evaluate
+    from slip.models import build_vit_model
+    from test_eval import eval_config
+
+    torch.manual_seed(0)
+    model = build_vit_model(image_size=32, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2,
+                            embed_dim=16, text_width=32, text_layers=1, text_heads=2, context_length=16,
+                            inputs=("image", "text"))
+    save_model(model, tmp_path / "model.pt")
+    root = write_voc(tmp_path / "voc")
+    entry = ["+catalog.vocmini.test._target_=slip.data.multilabel.VocClassificationDataset",
+             f"+catalog.vocmini.test.root={root}", "+catalog.vocmini.prompts=voc2007",
+             "+catalog.vocmini.metric=11point_map"]
+    written = evaluate(eval_config(f"checkpoint={tmp_path / 'model.pt'}", *entry, "tasks.zeroshot=[vocmini]",
+                                   "tasks.linear_probe=[]", "tasks.knn=[]", "tasks.retrieval=[]"))
+    records = json.loads(Path(written[tmp_path / "model.pt"]["zeroshot"]).read_text())["records"]
+    assert [record["metric"] for record in records] == ["11point_map"] and 0 <= records[0]["value"] <= 100
+    with pytest.raises(ConfigError, match=r"^tasks\.knn: catalog\.vocmini is multi-label"):
+        evaluate(eval_config(f"checkpoint={tmp_path / 'model.pt'}", *entry, "tasks.zeroshot=[]", "tasks.knn=[vocmini]",
+                             "tasks.linear_probe=[]", "tasks.retrieval=[]"))
