@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from slip.run_layout import EVAL_DIR, RESULTS_FILE
+from slip.eval.metric_names import DATASET_METRIC_NAMES, PAPER_DATASET_ORDER
 
 __all__ = [
     "Report",
@@ -359,13 +360,52 @@ def write_chart(report: Report, path: Path, title: str, size: tuple[int, int] = 
     figure.savefig(path, dpi=dpi)
 
 
+def downstream_table(report: Report, task: str = "zeroshot") -> tuple[list[str], list[list[str | float | None]]]:
+    """(header, rows) of the downstream view: a row per run, a column per dataset that `task` scored, in the
+    order of CLIP's tables (others after, by name), each cell the dataset's own metric (its record besides top-1
+    when the task wrote one, else top-1), then the mean over the run's cells."""
+    own: dict[str, str] = {}  # dataset -> the metric shown for it
+    for run in report.runs:
+        for column in run.metrics:
+            parts = column.split("/")
+            if len(parts) == 3 and parts[0] == task and parts[2] in DATASET_METRIC_NAMES:
+                if parts[2] != "top1" or parts[1] not in own:
+                    own[parts[1]] = parts[2]
+    datasets = sorted(own, key=lambda name: (PAPER_DATASET_ORDER.index(name) if name in PAPER_DATASET_ORDER
+                                             else len(PAPER_DATASET_ORDER), name))
+    header = ["run", *(f"{name} ({own[name]})" if own[name] != "top1" else name for name in datasets), "mean"]
+    rows = []
+    for run in report.runs:
+        cells = [run.metrics.get(f"{task}/{name}/{own[name]}") for name in datasets]
+        present = [cell for cell in cells if cell is not None]
+        rows.append([run.name, *cells, sum(present) / len(present) if present else None])
+    return header, rows
+
+
+def write_downstream(report: Report, path: Path, title: str, task: str = "zeroshot") -> bool:
+    """downstream.md: the downstream view of `task` (when any run has such records); whether it was written."""
+    header, rows = downstream_table(report, task)
+    if len(header) <= 2:
+        return False
+    lines = [f"# {title}: {task}, each dataset's own metric", "",
+             "Columns in the order of CLIP's downstream tables; a dataset scored by another metric than top-1 names "
+             "it; `mean` is over the run's cells.", "",
+             "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1),
+             *("| " + " | ".join(_markdown_cell(value) for value in row) + " |" for row in rows)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return True
+
+
 def write_report(report: Report, out_dir: Path, title: str, size: tuple[int, int] = DEFAULT_SIZE) -> list[Path]:
-    """Write report.md, report.csv and report.png into `out_dir` (created if needed); returns their paths."""
+    """Write report.md, report.csv and report.png into `out_dir` (created if needed), and downstream.md where
+    runs were evaluated on downstream datasets; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "report.md", out_dir / "report.csv", out_dir / "report.png"]
     write_markdown(report, paths[0], title, paths[2].name)
     write_csv(report, paths[1])
     write_chart(report, paths[2], title, size)
+    if write_downstream(report, out_dir / "downstream.md", title):
+        paths.append(out_dir / "downstream.md")
     return paths
 
 

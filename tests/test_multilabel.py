@@ -106,3 +106,44 @@ def test_zero_shot_scores_a_voc_stand_in_with_its_11_point_map(tmp_path: Path) -
     with pytest.raises(ConfigError, match=r"^tasks\.knn: catalog\.vocmini is multi-label"):
         evaluate(eval_config(f"checkpoint={tmp_path / 'model.pt'}", *entry, "tasks.zeroshot=[]", "tasks.knn=[vocmini]",
                              "tasks.linear_probe=[]", "tasks.retrieval=[]"))
+
+
+def test_a_tiny_model_through_slip_eval_and_slip_report_with_every_metric_kind(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from slip.checkpoint import save_model
+    from slip.models import build_vit_model
+    from train_helpers import subprocess_env
+
+    torch.manual_seed(0)
+    save_model(build_vit_model(image_size=32, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2,
+                               embed_dim=16, text_width=32, text_layers=1, text_heads=2, context_length=16,
+                               inputs=("image", "text")), tmp_path / "model.pt")
+    voc = write_voc(tmp_path / "voc")
+    for index in range(8):  # a binary stand-in for Hateful Memes
+        write_image(tmp_path / "binary" / f"{index}.png", (30 * index, 200 - 20 * index, 90))
+    (tmp_path / "binary" / "test.csv").write_text(
+        "filepath,label\n" + "".join(f"{index}.png,{('cat', 'dog')[index % 2]}\n" for index in range(8)))
+    synthetic = ["test._target_=slip.data.synthetic.SyntheticClassification", "test.num_samples=48",
+                 "test.image_size=32", "test.seed=1", "prompts=null"]
+    catalog = [*(f"+catalog.per_class.{item}" for item in synthetic), "+catalog.per_class.metric=mean_per_class",
+               *(f"+catalog.video.{item}" for item in synthetic), "+catalog.video.metric=mean_top1_top5",
+               "+catalog.binary.test._target_=slip.data.labelled.LabelledCsvDataset",
+               f"+catalog.binary.test.path={tmp_path / 'binary' / 'test.csv'}", "+catalog.binary.test.classes=[cat,dog]",
+               "+catalog.binary.prompts=null", "+catalog.binary.metric=roc_auc",
+               "catalog.voc2007.test.root=" + str(voc), "catalog.synthetic.test.num_samples=48"]
+    run = tmp_path / "runs" / "tiny"
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "slip.eval", f"checkpoint={tmp_path / 'model.pt'}", f"output_dir={run / 'eval'}",
+         *catalog, "tasks.zeroshot=[synthetic,per_class,video,binary,voc2007]", "tasks.linear_probe=[]",
+         "tasks.knn=[]", "tasks.retrieval=[]"], capture_output=True, text=True, timeout=300, env=subprocess_env())
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    reported = subprocess.run([sys.executable, "-m", "slip.report", str(tmp_path / "runs")], capture_output=True,
+                              text=True, timeout=120, env=subprocess_env())
+    assert reported.returncode == 0, reported.stderr[-2000:]
+    table = (tmp_path / "runs" / "downstream.md").read_text()
+    assert ("| run | voc2007 (11point_map) | binary (roc_auc) | per_class (mean_per_class) | synthetic | "
+            "video (mean_top1_top5) | mean |") in table
+    row = next(line for line in table.splitlines() if line.startswith("| tiny |"))
+    assert "–" not in row and len(row.split("|")) == 9

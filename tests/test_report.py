@@ -223,3 +223,22 @@ def test_a_bad_size_is_rejected(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path), "--size", "wide"])
     assert exit_info.value.code == 2 and "expected WIDTHxHEIGHT" in capsys.readouterr().err
+
+
+def test_the_downstream_view_shows_each_datasets_own_metric_in_the_papers_order(tmp_path):
+    from slip.report import build_report, downstream_table, main
+
+    write_run(tmp_path / "0_clip", "CLIPLoss", 10, evals={"zeroshot": [
+        ("imagenet", "top1", 30.0), ("imagenet", "top5", 55.0), ("pets", "top1", 40.0),
+        ("pets", "mean_per_class", 38.0), ("food101", "top1", 50.0), ("mine", "top1", 10.0)]})
+    write_run(tmp_path / "1_slip", "SLIPLoss", 10, evals={"zeroshot": [
+        ("imagenet", "top1", 35.0), ("pets", "mean_per_class", 44.0), ("pets", "top1", 45.0)],
+        "knn": [("imagenet", "top1", 20.0)]})
+    header, rows = downstream_table(build_report(tmp_path))
+    assert header == ["run", "food101", "pets (mean_per_class)", "imagenet", "mine", "mean"]
+    assert rows[0] == ["0_clip", 50.0, 38.0, 30.0, 10.0, pytest.approx((50 + 38 + 30 + 10) / 4)]
+    assert rows[1] == ["1_slip", None, 44.0, 35.0, None, pytest.approx((44 + 35) / 2)]
+    assert main([str(tmp_path)]) == 0
+    text = (tmp_path / "downstream.md").read_text()
+    assert "| run | food101 | pets (mean_per_class) | imagenet | mine | mean |" in text
+    assert "| 1_slip | – | 44.0 | 35.0 | – | 39.5 |" in text

@@ -12,6 +12,8 @@ from types import MappingProxyType
 import torch
 from torch import Tensor
 
+from slip.eval.metric_names import DATASET_METRIC_NAMES
+
 __all__ = ["DATASET_METRICS", "check_metric", "eleven_point_map", "mean_per_class_accuracy", "mean_top1_top5",
            "report", "roc_auc", "score", "top1", "topk_accuracy"]
 
@@ -117,7 +119,7 @@ def _average_ranks(values: Tensor) -> Tensor:
     return ranks
 
 
-# The catalog's `metric:` names -> the function computing it.
+# The catalog's `metric:` names (DATASET_METRIC_NAMES) -> the function computing it.
 DATASET_METRICS: Mapping[str, Callable[[Tensor, Tensor], dict[str, float]]] = MappingProxyType({
     "top1": top1,
     "mean_per_class": mean_per_class_accuracy,
@@ -125,6 +127,7 @@ DATASET_METRICS: Mapping[str, Callable[[Tensor, Tensor], dict[str, float]]] = Ma
     "roc_auc": roc_auc,
     "mean_top1_top5": mean_top1_top5,
 })
+assert tuple(DATASET_METRICS) == DATASET_METRIC_NAMES
 
 
 def check_metric(metric: str) -> str:
