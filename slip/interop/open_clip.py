@@ -22,7 +22,7 @@ from torch import nn
 
 from slip.checkpoint import CheckpointError, CheckpointInfo
 from slip.interop.common import Converted, ExportError, Exported, prefix_text_keys, unprefix_text_keys
-from slip.interop.openai import _openai_vit_key, from_openai, to_openai
+from slip.interop.openai import from_openai, openai_vit_key_to_ours, to_openai
 from slip.models import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTextModel, build_from_arch
 from slip.models.vision import vit_tower
 
@@ -443,7 +443,7 @@ def _to_slip_state(raw: Mapping[str, torch.Tensor], arch: Mapping[str, Any], kin
         raise CheckpointError(f"{weights_path}: weights do not fit {CONFIG_NAME}: they hold a "
                               f"{converted.arch['family']} image tower where the config has a {arch['family']}")
     vit = arch["family"] == "vit"
-    sources = {prefix_text_keys(_openai_vit_key(key) if vit and key.startswith("visual.") else key): key
+    sources = {prefix_text_keys(openai_vit_key_to_ours(key) if vit and key.startswith("visual.") else key): key
                for key in raw}
     # from_openai makes every tensor float; BatchNorm's step counters stay integers.
     state = {key: (raw[sources[key]] if not raw[sources[key]].is_floating_point() else value)

@@ -16,51 +16,41 @@ from slip.checkpoint import CheckpointError, CheckpointInfo
 from slip.interop.common import Converted, ExportError, count_blocks, prefix_text_keys, text_arch, unprefix_text_keys
 from slip.models import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTextModel
 
-__all__ = ["OPENAI_METADATA_KEYS", "from_openai", "is_openai_state", "read_torchscript_tensors", "to_openai"]
+__all__ = ["OPENAI_METADATA_KEYS", "from_openai", "is_openai_state", "openai_vit_key_to_ours", "read_torchscript_tensors",
+           "to_openai"]
 
 OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
-# OpenAI ViT key patterns -> our timm ViT's (applied in order; the inverse is read right to left).
-_VIT_RENAMES = (
-    (r"^visual\.conv1\.", "visual.patch_embed.proj."),
-    (r"^visual\.class_embedding$", "visual.cls_token"),
-    (r"^visual\.positional_embedding$", "visual.pos_embed"),
-    (r"^visual\.ln_pre\.", "visual.norm_pre."),
-    (r"^visual\.ln_post\.", "visual.norm."),
-    (r"^visual\.proj$", "image_projection"),
-    (r"^visual\.transformer\.resblocks\.", "visual.blocks."),
-    (r"\.ln_1\.", ".norm1."),
-    (r"\.ln_2\.", ".norm2."),
-    (r"\.attn\.in_proj_weight$", ".attn.qkv.weight"),
-    (r"\.attn\.in_proj_bias$", ".attn.qkv.bias"),
-    (r"\.attn\.out_proj\.", ".attn.proj."),
-    (r"\.mlp\.c_fc\.", ".mlp.fc1."),
-    (r"\.mlp\.c_proj\.", ".mlp.fc2."),
+# OpenAI's ViT parameter names and ours: (theirs, ours, where the text sits in a key), applied in order.
+_VIT_NAMES = (
+    ("visual.conv1.", "visual.patch_embed.proj.", "start"),
+    ("visual.class_embedding", "visual.cls_token", "whole"),
+    ("visual.positional_embedding", "visual.pos_embed", "whole"),
+    ("visual.ln_pre.", "visual.norm_pre.", "start"),
+    ("visual.ln_post.", "visual.norm.", "start"),
+    ("visual.proj", "image_projection", "whole"),
+    ("visual.transformer.resblocks.", "visual.blocks.", "start"),
+    (".ln_1.", ".norm1.", "inside"),
+    (".ln_2.", ".norm2.", "inside"),
+    (".attn.in_proj_weight", ".attn.qkv.weight", "end"),
+    (".attn.in_proj_bias", ".attn.qkv.bias", "end"),
+    (".attn.out_proj.", ".attn.proj.", "inside"),
+    (".mlp.c_fc.", ".mlp.fc1.", "inside"),
+    (".mlp.c_proj.", ".mlp.fc2.", "inside"),
 )
-def _openai_vit_key(key: str) -> str:
-    for pattern, replacement in _VIT_RENAMES:
-        key = re.sub(pattern, replacement, key)
-    return key
+_ANCHORS = {"start": ("^", ""), "whole": ("^", "$"), "end": ("", "$"), "inside": ("", "")}
 
 
-def _our_vit_key_to_openai(key: str) -> str:
-    renames = (
-        (r"^visual\.patch_embed\.proj\.", "visual.conv1."),
-        (r"^visual\.cls_token$", "visual.class_embedding"),
-        (r"^visual\.pos_embed$", "visual.positional_embedding"),
-        (r"^visual\.norm_pre\.", "visual.ln_pre."),
-        (r"^visual\.norm\.", "visual.ln_post."),
-        (r"^image_projection$", "visual.proj"),
-        (r"^visual\.blocks\.", "visual.transformer.resblocks."),
-        (r"\.norm1\.", ".ln_1."),
-        (r"\.norm2\.", ".ln_2."),
-        (r"\.attn\.qkv\.weight$", ".attn.in_proj_weight"),
-        (r"\.attn\.qkv\.bias$", ".attn.in_proj_bias"),
-        (r"\.attn\.proj\.", ".attn.out_proj."),
-        (r"\.mlp\.fc1\.", ".mlp.c_fc."),
-        (r"\.mlp\.fc2\.", ".mlp.c_proj."),
-    )
-    for pattern, replacement in renames:
-        key = re.sub(pattern, replacement, key)
+def openai_vit_key_to_ours(key: str) -> str:
+    """An OpenAI-layout ViT parameter name as our timm ViT names it (other keys unchanged)."""
+    return _renamed(key, to_ours=True)
+
+
+def _renamed(key: str, to_ours: bool) -> str:
+    """`key` with every name of `_VIT_NAMES` replaced: OpenAI's by ours (`to_ours`) or ours by OpenAI's."""
+    for theirs, ours, where in _VIT_NAMES:
+        before, after = (theirs, ours) if to_ours else (ours, theirs)
+        head, tail = _ANCHORS[where]
+        key = re.sub(head + re.escape(before) + tail, after, key)
     return key
 
 
@@ -84,7 +74,7 @@ def from_openai(state: Mapping[str, torch.Tensor], info: CheckpointInfo | None =
                     vision_layers=count_blocks(state, "visual.transformer.resblocks."))
         converted = {}
         for key, value in state.items():
-            new_key = prefix_text_keys(_openai_vit_key(key)) if key.startswith("visual.") else prefix_text_keys(key)
+            new_key = prefix_text_keys(_renamed(key, to_ours=True)) if key.startswith("visual.") else prefix_text_keys(key)
             if new_key in ("visual.cls_token", "visual.pos_embed"):
                 value = value.reshape(1, -1, width)
             converted[new_key] = value
@@ -115,7 +105,7 @@ def to_openai(model: ImageTextModel) -> dict[str, torch.Tensor]:
         width = arch["vision_width"]
         converted = {}
         for key, value in state.items():
-            new_key = _our_vit_key_to_openai(key) if key.startswith(("visual.", "image_projection")) else key
+            new_key = _renamed(key, to_ours=False) if key.startswith(("visual.", "image_projection")) else key
             if new_key == "visual.class_embedding":
                 value = value.reshape(width)
             elif new_key == "visual.positional_embedding":
