@@ -23,7 +23,8 @@ from slip.data.seeding import derive_seed
 from slip.distributed import WorldInfo
 
 __all__ = ["EpochSampler", "ReaderShare", "StreamPlan", "batch_rows", "batch_to_device", "batches_per_epoch",
-           "build_eval_loader", "build_train_loader", "check_batch_size", "collate", "shard_order"]
+           "build_eval_loader", "build_train_loader", "check_batch_size", "check_num_workers", "collate",
+           "shard_order"]
 
 
 def _is_named_tuple(value: Any) -> bool:
@@ -129,7 +130,7 @@ def check_batch_size(batch_size: int) -> None:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
-def _check_num_workers(num_workers: int) -> None:
+def check_num_workers(num_workers: int) -> None:
     """Raise a one-line ValueError unless `num_workers` is a non-negative integer."""
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers!r}")
@@ -270,7 +271,7 @@ def build_train_loader(
     their copy of the dataset) alive between iterations, so only use it to iterate the same epoch again.
     """
     check_batch_size(batch_size)
-    _check_num_workers(num_workers)
+    check_num_workers(num_workers)
     if start_batch < 0:
         raise ValueError(f"start_batch must be >= 0, got {start_batch}")
     if hasattr(dataset, "set_epoch"):
@@ -320,5 +321,5 @@ def build_eval_loader(
 ) -> DataLoader:
     """A plain evaluation DataLoader: every sample once, in order, last batch kept even if smaller."""
     check_batch_size(batch_size)
-    _check_num_workers(num_workers)
+    check_num_workers(num_workers)
     return _data_loader(dataset, batch_size, num_workers, pin_memory, 0, shuffle=False, drop_last=False)

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from slip.config import ConfigError, build
 from slip.data.dataset import ImageTextDataset, Transform
-from slip.data.loader import _check_num_workers, batches_per_epoch, build_train_loader, check_batch_size
+from slip.data.loader import check_num_workers, batches_per_epoch, build_train_loader, check_batch_size
 from slip.distributed import WorldInfo
 
 __all__ = ["DataSettings", "TrainData", "build_train_data"]
@@ -30,7 +30,7 @@ class DataSettings:
 
     def __post_init__(self) -> None:
         check_batch_size(self.batch_size)
-        _check_num_workers(self.num_workers)
+        check_num_workers(self.num_workers)
         if (self.source is None) == (self.stream is None):
             raise ValueError("set exactly one of source (map-style records) and stream (e.g. WebDataset shards)")
 
