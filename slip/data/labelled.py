@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Sequence
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 from PIL import Image
@@ -29,6 +29,7 @@ __all__ = [
     "ClassesSpec",
     "ImageFolderDataset",
     "LabelledCsvDataset",
+    "LabelledImages",
     "check_class_names",
     "check_files_exist",
     "resolve_classes",
@@ -39,13 +40,14 @@ _LABEL_KINDS = ("auto", "name", "index")
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 
 
-class _LabelledImages:
-    """Shared part of the datasets: packed image paths, int labels, class names, strict image reading."""
+class LabelledImages:
+    """Shared part of the labelled datasets: packed image paths, labels (an int per image; a row of targets per
+    image for `slip.data.multilabel`), class names, strict image reading."""
 
     def __init__(
         self,
         paths: Sequence[str],
-        labels: Sequence[int],
+        labels: Sequence[int] | np.ndarray,
         classes: Sequence[str],
         templates: Sequence[str] | None,
         max_pixels: int,
@@ -73,7 +75,11 @@ class _LabelledImages:
             image = read_image_file(path, self.max_pixels)
         except BadSample as error:
             raise ValueError(f"{type(self).__name__}[{index}]: cannot read image {error}") from None
-        return image, int(self.labels[index])
+        return image, self.label(index)
+
+    def label(self, index: int) -> Any:
+        """The label of image `index` as the item carries it: an int class index."""
+        return int(self.labels[index])
 
 
 def check_files_exist(paths: Sequence[str], where: str, lines: Sequence[int] | None = None) -> None:
@@ -97,7 +103,7 @@ def _normalise_extensions(extensions: Iterable[str]) -> tuple[str, ...]:
     return normalised
 
 
-class ImageFolderDataset(_LabelledImages):
+class ImageFolderDataset(LabelledImages):
     """Images in one sub-directory per class: ``root/<class name>/**/<image>``.
 
     `classes` are the sub-directory names, sorted (so labels are stable across machines); images are the
@@ -207,7 +213,7 @@ class _LabelParser:
         raise ValueError(f"{where}: unknown label {label!r}, not one of the {len(self.classes)} class names")
 
 
-class LabelledCsvDataset(_LabelledImages):
+class LabelledCsvDataset(LabelledImages):
     """Images and labels listed in a CSV or TSV file with a header row.
 
     Image paths are relative to the file's directory (absolute paths work too). `classes` is a list of

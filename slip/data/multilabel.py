@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import os
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
-from slip.data.decode import DEFAULT_MAX_PIXELS, BadSample, read_image_file
-from slip.data.labelled import ClassesSpec, check_files_exist, resolve_classes
-from slip.data.sources import PackedRecords
-from slip.data.sources.base import as_path, check_index
+from slip.data.decode import DEFAULT_MAX_PIXELS
+from slip.data.labelled import ClassesSpec, LabelledImages, check_files_exist, resolve_classes
 from slip.data.sources.csv import read_csv_columns
 
 __all__ = ["MultiLabelCsvDataset", "VocClassificationDataset"]
@@ -26,32 +22,19 @@ __all__ = ["MultiLabelCsvDataset", "VocClassificationDataset"]
 PRESENT, ABSENT, DIFFICULT = 1, 0, -1
 
 
-class _MultiLabelImages:
-    """Packed image paths, a [N, C] target matrix, class names and templates; strict image reading."""
+class _MultiLabelImages(LabelledImages):
+    """`LabelledImages` whose labels are a [N, C] target matrix; an item carries its row as a tensor."""
 
     multi_label = True  # what evaluation tasks check before scoring
 
-    def __init__(self, paths: Sequence[str], targets: np.ndarray, classes: Sequence[str],
-                 templates: Sequence[str] | None, max_pixels: int) -> None:
-        self.classes: list[str] = list(classes)
-        self.templates: list[str] | None = None if templates is None else list(templates)
-        self.targets = np.asarray(targets, dtype=np.int64)
-        self.targets.setflags(write=False)
-        self.max_pixels = max_pixels
-        self._paths = PackedRecords((path,) for path in paths)
+    @property
+    def targets(self) -> np.ndarray:
+        """The [N, C] targets: 1 present, 0 absent, -1 ignored."""
+        return self.labels
 
-    def __len__(self) -> int:
-        """Number of images."""
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[Image.Image, torch.Tensor]:
-        """(RGB image, targets [C]) of item `index`; ValueError naming the file if the image cannot be read."""
-        index = check_index(index, len(self), self)
-        try:
-            image = read_image_file(as_path(self._paths[index][0]), self.max_pixels)
-        except BadSample as error:
-            raise ValueError(f"{type(self).__name__}[{index}]: cannot read image {error}") from None
-        return image, torch.from_numpy(self.targets[index].copy())
+    def label(self, index: int) -> torch.Tensor:
+        """The targets [C] of image `index`."""
+        return torch.from_numpy(self.labels[index].copy())
 
 
 class MultiLabelCsvDataset(_MultiLabelImages):
