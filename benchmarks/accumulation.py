@@ -34,7 +34,7 @@ from typing import Any
 
 from captions import REAL_CAPTIONS  # benchmarks/captions.py, beside this script
 from suite import (OBJECTIVES, _peak_memory_mib, _synchronize, _train_batch, isolated, machine_record,
-                   training_task)
+                   results_header, training_task)
 
 MODES = ("independent", "exact", "exact_after_heads", "big", "micro")
 INPUT_KINDS = {"float": "fp32 views", "deferred": "uint8 crops of the device backend"}
@@ -316,9 +316,8 @@ def markdown(results: dict[str, Any], command: str, machine: dict[str, Any]) -> 
     """The results as a Markdown page: every measurement, then the ratios the targets are about."""
     kind = results.get("inputs", "float")
     described = INPUT_KINDS[kind]
-    lines = [f"# Accumulation: {results['model']} {results['loss']}, micro-batch {results['micro_batch']}, "
-             f"{described} inputs", "",
-             f"Command: `{command}`", "", f"Machine: {json.dumps(machine)}", "",
+    lines = [*results_header(f"Accumulation: {results['model']} {results['loss']}, micro-batch "
+                             f"{results['micro_batch']}, {described} inputs", command, machine),
              "| mode | global batch | update_freq | step s | samples/s | peak memory MiB | of it, in the steps "
              "| live heap peak MiB | cached features MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in results["rows"]:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from suite import OBJECTIVES, isolated, machine_record, train_step, write_results
+from suite import OBJECTIVES, isolated, machine_record, results_header, train_step, write_results
 
 
 def measure(device: str, model: str, losses: list[str], rates: list[float], batch: int, repeats: int) -> list[dict]:
@@ -32,8 +32,8 @@ def measure(device: str, model: str, losses: list[str], rates: list[float], batc
 
 def markdown(payload: dict[str, Any]) -> str:
     """The measurements, and each rate's speed-up and FLOPs against rate 0 of the same objective."""
-    lines = [f"# Patch dropout: {payload['model']}, batch {payload['batch']}", "", f"Command: `{payload['command']}`",
-             "", f"Machine: {json.dumps(payload['machine'])}", "",
+    lines = [*results_header(f"Patch dropout: {payload['model']}, batch {payload['batch']}", payload["command"],
+                             payload["machine"]),
              "| objective | patch dropout | step s | img/s | speed-up | model GFLOP/step | FLOPs vs 0 |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     base = {row["objective"]: row for row in payload["rows"] if row.get("patch_dropout") == 0 and "error" not in row}

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from captions import REAL_CAPTIONS
-from suite import (_synchronize, _train_batch, isolated, machine_record, photo_jpeg, timed_in_rounds,
-                   training_task, write_results)
+from suite import (_synchronize, _train_batch, isolated, machine_record, photo_jpeg, results_header,
+                   timed_in_rounds, training_task, write_results)
 
 
 def train_steps(device_name: str, model_name: str, batch_size: int, pairs: int, full_captions: bool,
@@ -114,8 +114,7 @@ def clip_view_rates(samples: int, rounds: int = 10) -> dict[str, Any]:
 
 def markdown(payload: dict[str, Any]) -> str:
     """The comparison tables."""
-    lines = ["# slip against open_clip, same run", "", f"Command: `{payload['command']}`", "",
-             f"Machine: {json.dumps(payload['machine'])}", "",
+    lines = [*results_header("slip against open_clip, same run", payload["command"], payload["machine"]),
              "## CLIP train step (fwd + bwd + fused AdamW), identical network and weights, alternating pairs", "",
              "| captions | mean tokens | slip patch dropout | open_clip patch dropout | slip s/step | open_clip s/step "
              "| speed-up (median of pairs) | range |", "|---|---:|---:|---:|---:|---:|---:|---:|"]

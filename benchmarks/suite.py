@@ -281,6 +281,11 @@ def timed_in_rounds(runs: dict[str, Callable[[Any], Any]], inputs: list[Any], sa
     return seconds, per_round * rounds
 
 
+def results_header(title: str, command: str, machine: dict[str, Any]) -> list[str]:
+    """The opening lines of a results page: its title, the command that produced it and the machine."""
+    return [f"# {title}", "", f"Command: `{command}`", "", f"Machine: {json.dumps(machine)}", ""]
+
+
 def write_results(out: Path, stem: str, payload: dict[str, Any], text: str) -> None:
     """`stem`.json (the payload) and `stem`.md (the text) under `out`, each written atomically."""
     from slip.checkpoint import atomic_write
