@@ -439,14 +439,15 @@ class Trainer:
         """Validate (with progress lines); False when SIGTERM came first or stopped it, which takes seconds."""
         if self.evaluate is None:
             return True
-        total = len(self.evaluate) if hasattr(self.evaluate, "__len__") else None
+        size = len(self.evaluate) if hasattr(self.evaluate, "__len__") else None
         step, started = self.state.step, time.perf_counter()
-        self.monitor.message(f"step {step}: zero-shot validation" + (f" on {total} images" if total else ""))
-        reported = [0.0]
+        self.monitor.message(f"step {step}: zero-shot validation" + (f" on {size} images" if size else ""))
+        reported = 0.0  # the share of the images last reported
 
         def progress(done: int, total: int) -> None:
-            if done == total or done / total >= reported[0] + 0.25:
-                reported[0] = done / total
+            nonlocal reported
+            if done == total or done / total >= reported + 0.25:
+                reported = done / total
                 self.monitor.message(f"validation: {done}/{total} images, {time.perf_counter() - started:.0f} s")
 
         self.task.model.eval()
@@ -509,23 +510,21 @@ class Trainer:
                 break
             data_wait += time.perf_counter() - waited
             self._account_bad_samples(batch)
-            if self.exact_accumulation:
-                loader_batch, batch = batch, None  # prepared when encoded (twice), see _exact_step
-            else:
-                batch = self._prepare_batch(batch, self.device)
+            # Exact accumulation keeps the loader's batch and prepares it when it is encoded (twice, _exact_step).
+            prepared = None if self.exact_accumulation else self._prepare_batch(batch, self.device)
             if state.step == 0 and micro == 0 and settings.log_images:
-                shown = batch if batch is not None else self._prepare_batch(loader_batch, self.device)
+                shown = prepared if prepared is not None else self._prepare_batch(batch, self.device)
                 self.monitor.images("views", view_grid(shown, image_mean, image_std))
             micro += 1
-            rows = batch_rows(batch if batch is not None else loader_batch)
+            rows = batch_rows(batch)
             images += rows
             state.samples_seen += rows
-            if not self.exact_accumulation:
-                results.append(self._micro_step(batch, sync=micro == settings.update_freq))
+            if prepared is not None:
+                results.append(self._micro_step(prepared, sync=micro == settings.update_freq))
             elif micro < settings.update_freq:
-                window.append(loader_batch)
+                window.append(batch)
             else:
-                results.append(self._exact_step(window + [loader_batch]))
+                results.append(self._exact_step(window + [batch]))
             if micro < settings.update_freq:
                 continue
             nonfinite = any(not bool(torch.isfinite(result["loss"])) for result in results)
