@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from slip.run_layout import EVAL_DIR, RESULTS_FILE
-from slip.eval.metric_names import DATASET_METRIC_NAMES, PAPER_DATASET_ORDER
+from slip.eval.metric_names import CLIP_ONLY_DATASETS, DATASET_METRIC_NAMES, SLIP_TABLE_ORDER
 
 __all__ = [
     "Report",
@@ -362,7 +362,7 @@ def write_chart(report: Report, path: Path, title: str, size: tuple[int, int] = 
 
 def downstream_table(report: Report, task: str = "zeroshot") -> tuple[list[str], list[list[str | float | None]]]:
     """(header, rows) of the downstream view: a row per run, a column per dataset that `task` scored, in the
-    order of CLIP's tables (others after, by name), each cell the dataset's own metric (its record besides top-1
+    order of SLIP's table (then CLIP's Birdsnap and VOC 2007, then others by name), each cell the dataset's own metric (its record besides top-1
     when the task wrote one, else top-1), then the mean over the run's cells."""
     own: dict[str, str] = {}  # dataset -> the metric shown for it
     for run in report.runs:
@@ -371,8 +371,9 @@ def downstream_table(report: Report, task: str = "zeroshot") -> tuple[list[str],
             if len(parts) == 3 and parts[0] == task and parts[2] in DATASET_METRIC_NAMES:
                 if parts[2] != "top1" or parts[1] not in own:
                     own[parts[1]] = parts[2]
-    datasets = sorted(own, key=lambda name: (PAPER_DATASET_ORDER.index(name) if name in PAPER_DATASET_ORDER
-                                             else len(PAPER_DATASET_ORDER), name))
+    paper_order = SLIP_TABLE_ORDER + CLIP_ONLY_DATASETS
+    datasets = sorted(own, key=lambda name: (paper_order.index(name) if name in paper_order else len(paper_order),
+                                             name))
     header = ["run", *(f"{name} ({own[name]})" if own[name] != "top1" else name for name in datasets), "mean"]
     rows = []
     for run in report.runs:
@@ -382,16 +383,22 @@ def downstream_table(report: Report, task: str = "zeroshot") -> tuple[list[str],
     return header, rows
 
 
-def write_downstream(report: Report, path: Path, title: str, task: str = "zeroshot") -> bool:
-    """downstream.md: the downstream view of `task` (when any run has such records); whether it was written."""
-    header, rows = downstream_table(report, task)
-    if len(header) <= 2:
+DOWNSTREAM_TASKS = ("zeroshot", "linear_probe")  # the tasks the downstream view tabulates, in this order
+
+
+def write_downstream(report: Report, path: Path, title: str) -> bool:
+    """downstream.md: a section per task of DOWNSTREAM_TASKS with records, each its downstream view; whether any
+    task had records (else nothing is written)."""
+    lines = [f"# {title}: each dataset's own metric", "",
+             "Columns in the order of SLIP's downstream table (CLIP-only sets and others after); a dataset scored by "
+             "another metric than top-1 names it; `mean` is over the run's cells."]
+    for task in DOWNSTREAM_TASKS:
+        header, rows = downstream_table(report, task)
+        if len(header) > 2:
+            lines += ["", f"## {task}", "", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1),
+                      *("| " + " | ".join(_markdown_cell(value) for value in row) + " |" for row in rows)]
+    if not any(line.startswith("## ") for line in lines):
         return False
-    lines = [f"# {title}: {task}, each dataset's own metric", "",
-             "Columns in the order of CLIP's downstream tables; a dataset scored by another metric than top-1 names "
-             "it; `mean` is over the run's cells.", "",
-             "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1),
-             *("| " + " | ".join(_markdown_cell(value) for value in row) + " |" for row in rows)]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return True
 

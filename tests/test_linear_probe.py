@@ -79,6 +79,20 @@ def test_lbfgs_solution_is_stationary_and_matches_newton(l2):
     assert torch.allclose(bias.double() - bias.double().mean(), ref_b - ref_b.mean(), atol=1e-3)
 
 
+@pytest.mark.parametrize("l2", [1e-1, 1e-3])
+def test_lbfgs_solution_is_scikit_learns_multinomial_logistic_regression(l2):
+    linear_model = pytest.importorskip("sklearn.linear_model")
+    x, y = blobs(2, 90)
+    weight, bias = fit_logistic_regression(x.double(), y, 3, l2, tol=1e-10)
+    # Mean cross-entropy + l2/2 |W|^2 is sklearn's C * summed cross-entropy + 1/2 |W|^2 with C = 1 / (l2 N).
+    reference = linear_model.LogisticRegression(C=1.0 / (l2 * len(y)), tol=1e-12, max_iter=10_000)
+    reference.fit(x.double().numpy(), y.numpy())
+    want_w, want_b = torch.from_numpy(reference.coef_), torch.from_numpy(reference.intercept_)
+    assert torch.allclose(weight, want_w, rtol=0, atol=1e-4 * max(1.0, want_w.abs().max().item()))
+    # Biases are defined up to a common shift (unpenalised).
+    assert torch.allclose(bias - bias.mean(), want_b - want_b.mean(), atol=1e-4)
+
+
 def test_warm_start_reaches_the_same_solution():
     x, y = blobs(1, 60)
     cold = fit_logistic_regression(x, y, 3, 1e-2)

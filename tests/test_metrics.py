@@ -97,3 +97,23 @@ def test_mean_of_top1_and_top5_and_the_metric_names() -> None:
     assert score("top1", scores, labels) == topk_accuracy(scores, labels, (1,))
     with pytest.raises(ValueError, match="unknown metric 'f1'; one of top1, mean_per_class"):
         score("f1", scores, labels)
+
+
+def test_the_catalog_covers_slips_table_with_the_metrics_slips_evaluation_uses() -> None:
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from slip.eval.metric_names import CLIP_ONLY_DATASETS, SLIP_TABLE_ORDER
+
+    catalog = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "catalog" / "default.yaml")
+    # SLIP's eval_zeroshot.py: mean per-class accuracy for these four, (top1 + top5) / 2 for Kinetics-700 frames,
+    # ROC AUC for Hateful Memes, top-1 for the rest; VOC 2007 (CLIP's table) is scored by its 11-point mAP.
+    own = {"aircraft": "mean_per_class", "pets": "mean_per_class", "caltech101": "mean_per_class",
+           "flowers": "mean_per_class", "kinetics700": "mean_top1_top5", "hateful_memes": "roc_auc",
+           "voc2007": "11point_map"}
+    assert len(SLIP_TABLE_ORDER) == len(set(SLIP_TABLE_ORDER)) == 26 and SLIP_TABLE_ORDER[-1] == "imagenet"
+    for name in SLIP_TABLE_ORDER + CLIP_ONLY_DATASETS:
+        entry = catalog[name]
+        assert (entry.get("metric") or "top1") == own.get(name, "top1"), name
+        assert entry.prompts == name and entry.train is not None and entry.test is not None, name

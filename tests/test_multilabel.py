@@ -23,15 +23,27 @@ VOC_OBJECTS = {  # image id -> (class, difficult) objects
 }
 
 
-def write_voc(root: Path) -> Path:
-    """A VOCdevkit/VOC2007-like tree with four annotated images."""
+VOC_TRAIN_CLASSES = ("dog", "cat", "car", "person", "bicycle")
+
+
+def write_voc(root: Path, train_images: int = 0) -> Path:
+    """A VOCdevkit/VOC2007-like tree: four annotated test images, and `train_images` generated ones listed in
+    trainval.txt (each holding one or two classes, their colours following the first class)."""
+    objects = dict(VOC_OBJECTS)
+    for index in range(train_images):
+        first = VOC_TRAIN_CLASSES[index % len(VOC_TRAIN_CLASSES)]
+        second = VOC_TRAIN_CLASSES[(index * 3 + 1) % len(VOC_TRAIN_CLASSES)]
+        objects[f"1{index:05d}"] = [(first, False)] + ([(second, False)] if index % 3 == 0 else [])
     (root / "ImageSets" / "Main").mkdir(parents=True)
     (root / "ImageSets" / "Main" / "test.txt").write_text("".join(f"{image_id}\n" for image_id in VOC_OBJECTS))
+    (root / "ImageSets" / "Main" / "trainval.txt").write_text(
+        "".join(f"{image_id}\n" for image_id in objects if image_id not in VOC_OBJECTS))
     (root / "Annotations").mkdir()
-    for number, (image_id, objects) in enumerate(VOC_OBJECTS.items()):
-        write_image(root / "JPEGImages" / f"{image_id}.jpg", (40 * number, 90, 160), fmt="JPEG")
+    for number, (image_id, image_objects) in enumerate(objects.items()):
+        shade = VOC_TRAIN_CLASSES.index(image_objects[0][0]) if image_id not in VOC_OBJECTS else number
+        write_image(root / "JPEGImages" / f"{image_id}.jpg", (40 * shade, 90 + number % 7, 160), fmt="JPEG")
         body = "".join(f"<object><name>{name}</name><difficult>{int(difficult)}</difficult></object>"
-                       for name, difficult in objects)
+                       for name, difficult in image_objects)
         (root / "Annotations" / f"{image_id}.xml").write_text(f"<annotation>{body}</annotation>")
     return root
 
@@ -106,6 +118,16 @@ def test_zero_shot_scores_a_voc_stand_in_with_its_11_point_map(tmp_path: Path) -
     with pytest.raises(ConfigError, match=r"^tasks\.knn: catalog\.vocmini is multi-label"):
         evaluate(eval_config(f"checkpoint={tmp_path / 'model.pt'}", *entry, "tasks.zeroshot=[]", "tasks.knn=[vocmini]",
                              "tasks.linear_probe=[]", "tasks.retrieval=[]"))
+    with pytest.raises(ConfigError, match=r"^linear_probe\.method: catalog\.vocmini is multi-label, which only lbfgs"):
+        evaluate(eval_config(f"checkpoint={tmp_path / 'model.pt'}", *entry, "tasks.zeroshot=[]", "tasks.knn=[]",
+                             "tasks.linear_probe=[vocmini]", "linear_probe.method=sgd", "tasks.retrieval=[]"))
+    with pytest.raises(ConfigError, match=r"^catalog\.vocmini\.metric: 'top1' cannot score a multi-label dataset; "
+                                          r"use 11point_map$"):
+        evaluate(eval_config(f"checkpoint={tmp_path / 'model.pt'}", *entry[:-1], "+catalog.vocmini.metric=top1",
+                             "tasks.zeroshot=[vocmini]", "tasks.knn=[]", "tasks.linear_probe=[]", "tasks.retrieval=[]"))
+    with pytest.raises(ConfigError, match=r"^catalog\.synthetic\.metric: '11point_map' cannot score a single-label"):
+        evaluate(eval_config(f"checkpoint={tmp_path / 'model.pt'}", "catalog.synthetic.metric=11point_map",
+                             "tasks.zeroshot=[synthetic]", "tasks.knn=[]", "tasks.linear_probe=[]", "tasks.retrieval=[]"))
 
 
 def test_a_tiny_model_through_slip_eval_and_slip_report_with_every_metric_kind(tmp_path: Path) -> None:
@@ -120,7 +142,7 @@ def test_a_tiny_model_through_slip_eval_and_slip_report_with_every_metric_kind(t
     save_model(build_vit_model(image_size=32, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2,
                                embed_dim=16, text_width=32, text_layers=1, text_heads=2, context_length=16,
                                inputs=("image", "text")), tmp_path / "model.pt")
-    voc = write_voc(tmp_path / "voc")
+    voc = write_voc(tmp_path / "voc", train_images=20)
     for index in range(8):  # a binary stand-in for Hateful Memes
         write_image(tmp_path / "binary" / f"{index}.png", (30 * index, 200 - 20 * index, 90))
     (tmp_path / "binary" / "test.csv").write_text(
@@ -132,11 +154,12 @@ def test_a_tiny_model_through_slip_eval_and_slip_report_with_every_metric_kind(t
                "+catalog.binary.test._target_=slip.data.labelled.LabelledCsvDataset",
                f"+catalog.binary.test.path={tmp_path / 'binary' / 'test.csv'}", "+catalog.binary.test.classes=[cat,dog]",
                "+catalog.binary.prompts=null", "+catalog.binary.metric=roc_auc",
-               "catalog.voc2007.test.root=" + str(voc), "catalog.synthetic.test.num_samples=48"]
+               f"catalog.voc2007.test.root={voc}", f"catalog.voc2007.train.root={voc}",
+               "catalog.synthetic.test.num_samples=48", "linear_probe.refinements=1", "linear_probe.max_iter=100"]
     run = tmp_path / "runs" / "tiny"
     evaluated = subprocess.run(
         [sys.executable, "-m", "slip.eval", f"checkpoint={tmp_path / 'model.pt'}", f"output_dir={run / 'eval'}",
-         *catalog, "tasks.zeroshot=[synthetic,per_class,video,binary,voc2007]", "tasks.linear_probe=[]",
+         *catalog, "tasks.zeroshot=[synthetic,per_class,video,binary,voc2007]", "tasks.linear_probe=[voc2007]",
          "tasks.knn=[]", "tasks.retrieval=[]"], capture_output=True, text=True, timeout=300, env=subprocess_env())
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     reported = subprocess.run([sys.executable, "-m", "slip.report", str(tmp_path / "runs")], capture_output=True,
@@ -145,5 +168,9 @@ def test_a_tiny_model_through_slip_eval_and_slip_report_with_every_metric_kind(t
     table = (tmp_path / "runs" / "downstream.md").read_text()
     assert ("| run | voc2007 (11point_map) | binary (roc_auc) | per_class (mean_per_class) | synthetic | "
             "video (mean_top1_top5) | mean |") in table
-    row = next(line for line in table.splitlines() if line.startswith("| tiny |"))
+    zeroshot, linear_probe = table.split("## zeroshot")[1].split("## linear_probe")
+    row = next(line for line in zeroshot.splitlines() if line.startswith("| tiny |"))
     assert "–" not in row and len(row.split("|")) == 9
+    assert "| run | voc2007 (11point_map) | mean |" in linear_probe
+    records = json.loads((run / "eval" / "linear_probe.json").read_text())["records"]
+    assert {record["metric"] for record in records} == {"11point_map", "val_11point_map"}

@@ -230,15 +230,21 @@ def test_the_downstream_view_shows_each_datasets_own_metric_in_the_papers_order(
 
     write_run(tmp_path / "0_clip", "CLIPLoss", 10, evals={"zeroshot": [
         ("imagenet", "top1", 30.0), ("imagenet", "top5", 55.0), ("pets", "top1", 40.0),
-        ("pets", "mean_per_class", 38.0), ("food101", "top1", 50.0), ("mine", "top1", 10.0)]})
+        ("pets", "mean_per_class", 38.0), ("food101", "top1", 50.0), ("mine", "top1", 10.0),
+        ("voc2007", "11point_map", 20.0), ("cub200", "top1", 5.0)]})
     write_run(tmp_path / "1_slip", "SLIPLoss", 10, evals={"zeroshot": [
         ("imagenet", "top1", 35.0), ("pets", "mean_per_class", 44.0), ("pets", "top1", 45.0)],
-        "knn": [("imagenet", "top1", 20.0)]})
+        "knn": [("imagenet", "top1", 20.0)], "linear_probe": [("voc2007", "11point_map", 60.0)]})
     header, rows = downstream_table(build_report(tmp_path))
-    assert header == ["run", "food101", "pets (mean_per_class)", "imagenet", "mine", "mean"]
-    assert rows[0] == ["0_clip", 50.0, 38.0, 30.0, 10.0, pytest.approx((50 + 38 + 30 + 10) / 4)]
-    assert rows[1] == ["1_slip", None, 44.0, 35.0, None, pytest.approx((44 + 35) / 2)]
+    # SLIP's table order (food101, cub200, ..., pets, ..., imagenet), then CLIP's voc2007, then others by name.
+    assert header == ["run", "food101", "cub200", "pets (mean_per_class)", "imagenet", "voc2007 (11point_map)",
+                      "mine", "mean"]
+    assert rows[0] == ["0_clip", 50.0, 5.0, 38.0, 30.0, 20.0, 10.0, pytest.approx((50 + 5 + 38 + 30 + 20 + 10) / 6)]
+    assert rows[1] == ["1_slip", None, None, 44.0, 35.0, None, None, pytest.approx((44 + 35) / 2)]
     assert main([str(tmp_path)]) == 0
     text = (tmp_path / "downstream.md").read_text()
-    assert "| run | food101 | pets (mean_per_class) | imagenet | mine | mean |" in text
-    assert "| 1_slip | – | 44.0 | 35.0 | – | 39.5 |" in text
+    zeroshot, linear_probe = text.split("## zeroshot")[1].split("## linear_probe")
+    assert "| run | food101 | cub200 | pets (mean_per_class) | imagenet | voc2007 (11point_map) | mine | mean |" in zeroshot
+    assert "| 1_slip | – | – | 44.0 | 35.0 | – | – | 39.5 |" in zeroshot
+    assert "| run | voc2007 (11point_map) | mean |" in linear_probe and "| 1_slip | 60.0 | 60.0 |" in linear_probe
+    assert "knn" not in text

@@ -35,6 +35,7 @@ __all__ = [
     "REQUIRED_KEY_FIELDS",
     "FeatureCache",
     "check_features",
+    "check_targets",
     "checkpoint_fingerprint",
     "dataset_identity",
     "extract_features",
@@ -64,6 +65,19 @@ def check_features(name: str, x: Tensor, y: Tensor | None = None, num_classes: i
         raise ValueError(f"{name} has {x.shape[0]} feature rows but {y.shape[0]} labels")
     if num_classes is not None and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise ValueError(f"{name} labels must lie in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
+
+
+def check_targets(name: str, x: Tensor, targets: Tensor) -> None:
+    """Raise ValueError unless `x` is valid features [N, D] and `targets` an integer [N, C] of 1, 0 and -1."""
+    check_features(name, x)
+    if not isinstance(targets, Tensor) or targets.ndim != 2 or targets.dtype.is_floating_point \
+            or targets.dtype == torch.bool:
+        shape = (tuple(targets.shape), targets.dtype) if isinstance(targets, Tensor) else type(targets).__name__
+        raise ValueError(f"{name} targets must be an integer tensor [N, C], got {shape}")
+    if targets.shape[0] != x.shape[0]:
+        raise ValueError(f"{name} has {x.shape[0]} feature rows but {targets.shape[0]} target rows")
+    if targets.shape[1] < 1 or not bool(((targets >= -1) & (targets <= 1)).all()):
+        raise ValueError(f"{name} targets must be 1 (present), 0 (absent) or -1 (ignored) for each of >= 1 classes")
 
 
 class EvalViewDataset(torch.utils.data.Dataset):
@@ -109,7 +123,8 @@ def extract_features(
     num_workers: int = 0,
     kind: str = "backbone",
 ) -> tuple[Tensor, Tensor]:
-    """Float32 features [N, D] and int64 labels [N] (both on the CPU) of every item of `dataset`.
+    """Float32 features [N, D] and int64 labels [N] (targets [N, C] for a multi-label dataset), both on the CPU, of
+    every item of `dataset`.
 
     Images get the model's evaluation view (`eval_view` with `model.arch` size, mean and std). `kind` is
     "backbone" (`model.image_features`: the image tower's output, what probes read) or "embedding"
@@ -213,11 +228,15 @@ def _canonical_key(key: Mapping[str, object]) -> str:
 
 
 def _as_cached_pair(result: object, origin: str) -> tuple[Tensor, Tensor]:
-    """A (features, labels) pair as the cache stores it: float32 [N, D] and int64 [N], contiguous, on the CPU."""
+    """A (features, labels) pair as the cache stores it: float32 [N, D] and int64 [N] (or multi-label [N, C]),
+    contiguous, on the CPU."""
     if not isinstance(result, tuple) or len(result) != 2:
         raise ValueError(f"{origin} must be a (features, labels) tuple, got {type(result).__name__}")
     features, labels = result
-    check_features(origin, features, labels)
+    if isinstance(labels, Tensor) and labels.ndim == 2:  # multi-label targets [N, C]
+        check_targets(origin, features, labels)
+    else:
+        check_features(origin, features, labels)
     return (features.detach().to("cpu", torch.float32).contiguous(),
             labels.detach().to("cpu", torch.int64).contiguous())
 

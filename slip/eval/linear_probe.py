@@ -145,22 +145,36 @@ def fit_logistic_regression(
     """
     num_classes = _check_num_classes(num_classes)
     check_features("fit", x, y, num_classes)
-    max_iter = _check_positive_int("max_iter", max_iter)
+    weight, bias = lbfgs_start(x, num_classes, l2, max_iter, tol, init)
+    y = y.long()
+    return minimise_lbfgs(lambda w, b: _regularised_loss(x, y, w, b, float(l2)), weight, bias, l2, max_iter, tol)
+
+
+def lbfgs_start(x: Tensor, outputs: int, l2: float, max_iter: int, tol: float,
+                init: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+    """The checked starting point (weight [outputs, D], bias [outputs]) of a linear fit of `x`: `init` in the dtype
+    and on the device of `x`, else zeros; raises ValueError for a bad l2, tol, max_iter or init shape."""
+    _check_positive_int("max_iter", max_iter)
     if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not (math.isfinite(l2) and l2 >= 0):
         raise ValueError(f"l2 must be a finite number >= 0, got {l2!r}")
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (math.isfinite(tol) and tol > 0):
         raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
-    shape = (num_classes, x.shape[1])
+    shape = (outputs, x.shape[1])
     if init is None:
-        weight, bias = x.new_zeros(shape), x.new_zeros(num_classes)
-    else:
-        weight, bias = (t.detach().to(x).clone() for t in init)
-        if weight.shape != shape or bias.shape != (num_classes,):
-            raise ValueError(f"init must be (weight {shape}, bias ({num_classes},)), got "
-                             f"({tuple(weight.shape)}, {tuple(bias.shape)})")
-    weight.requires_grad_(True)
-    bias.requires_grad_(True)
-    y = y.long()
+        return x.new_zeros(shape), x.new_zeros(outputs)
+    weight, bias = (t.detach().to(x) for t in init)
+    if weight.shape != shape or bias.shape != (outputs,):
+        raise ValueError(f"init must be (weight {shape}, bias ({outputs},)), got "
+                         f"({tuple(weight.shape)}, {tuple(bias.shape)})")
+    return weight, bias
+
+
+def minimise_lbfgs(loss: Callable[[Tensor, Tensor], Tensor], weight: Tensor, bias: Tensor, l2: float,
+                   max_iter: int, tol: float) -> tuple[Tensor, Tensor]:
+    """(weight, bias) minimising `loss(weight, bias)` by full-batch L-BFGS from the given start: strong-Wolfe line
+    search, stopped when the largest gradient entry is at most `tol * l2`, the loss stops changing, or after
+    `max_iter` iterations (sklearn's lbfgs rule in our scaling; see `fit_logistic_regression`)."""
+    weight, bias = weight.detach().clone().requires_grad_(True), bias.detach().clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS(
         [weight, bias], lr=1.0, max_iter=max_iter, tolerance_grad=tol * l2, tolerance_change=1e-12,
         history_size=_LBFGS_HISTORY, line_search_fn="strong_wolfe",
@@ -168,9 +182,9 @@ def fit_logistic_regression(
 
     def closure() -> Tensor:
         optimizer.zero_grad(set_to_none=False)
-        loss = _regularised_loss(x, y, weight, bias, float(l2))
-        loss.backward()
-        return loss
+        value = loss(weight, bias)
+        value.backward()
+        return value
 
     with torch.enable_grad():
         optimizer.step(closure)

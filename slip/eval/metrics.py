@@ -14,8 +14,8 @@ from torch import Tensor
 
 from slip.eval.metric_names import DATASET_METRIC_NAMES
 
-__all__ = ["DATASET_METRICS", "check_metric", "eleven_point_map", "mean_per_class_accuracy", "mean_top1_top5",
-           "report", "roc_auc", "score", "top1", "topk_accuracy"]
+__all__ = ["DATASET_METRICS", "MULTI_LABEL_METRICS", "check_metric", "eleven_point_map",
+           "mean_per_class_accuracy", "mean_top1_top5", "report", "roc_auc", "score", "top1", "topk_accuracy"]
 
 
 def _check(scores: Tensor, labels: Tensor) -> None:
@@ -128,6 +128,8 @@ DATASET_METRICS: Mapping[str, Callable[[Tensor, Tensor], dict[str, float]]] = Ma
     "mean_top1_top5": mean_top1_top5,
 })
 assert tuple(DATASET_METRICS) == DATASET_METRIC_NAMES
+# The metrics that score [N, C] multi-label targets rather than [N] class indices.
+MULTI_LABEL_METRICS = ("11point_map",)
 
 
 def check_metric(metric: str) -> str:

@@ -16,7 +16,8 @@ from slip.config import ConfigError, build
 from slip.eval.features import FeatureCache, checkpoint_fingerprint, extract_features
 from slip.eval.knn import knn_accuracy
 from slip.eval.linear_probe import linear_probe, sgd_linear_probe
-from slip.eval.metrics import check_metric
+from slip.eval.metrics import MULTI_LABEL_METRICS, check_metric
+from slip.eval.multilabel_probe import multilabel_linear_probe
 from slip.eval.retrieval import retrieval_scores
 from slip.eval.zeroshot import zero_shot_evaluator
 from slip.host_memory import retain_freed_memory
@@ -64,19 +65,33 @@ class EvalContext:
         return features.to(device), labels.to(device)
 
 
+def _is_multi_label(context: EvalContext, name: str) -> bool:
+    """Whether catalog entry `name`'s test split gives each image a set of classes (targets [C])."""
+    return bool(getattr(context.dataset(name, "test"), "multi_label", False))
+
+
 def dataset_metric(context: EvalContext, name: str) -> str:
-    """The catalog entry's `metric:` (top1 when unset), checked against DATASET_METRICS."""
+    """The catalog entry's `metric:` (top1 when unset), checked against DATASET_METRICS and the entry's kind:
+    11point_map scores multi-label entries, and only them."""
     metric = context.cfg.catalog[name].get("metric") or "top1"
     try:
-        return check_metric(metric)
+        check_metric(metric)
     except ValueError as error:
         raise ConfigError(f"catalog.{name}.metric: {error}") from None
+    multi_label = _is_multi_label(context, name)
+    if multi_label != (metric in MULTI_LABEL_METRICS):
+        kind = "a multi-label" if multi_label else "a single-label"
+        fits = " or ".join(MULTI_LABEL_METRICS) if multi_label else "one of the others"
+        raise ConfigError(f"catalog.{name}.metric: {metric!r} cannot score {kind} dataset; use {fits}")
+    return metric
 
 
 def _single_label(context: EvalContext, name: str, task: str) -> None:
-    """Raise ConfigError naming the task where catalog entry `name` is multi-label (zero-shot scores those)."""
-    if getattr(context.dataset(name, "test"), "multi_label", False):
-        raise ConfigError(f"tasks.{task}: catalog.{name} is multi-label; only zero-shot scores it for now")
+    """Raise ConfigError naming the task where catalog entry `name` is multi-label (zero-shot and the linear probe
+    score those)."""
+    if _is_multi_label(context, name):
+        raise ConfigError(f"tasks.{task}: catalog.{name} is multi-label; zero-shot and linear_probe score it, "
+                          f"{task} does not")
 
 
 def zero_shot_task(context: EvalContext, name: str) -> dict[str, float]:
@@ -88,21 +103,28 @@ def zero_shot_task(context: EvalContext, name: str) -> dict[str, float]:
 
 
 def linear_probe_task(context: EvalContext, name: str) -> dict[str, float]:
-    """Logistic regression on frozen features (CLIP's L-BFGS protocol, or SLIP's SGD one)."""
+    """Logistic regression on frozen features (CLIP's L-BFGS protocol, or SLIP's SGD one); one-vs-rest binary
+    regressions for a multi-label entry."""
     settings = context.cfg.linear_probe
+    if settings.method not in ("lbfgs", "sgd"):
+        raise ConfigError(f"linear_probe.method: {settings.method!r} is not one of lbfgs, sgd")
+    metric = dataset_metric(context, name)
+    if _is_multi_label(context, name) and settings.method != "lbfgs":
+        raise ConfigError(f"linear_probe.method: catalog.{name} is multi-label, which only lbfgs (one-vs-rest) "
+                          f"probes; got {settings.method!r}")
     train_x, train_y = context.features(name, "train")
     test_x, test_y = context.features(name, "test")
-    num_classes = len(context.dataset(name, "test").classes)
-    metric = dataset_metric(context, name)
-    _single_label(context, name, "linear_probe")
-    if settings.method == "lbfgs":
-        result = linear_probe(train_x, train_y, test_x, test_y, num_classes, val_fraction=settings.val_fraction,
-                              seed=settings.seed, refinements=settings.refinements, max_iter=settings.max_iter,
-                              metric=metric)
-    elif settings.method == "sgd":
-        result = sgd_linear_probe(train_x, train_y, test_x, test_y, num_classes, seed=settings.seed, metric=metric)
+    if _is_multi_label(context, name):
+        result = multilabel_linear_probe(train_x, train_y, test_x, test_y, val_fraction=settings.val_fraction,
+                                         seed=settings.seed, refinements=settings.refinements,
+                                         max_iter=settings.max_iter)
+    elif settings.method == "lbfgs":
+        result = linear_probe(train_x, train_y, test_x, test_y, len(context.dataset(name, "test").classes),
+                              val_fraction=settings.val_fraction, seed=settings.seed,
+                              refinements=settings.refinements, max_iter=settings.max_iter, metric=metric)
     else:
-        raise ConfigError(f"linear_probe.method: {settings.method!r} is not one of lbfgs, sgd")
+        result = sgd_linear_probe(train_x, train_y, test_x, test_y, len(context.dataset(name, "test").classes),
+                                  seed=settings.seed, metric=metric)
     return {key: value for key, value in result.items() if isinstance(value, (int, float))}
 
 
