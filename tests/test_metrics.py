@@ -117,3 +117,12 @@ def test_the_catalog_covers_slips_table_with_the_metrics_slips_evaluation_uses()
         entry = catalog[name]
         assert (entry.get("metric") or "top1") == own.get(name, "top1"), name
         assert entry.prompts == name and entry.train is not None and entry.test is not None, name
+
+
+def test_the_named_dataset_lists_stand_for_slips_table_on_the_command_line() -> None:
+    from test_eval import eval_config
+
+    from slip.eval.metric_names import CLIP_ONLY_DATASETS, SLIP_TABLE_ORDER
+
+    cfg = eval_config("tasks.zeroshot=${datasets.slip_table}", "tasks.linear_probe=${datasets.clip_only}")
+    assert tuple(cfg.tasks.zeroshot) == SLIP_TABLE_ORDER and tuple(cfg.tasks.linear_probe) == CLIP_ONLY_DATASETS

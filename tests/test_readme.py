@@ -13,3 +13,19 @@ def test_the_readme_api_example_runs(capsys) -> None:
     exec(compile(example.group(1), "README.md api-example", "exec"), {})
     printed = capsys.readouterr().out
     assert "tensor([[" in printed and ("'red circle'" in printed or "'blue square'" in printed)
+
+
+def test_the_experiments_downstream_table_follows_slips_order_and_the_catalogs_metrics() -> None:
+    from omegaconf import OmegaConf
+
+    from slip.eval.metric_names import SLIP_TABLE_ORDER
+
+    text = (REPO_ROOT / "experiments" / "README.md").read_text()
+    section = text[text.index("## 4. SLIP's downstream table"):]
+    rows = re.findall(r"^\| [^|]+ \| `(\w+)` \| ([^|]+) \|", section, re.M)
+    assert tuple(key for key, _ in rows) == SLIP_TABLE_ORDER
+    catalog = OmegaConf.load(REPO_ROOT / "conf" / "catalog" / "default.yaml")
+    shown = {"top1": "top-1", "mean_per_class": "mean per-class", "mean_top1_top5": "(top-1 + top-5) / 2",
+             "roc_auc": "ROC AUC"}
+    for key, metric in rows:
+        assert metric.strip() == shown[catalog[key].get("metric") or "top1"], key
