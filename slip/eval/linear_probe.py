@@ -42,6 +42,7 @@ __all__ = [
     "sgd_linear_probe",
     "standardize",
     "stratified_split",
+    "sweep_l2_and_refit",
 ]
 
 DEFAULT_L2_GRID = tuple(10.0 ** e for e in range(2, -7, -1))  # 1e2 .. 1e-6, strongest first
@@ -226,6 +227,46 @@ def log_grid_search(
     return best, scores
 
 
+# fit(x, labels, l2, init or None) -> (weight, bias)
+LinearFit = Callable[[Tensor, Tensor, float, "tuple[Tensor, Tensor] | None"], tuple[Tensor, Tensor]]
+
+
+def sweep_l2_and_refit(
+    fit: LinearFit,
+    validation_score: Callable[[Tensor, Tensor], tuple[float, ...]],
+    train_x: Tensor,
+    train_labels: Tensor,
+    fit_rows: Tensor,
+    val_rows: Tensor,
+    test_x: Tensor,
+    grid: Sequence[float],
+    refinements: int,
+) -> tuple[Tensor, float, dict[float, tuple[float, ...]]]:
+    """CLIP's protocol around a linear fit: choose l2 on the validation rows, refit on all of train, score test.
+
+    `fit(x, labels, l2, init)` returns (weight, bias); each sweep point starts from the solution at the nearest
+    l2 already fitted. `validation_score(logits, labels)` ranks the sweep points (`log_grid_search`: higher
+    wins, ties keep the first). Features are standardised with the statistics of the rows being fitted: the
+    fit rows during the sweep, all of train for the refit. Returns (test logits, the chosen l2, every score).
+    """
+    to_fit_space = standardize(train_x[fit_rows])
+    fit_x, fit_labels = to_fit_space(train_x[fit_rows]), train_labels[fit_rows]
+    val_x, val_labels = to_fit_space(train_x[val_rows]), train_labels[val_rows]
+    solutions: dict[float, tuple[Tensor, Tensor]] = {}
+
+    def score(l2: float) -> tuple[float, ...]:
+        nearest = min(solutions, key=lambda v: abs(math.log10(v) - math.log10(l2)), default=None)
+        solutions[l2] = fit(fit_x, fit_labels, l2, None if nearest is None else solutions[nearest])
+        with torch.no_grad():
+            return validation_score(val_x @ solutions[l2][0].T + solutions[l2][1], val_labels)
+
+    best, scores = log_grid_search(score, grid, refinements)
+    to_train_space = standardize(train_x)
+    weight, bias = fit(to_train_space(train_x), train_labels, best, solutions[best])
+    with torch.no_grad():
+        return to_train_space(test_x) @ weight.T + bias, best, scores
+
+
 def linear_probe(
     train_x: Tensor,
     train_y: Tensor,
@@ -250,27 +291,12 @@ def linear_probe(
     grid = DEFAULT_L2_GRID if l2_grid is None else tuple(l2_grid)
     train_x, test_x = train_x.float(), test_x.float()
     train_y, test_y = train_y.long(), test_y.long()
-    fit_idx, val_idx = stratified_split(train_y, val_fraction, seed)
-    to_fit_space = standardize(train_x[fit_idx])
-    fit_x, fit_y = to_fit_space(train_x[fit_idx]), train_y[fit_idx]
-    val_x, val_y = to_fit_space(train_x[val_idx]), train_y[val_idx]
-    solutions: dict[float, tuple[Tensor, Tensor]] = {}
-
-    def score(l2: float) -> tuple[float, float]:
-        nearest = min(solutions, key=lambda v: abs(math.log10(v) - math.log10(l2)), default=None)
-        solution = fit_logistic_regression(fit_x, fit_y, num_classes, l2, max_iter,
-                                           init=None if nearest is None else solutions[nearest])
-        solutions[l2] = solution
-        with torch.no_grad():
-            logits = val_x @ solution[0].T + solution[1]
-            return topk_accuracy(logits, val_y, (1,))["top1"], -F.cross_entropy(logits, val_y).item()
-
-    best, scores = log_grid_search(score, grid, refinements)
-    to_train_space = standardize(train_x)
-    weight, bias = fit_logistic_regression(to_train_space(train_x), train_y, num_classes, best, max_iter,
-                                           init=solutions[best])
-    with torch.no_grad():
-        result: dict[str, object] = report(metric, to_train_space(test_x) @ weight.T + bias, test_y)
+    fit_rows, val_rows = stratified_split(train_y, val_fraction, seed)
+    test_logits, best, scores = sweep_l2_and_refit(
+        lambda x, y, l2, init: fit_logistic_regression(x, y, num_classes, l2, max_iter, init=init),
+        lambda logits, y: (topk_accuracy(logits, y, (1,))["top1"], -F.cross_entropy(logits, y).item()),
+        train_x, train_y, fit_rows, val_rows, test_x, grid, refinements)
+    result: dict[str, object] = report(metric, test_logits, test_y)
     result.update(l2=best, val_top1=scores[best][0], sweep=[[l2, scores[l2][0]] for l2 in sorted(scores)])
     return result
 

@@ -14,7 +14,6 @@ validation loss. Test images are scored with the 11-point mAP (`slip.eval.metric
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -22,20 +21,24 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from slip.eval.features import check_targets
-from slip.eval.linear_probe import DEFAULT_L2_GRID, lbfgs_start, log_grid_search, minimise_lbfgs, standardize
+from slip.eval.linear_probe import DEFAULT_L2_GRID, lbfgs_start, minimise_lbfgs, sweep_l2_and_refit
 from slip.eval.metrics import eleven_point_map
 
-__all__ = ["fit_one_vs_rest", "multilabel_linear_probe", "one_vs_rest_loss", "random_split"]
+__all__ = ["fit_one_vs_rest", "multilabel_linear_probe", "one_vs_rest_data_loss", "one_vs_rest_loss", "random_split"]
+
+
+def one_vs_rest_data_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Sum over classes of the mean binary cross-entropy of `logits` over the images counted for the class
+    (targets >= 0), in float64."""
+    counted = targets >= 0
+    per_entry = F.binary_cross_entropy_with_logits(logits, (targets > 0).to(logits.dtype), reduction="none")
+    return ((per_entry.double() * counted).sum(dim=0) / counted.sum(dim=0).clamp(min=1)).sum()
 
 
 def one_vs_rest_loss(x: Tensor, targets: Tensor, weight: Tensor, bias: Tensor, l2: float) -> Tensor:
-    """Sum over classes of the mean binary cross-entropy over the images counted for the class (targets >= 0),
-    plus l2/2 ||weight||^2; reductions in float64, as in `slip.eval.linear_probe`."""
-    counted = targets >= 0
-    logits = x @ weight.T + bias
-    per_entry = F.binary_cross_entropy_with_logits(logits, (targets > 0).to(logits.dtype), reduction="none")
-    per_class = (per_entry.double() * counted).sum(dim=0) / counted.sum(dim=0).clamp(min=1)
-    return per_class.sum() + 0.5 * l2 * weight.double().square().sum()
+    """`one_vs_rest_data_loss` of the linear classifier plus l2/2 ||weight||^2; reductions in float64, as in
+    `slip.eval.linear_probe`."""
+    return one_vs_rest_data_loss(x @ weight.T + bias, targets) + 0.5 * l2 * weight.double().square().sum()
 
 
 def fit_one_vs_rest(
@@ -91,28 +94,13 @@ def multilabel_linear_probe(
     grid = DEFAULT_L2_GRID if l2_grid is None else tuple(l2_grid)
     train_x, test_x = train_x.float(), test_x.float()
     fit_rows, val_rows = (rows.to(train_x.device) for rows in random_split(train_x.shape[0], val_fraction, seed))
-    val_targets = train_targets[val_rows]
-    if not bool((val_targets > 0).any()):
+    if not bool((train_targets[val_rows] > 0).any()):
         raise ValueError("the validation split holds no positive target: too few training images to choose l2")
-    to_fit_space = standardize(train_x[fit_rows])
-    fit_x, fit_targets = to_fit_space(train_x[fit_rows]), train_targets[fit_rows]
-    val_x = to_fit_space(train_x[val_rows])
-    solutions: dict[float, tuple[Tensor, Tensor]] = {}
-
-    def score(l2: float) -> tuple[float, float]:
-        nearest = min(solutions, key=lambda v: abs(math.log10(v) - math.log10(l2)), default=None)
-        solution = fit_one_vs_rest(fit_x, fit_targets, l2, max_iter,
-                                   init=None if nearest is None else solutions[nearest])
-        solutions[l2] = solution
-        with torch.no_grad():
-            logits = val_x @ solution[0].T + solution[1]
-            validation_loss = one_vs_rest_loss(val_x, val_targets, *solution, 0.0).item()
-            return eleven_point_map(logits, val_targets)["11point_map"], -validation_loss
-
-    best, scores = log_grid_search(score, grid, refinements)
-    to_train_space = standardize(train_x)
-    weight, bias = fit_one_vs_rest(to_train_space(train_x), train_targets, best, max_iter, init=solutions[best])
-    with torch.no_grad():
-        result: dict[str, object] = eleven_point_map(to_train_space(test_x) @ weight.T + bias, test_targets)
+    test_logits, best, scores = sweep_l2_and_refit(
+        lambda x, targets, l2, init: fit_one_vs_rest(x, targets, l2, max_iter, init=init),
+        lambda logits, targets: (eleven_point_map(logits, targets)["11point_map"],
+                                 -one_vs_rest_data_loss(logits, targets).item()),
+        train_x, train_targets, fit_rows, val_rows, test_x, grid, refinements)
+    result: dict[str, object] = eleven_point_map(test_logits, test_targets)
     result.update(l2=best, val_11point_map=scores[best][0], sweep=[[l2, scores[l2][0]] for l2 in sorted(scores)])
     return result
