@@ -362,8 +362,8 @@ def write_chart(report: Report, path: Path, title: str, size: tuple[int, int] = 
 
 def downstream_table(report: Report, task: str = "zeroshot") -> tuple[list[str], list[list[str | float | None]]]:
     """(header, rows) of the downstream view: a row per run, a column per dataset that `task` scored, in the
-    order of SLIP's table (then CLIP's Birdsnap and VOC 2007, then others by name), each cell the dataset's own metric (its record besides top-1
-    when the task wrote one, else top-1), then the mean over the run's cells."""
+    order of SLIP's table (then CLIP's Birdsnap and VOC 2007, then others by name), each cell the dataset's own
+    metric (its record besides top-1 when the task wrote one, else top-1), then the mean over the run's cells."""
     own: dict[str, str] = {}  # dataset -> the metric shown for it
     for run in report.runs:
         for column in run.metrics:

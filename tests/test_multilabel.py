@@ -127,7 +127,8 @@ def test_zero_shot_scores_a_voc_stand_in_with_its_11_point_map(tmp_path: Path) -
                              "tasks.zeroshot=[vocmini]", "tasks.knn=[]", "tasks.linear_probe=[]", "tasks.retrieval=[]"))
     with pytest.raises(ConfigError, match=r"^catalog\.synthetic\.metric: '11point_map' cannot score a single-label"):
         evaluate(eval_config(f"checkpoint={tmp_path / 'model.pt'}", "catalog.synthetic.metric=11point_map",
-                             "tasks.zeroshot=[synthetic]", "tasks.knn=[]", "tasks.linear_probe=[]", "tasks.retrieval=[]"))
+                             "tasks.zeroshot=[synthetic]", "tasks.knn=[]", "tasks.linear_probe=[]",
+                             "tasks.retrieval=[]"))
 
 
 def test_a_tiny_model_through_slip_eval_and_slip_report_with_every_metric_kind(tmp_path: Path) -> None:

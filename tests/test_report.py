@@ -244,7 +244,8 @@ def test_the_downstream_view_shows_each_datasets_own_metric_in_the_papers_order(
     assert main([str(tmp_path)]) == 0
     text = (tmp_path / "downstream.md").read_text()
     zeroshot, linear_probe = text.split("## zeroshot")[1].split("## linear_probe")
-    assert "| run | food101 | cub200 | pets (mean_per_class) | imagenet | voc2007 (11point_map) | mine | mean |" in zeroshot
+    assert ("| run | food101 | cub200 | pets (mean_per_class) | imagenet | voc2007 (11point_map) | mine | mean |"
+            in zeroshot)
     assert "| 1_slip | – | – | 44.0 | 35.0 | – | – | 39.5 |" in zeroshot
     assert "| run | voc2007 (11point_map) | mean |" in linear_probe and "| 1_slip | 60.0 | 60.0 |" in linear_probe
     assert "knn" not in text

@@ -24,7 +24,8 @@ from slip.eval.features import check_targets
 from slip.eval.linear_probe import DEFAULT_L2_GRID, lbfgs_start, minimise_lbfgs, sweep_l2_and_refit
 from slip.eval.metrics import eleven_point_map
 
-__all__ = ["fit_one_vs_rest", "multilabel_linear_probe", "one_vs_rest_data_loss", "one_vs_rest_loss", "random_split"]
+__all__ = ["fit_one_vs_rest", "multilabel_linear_probe", "one_vs_rest_data_loss", "one_vs_rest_loss",
+           "random_split"]
 
 
 def one_vs_rest_data_loss(logits: Tensor, targets: Tensor) -> Tensor:
