@@ -19,6 +19,7 @@ from typing import Any, BinaryIO, Mapping
 import torch
 from omegaconf import OmegaConf
 
+from slip.error_text import first_line, named_one_line
 from slip.models import ImageTextModel
 
 FORMAT_NAME = "slip"
@@ -112,14 +113,12 @@ def read_safely(path: Path) -> Any:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{path}: refused to unpickle (only tensors and plain data are allowed): "
-                              f"{reason}") from None
+                              f"{first_line(error)}") from None
     # Garbage that happens to parse as a legacy pickle fails anywhere in the unpickler: IndexError, KeyError,
     # UnicodeDecodeError, ... (about 6% of random 1 kB files); every such failure means the same thing.
     except Exception as error:  # noqa: BLE001
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: "
-                              f"{' '.join(str(error).split())})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({named_one_line(error)})") from None
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from slip.error_text import one_line
+
 __all__ = ["DEFAULT_TEMPLATES", "ClassPrompts", "builtin_prompt_sets", "load_prompts", "parse_prompts"]
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -178,6 +180,6 @@ def load_prompts(spec: str | os.PathLike[str]) -> ClassPrompts:
     except IsADirectoryError:
         raise ValueError(f"{spec}: is a directory, expected a JSON prompt file") from None
     except (ValueError, UnicodeDecodeError) as error:
-        raise ValueError(f"{spec}: not valid JSON: {' '.join(str(error).split())}") from None
+        raise ValueError(f"{spec}: not valid JSON: {one_line(error)}") from None
     return parse_prompts(data, spec)
 

@@ -26,6 +26,7 @@ from PIL import Image
 from torch import Tensor
 
 from slip.checkpoint import atomic_save
+from slip.error_text import first_line
 from slip.models import ImageTextModel
 
 __all__ = [
@@ -283,8 +284,8 @@ class FeatureCache:
             try:
                 return self._load(path, canonical)
             except Exception as error:  # any unreadable file is recomputed, never fatal
-                reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-                warnings.warn(f"feature cache file {path} is unusable ({reason}); recomputing it", stacklevel=2)
+                warnings.warn(f"feature cache file {path} is unusable ({first_line(error)}); recomputing it",
+                              stacklevel=2)
         features, labels = _as_cached_pair(compute(), "compute()")
         atomic_save({"key": canonical, "features": features, "labels": labels}, path)
         return features, labels

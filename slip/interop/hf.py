@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from slip.checkpoint import CheckpointError, CheckpointInfo
+from slip.error_text import named_one_line, one_line
 from slip.interop.common import Converted, ExportError, Exported
 from slip.models import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTextModel, build_from_arch
 
@@ -438,8 +439,7 @@ def _normalization(directory: Path) -> dict[str, tuple[float, ...]]:
     try:
         processor = json.loads(source.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise CheckpointError(f"{source}: not readable JSON ({type(error).__name__}: "
-                              f"{' '.join(str(error).split())})") from None
+        raise CheckpointError(f"{source}: not readable JSON ({named_one_line(error)})") from None
     if not isinstance(processor, Mapping):
         raise CheckpointError(f"{source}: not a JSON object")
     if processor.get("do_normalize") is False:  # the model sees pixels in [0, 1] as they are
@@ -470,8 +470,7 @@ def _load_weights(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             files = [directory / name for name in dict.fromkeys(weight_map.values())]
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
-            raise CheckpointError(f"{index}: not a safetensors index ({type(error).__name__}: "
-                                  f"{' '.join(str(error).split())})") from None
+            raise CheckpointError(f"{index}: not a safetensors index ({named_one_line(error)})") from None
         named = index
     else:
         found = "; it holds pytorch_model.bin, which is not read (re-save it with save_pretrained)" \
@@ -483,8 +482,7 @@ def _load_weights(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
         try:
             state.update(safetensors.torch.load_file(str(file)))
         except Exception as error:  # noqa: BLE001 - OSError, or safetensors' SafetensorError (an Exception)
-            raise CheckpointError(f"{file}: not a readable safetensors file ({type(error).__name__}: "
-                                  f"{' '.join(str(error).split())})") from None
+            raise CheckpointError(f"{file}: not a readable safetensors file ({named_one_line(error)})") from None
     # position_ids are index buffers, not weights; older transformers versions saved them.
     return {key: value for key, value in state.items() if not key.endswith("embeddings.position_ids")}, named
 
@@ -495,7 +493,7 @@ def _from_hf_state(hf_state: Mapping[str, torch.Tensor], arch: Mapping[str, Any]
     try:
         shapes = _our_shapes(arch)
     except ValueError as error:  # a builder's check that the config checks above did not anticipate
-        raise CheckpointError(f"{config_path}: {' '.join(str(error).split())}") from None
+        raise CheckpointError(f"{config_path}: {one_line(error)}") from None
     links = _links(arch)
     expected: dict[str, tuple[int, ...]] = {}
     for ours, theirs, how in links:

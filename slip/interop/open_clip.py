@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from slip.checkpoint import CheckpointError, CheckpointInfo
+from slip.error_text import first_line
 from slip.interop.common import Converted, ExportError, Exported, prefix_text_keys, unprefix_text_keys
 from slip.interop.openai import from_openai, openai_vit_key_to_ours, to_openai
 from slip.models import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTextModel, build_from_arch
@@ -331,11 +332,6 @@ def _check_section(section: str, given: Mapping[str, Any], defaults: Mapping[str
     return merged
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _arch_from_config(config: Mapping[str, Any], config_path: Path) -> tuple[dict[str, Any], str, dict[str, Any]]:
     """Our arch record for an open_clip config, the tower kind ("openai" or "timm"), and the merged model cfg."""
     model_cfg = config.get("model_cfg", config)
@@ -384,7 +380,7 @@ def _arch_from_config(config: Mapping[str, Any], config_path: Path) -> tuple[dic
             ours = vit_tower(**dims, openai_layout=False, drop_path_rate=drop_path_rate)
     except Exception as error:  # noqa: BLE001 - unknown names and towers of other kinds alike
         raise CheckpointError(f"{where} is not supported (not a timm ViT our towers can build: "
-                              f"{_first_line(error)})") from None
+                              f"{first_line(error)})") from None
     theirs = _structure(trunk)
     if theirs != (mine := _structure(ours)):
         raise CheckpointError(f"{where} is not supported (not our SLIP-layout timm ViT: "
@@ -407,7 +403,7 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
         else:
             content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - unreadable or unsafe content alike
-        raise CheckpointError(f"{path}: unreadable weights ({_first_line(error)})") from None
+        raise CheckpointError(f"{path}: unreadable weights ({first_line(error)})") from None
     if isinstance(content, Mapping) and isinstance(content.get("state_dict"), Mapping):
         content = content["state_dict"]
     if not isinstance(content, Mapping) or not all(isinstance(v, torch.Tensor) for v in content.values()):
@@ -438,7 +434,7 @@ def _to_slip_state(raw: Mapping[str, torch.Tensor], arch: Mapping[str, Any], kin
     try:
         converted = from_openai(raw, OPEN_CLIP_INFO)
     except (KeyError, IndexError) as error:
-        raise CheckpointError(f"{weights_path}: weights do not fit {CONFIG_NAME}: no {_first_line(error)}") from None
+        raise CheckpointError(f"{weights_path}: weights do not fit {CONFIG_NAME}: no {first_line(error)}") from None
     if converted.arch["family"] != arch["family"]:
         raise CheckpointError(f"{weights_path}: weights do not fit {CONFIG_NAME}: they hold a "
                               f"{converted.arch['family']} image tower where the config has a {arch['family']}")
@@ -458,7 +454,7 @@ def _check_fit(arch: Mapping[str, Any], state: Mapping[str, torch.Tensor], sourc
         with torch.device("meta"):
             expected = build_from_arch(arch).state_dict()
     except (ValueError, ZeroDivisionError) as error:
-        raise CheckpointError(f"{config_path}: not a model our builders can make ({_first_line(error)})") from None
+        raise CheckpointError(f"{config_path}: not a model our builders can make ({first_line(error)})") from None
     prefix = f"{weights_path}: weights do not fit {CONFIG_NAME}:"
     for key, tensor in expected.items():
         if key.startswith("image_mlp."):
@@ -490,7 +486,7 @@ def read_open_clip(path: Path) -> Converted | None:
     try:
         config = json.loads(config_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{config_path}: unreadable JSON ({_first_line(error)})") from None
+        raise CheckpointError(f"{config_path}: unreadable JSON ({first_line(error)})") from None
     if not isinstance(config, Mapping):
         raise CheckpointError(f"{config_path}: not a JSON object")
     arch, kind, model_cfg = _arch_from_config(config, config_path)

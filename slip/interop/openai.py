@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from slip.checkpoint import CheckpointError, CheckpointInfo
+from slip.error_text import first_line
 from slip.interop.common import Converted, ExportError, count_blocks, prefix_text_keys, text_arch, unprefix_text_keys
 from slip.models import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTextModel
 
@@ -120,6 +121,5 @@ def read_torchscript_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         scripted = torch.jit.load(str(path), map_location="cpu")
     except RuntimeError as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: unreadable TorchScript archive ({first_line})") from None
+        raise CheckpointError(f"{path}: unreadable TorchScript archive ({first_line(error)})") from None
     return {name: tensor.detach().clone() for name, tensor in scripted.state_dict().items()}
