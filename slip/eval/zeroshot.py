@@ -60,6 +60,15 @@ def text_classifier(
     return F.normalize(per_class, dim=-1)
 
 
+def _batch_scores(model: ImageTextModel, classifier: Tensor,
+                  batches: Iterable[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
+    """(cosine similarities [B, C] of each image with each class, labels [B]) for each batch, on the model's
+    device."""
+    for images, labels in batches:
+        image_embed = F.normalize(model.encode_image(images.to(classifier.device)).float(), dim=-1)
+        yield image_embed @ classifier.T, labels
+
+
 @torch.no_grad()
 def zero_shot_accuracy(
     model: ImageTextModel,
@@ -68,14 +77,11 @@ def zero_shot_accuracy(
     top_k: Sequence[int] = (1, 5),
 ) -> dict[str, float]:
     """Percent top-k accuracy of `classifier` over (images, labels) batches, for each k up to the class count."""
-    device = classifier.device
     top_k = [k for k in top_k if k <= classifier.shape[0]]
     correct = {k: 0 for k in top_k}
     total = 0
-    for images, labels in batches:
-        image_embed = F.normalize(model.encode_image(images.to(device)).float(), dim=-1)
-        ranked = (image_embed @ classifier.T).topk(max(top_k), dim=-1).indices.cpu()
-        hits = ranked == labels[:, None]
+    for scores, labels in _batch_scores(model, classifier, batches):
+        hits = scores.topk(max(top_k), dim=-1).indices.cpu() == labels[:, None]
         for k in top_k:
             correct[k] += int(hits[:, :k].any(dim=-1).sum())
         total += labels.shape[0]
@@ -88,14 +94,10 @@ def zero_shot_accuracy(
 def zero_shot_scores(model: ImageTextModel, classifier: Tensor,
                      batches: Iterable[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     """([N, C] cosine similarities of every image with every class, [N] labels), on the CPU."""
-    scores, labels = [], []
-    for images, batch_labels in batches:
-        image_embed = F.normalize(model.encode_image(images.to(classifier.device)).float(), dim=-1)
-        scores.append((image_embed @ classifier.T).cpu())
-        labels.append(batch_labels)
-    if not scores:
+    pairs = [(scores.cpu(), labels) for scores, labels in _batch_scores(model, classifier, batches)]
+    if not pairs:
         raise ValueError("zero-shot evaluation got an empty dataset")
-    return torch.cat(scores), torch.cat(labels)
+    return torch.cat([scores for scores, _ in pairs]), torch.cat([labels for _, labels in pairs])
 
 
 class ZeroShotEvaluator:
