@@ -80,8 +80,8 @@ def build_converted(converted: Converted, path: Path) -> ImageTextModel:
     try:
         missing, unexpected = model.load_state_dict(converted.state, strict=False)
     except RuntimeError as error:
-        first_line = str(error).strip().splitlines()[-1].strip()
-        raise CheckpointError(f"{path}: weights do not fit the architecture: {first_line}") from None
+        last_line = str(error).strip().splitlines()[-1].strip()  # load_state_dict's own reason comes last
+        raise CheckpointError(f"{path}: weights do not fit the architecture: {last_line}") from None
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not fit the architecture: "
                               f"{_describe_mismatch(missing, unexpected)}")

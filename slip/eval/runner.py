@@ -109,12 +109,13 @@ def linear_probe_task(context: EvalContext, name: str) -> dict[str, float]:
     if settings.method not in ("lbfgs", "sgd"):
         raise ConfigError(f"linear_probe.method: {settings.method!r} is not one of lbfgs, sgd")
     metric = dataset_metric(context, name)
-    if _is_multi_label(context, name) and settings.method != "lbfgs":
+    multi_label = _is_multi_label(context, name)
+    if multi_label and settings.method != "lbfgs":
         raise ConfigError(f"linear_probe.method: catalog.{name} is multi-label, which only lbfgs (one-vs-rest) "
                           f"probes; got {settings.method!r}")
     train_x, train_y = context.features(name, "train")
     test_x, test_y = context.features(name, "test")
-    if _is_multi_label(context, name):
+    if multi_label:
         result = multilabel_linear_probe(train_x, train_y, test_x, test_y, val_fraction=settings.val_fraction,
                                          seed=settings.seed, refinements=settings.refinements,
                                          max_iter=settings.max_iter)

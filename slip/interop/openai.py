@@ -75,7 +75,7 @@ def from_openai(state: Mapping[str, torch.Tensor], info: CheckpointInfo | None =
                     vision_layers=count_blocks(state, "visual.transformer.resblocks."))
         converted = {}
         for key, value in state.items():
-            new_key = prefix_text_keys(_renamed(key, to_ours=True)) if key.startswith("visual.") else prefix_text_keys(key)
+            new_key = prefix_text_keys(_renamed(key, to_ours=True) if key.startswith("visual.") else key)
             if new_key in ("visual.cls_token", "visual.pos_embed"):
                 value = value.reshape(1, -1, width)
             converted[new_key] = value
