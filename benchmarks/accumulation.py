@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from captions import REAL_CAPTIONS  # benchmarks/captions.py, beside this script
-from suite import (OBJECTIVES, _peak_memory_mib, _synchronize, _train_batch, isolated, machine_record,
+from suite import (OBJECTIVES, _peak_memory_mib, _synchronize, _train_batch, error_row, isolated, machine_record,
                    results_header, training_task)
 
 MODES = ("independent", "exact", "exact_after_heads", "big", "micro")
@@ -322,7 +322,7 @@ def markdown(results: dict[str, Any], command: str, machine: dict[str, Any]) -> 
              "| live heap peak MiB | cached features MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in results["rows"]:
         if "error" in row:
-            lines.append(f"| {row['mode']} | {row['global_batch']} | – | error: {row['error']} | | | | | |")
+            lines.append(error_row([row["mode"], row["global_batch"], "–"], row["error"], 9))
             continue
         heap = row.get("peak_heap_in_use_mib")
         lines.append(f"| {row['mode']} | {row['global_batch']} | {row['update_freq']} | {row['step_s']:.1f} | "

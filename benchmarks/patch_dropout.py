@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from suite import OBJECTIVES, isolated, machine_record, results_header, train_step, write_results
+from suite import OBJECTIVES, error_row, isolated, machine_record, results_header, train_step, write_results
 
 
 def measure(device: str, model: str, losses: list[str], rates: list[float], batch: int, repeats: int) -> list[dict]:
@@ -39,7 +39,7 @@ def markdown(payload: dict[str, Any]) -> str:
     base = {row["objective"]: row for row in payload["rows"] if row.get("patch_dropout") == 0 and "error" not in row}
     for row in payload["rows"]:
         if "error" in row:
-            lines.append(f"| {row['objective']} | {row['patch_dropout']} | error: {row['error']} | | | | |")
+            lines.append(error_row([row["objective"], row["patch_dropout"]], row["error"], 7))
             continue
         reference = base.get(row["objective"])
         speedup = f"{row['images_per_s'] / reference['images_per_s']:.2f}x" if reference else "–"

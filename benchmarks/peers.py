@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from captions import REAL_CAPTIONS
-from suite import (_synchronize, _train_batch, isolated, machine_record, photo_jpeg, results_header,
+from suite import (_synchronize, _train_batch, error_row, isolated, machine_record, photo_jpeg, results_header,
                    timed_in_rounds, training_task, write_results)
 
 
@@ -120,7 +120,7 @@ def markdown(payload: dict[str, Any]) -> str:
              "| speed-up (median of pairs) | range |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in payload["train"]:
         if "error" in row:
-            lines.append(f"| error: {row['error']} | | | | | | | |")
+            lines.append(error_row([], row["error"], 8))
             continue
         lines.append(f"| {'full-context' if row['full_captions'] else 'real-length'} | {row['mean_caption_tokens']} "
                      f"| {row['patch_dropout']} | {row['open_clip_patch_dropout']} | {row['ours_step_s']:.2f} | "

@@ -286,6 +286,13 @@ def results_header(title: str, command: str, machine: dict[str, Any]) -> list[st
     return [f"# {title}", "", f"Command: `{command}`", "", f"Machine: {json.dumps(machine)}", ""]
 
 
+def error_row(leading: list[Any], error: str, columns: int) -> str:
+    """The Markdown table row of a measurement that failed: its identifying cells, the error, then empty cells up to
+    `columns`."""
+    cells = [*map(str, leading), f"error: {error}"]
+    return "| " + " | ".join(cells) + " |" + " |" * (columns - len(cells))
+
+
 def write_results(out: Path, stem: str, payload: dict[str, Any], text: str) -> None:
     """`stem`.json (the payload) and `stem`.md (the text) under `out`, each written atomically."""
     from slip.checkpoint import atomic_write
@@ -694,7 +701,7 @@ def markdown(results: dict[str, Any], command: str, machine: dict[str, Any],
                   "of adjacent matmul | peak MiB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for row in results["train_step"]:
             if "error" in row:
-                lines.append(f"| {row['model']} | {row['objective']} | – | error: {row['error']} | | | | | | |")
+                lines.append(error_row([row["model"], row["objective"], "–"], row["error"], 10))
                 continue
             lines.append(f"| {row['model']} | {row['objective']} | {row['batch_size']} | {_fmt(row['images_per_s'])} | "
                          f"{_fmt(row['step_s'])} | {_fmt(row['model_tflops_per_step'] * 1000)} | "
