@@ -11,8 +11,8 @@ import torch
 
 from slip.checkpoint import CheckpointInfo
 
-__all__ = ["SLIP_TEXT_PREFIXES", "Converted", "ExportError", "Exported", "count_blocks", "prefix_text_keys",
-           "text_arch", "unprefix_text_keys"]
+__all__ = ["SLIP_TEXT_PREFIXES", "Converted", "ExportError", "Exported", "count_blocks", "is_positive_int",
+           "prefix_text_keys", "square_side", "text_arch", "unprefix_text_keys"]
 
 # Our text tower's parameters live under "text."; OpenAI CLIP, original SLIP and open_clip keep them at the top.
 SLIP_TEXT_PREFIXES = ("transformer.", "token_embedding.", "positional_embedding", "ln_final.")
@@ -37,6 +37,19 @@ class Exported:
 
     files: list[Path]
     notes: list[str] = field(default_factory=list)
+
+
+def is_positive_int(value: Any) -> bool:
+    """Whether a config value is an int > 0 (JSON's true/false are not ints here)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def square_side(value: Any) -> int | None:
+    """The side of an image or patch size given as a positive int or a square [n, n] pair; None for anything else
+    (our towers are square)."""
+    if isinstance(value, (list, tuple)):
+        value = value[0] if len(value) == 2 and value[0] == value[1] else None
+    return value if is_positive_int(value) else None
 
 
 def count_blocks(state: Mapping[str, torch.Tensor], prefix: str) -> int:

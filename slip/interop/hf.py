@@ -52,7 +52,7 @@ from torch import nn
 
 from slip.checkpoint import CheckpointError, CheckpointInfo
 from slip.error_text import named_one_line, one_line
-from slip.interop.common import Converted, ExportError, Exported
+from slip.interop.common import Converted, ExportError, Exported, is_positive_int, square_side
 from slip.models import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTextModel, build_from_arch
 
 __all__ = ["HF_FORMAT", "SSL_HEAD_NOTE", "export_hf", "hf_tokenizer_files", "read_hf"]
@@ -364,11 +364,10 @@ def export_hf(model: ImageTextModel, out_dir: Path) -> Exported:
 
 def _side(value: Any, where: str, source: Path) -> int:
     """An image or patch size given as an int or a square [n, n]."""
-    if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
-        value = value[0]
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    side = square_side(value)
+    if side is None:
         raise CheckpointError(f"{source}: {where}={value!r} is not a positive int (or a square [n, n])")
-    return value
+    return side
 
 
 def _arch_from_config(config: Mapping[str, Any], source: Path) -> dict[str, Any]:
@@ -383,7 +382,7 @@ def _arch_from_config(config: Mapping[str, Any], source: Path) -> dict[str, Any]
 
     def integer(section: str, key: str) -> int:
         value = sections[section][key]
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        if not is_positive_int(value):
             raise CheckpointError(f"{source}: {section}.{key}={value!r} is not a positive int")
         return value
 
@@ -418,7 +417,7 @@ def _arch_from_config(config: Mapping[str, Any], source: Path) -> dict[str, Any]
                               f"({vocab_size - 1}): transformers pools the text at that token, slip's text "
                               "tower at the largest id")
     embed_dim = config.get("projection_dim", _PROJECTION_DIM_DEFAULT)
-    if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim <= 0:
+    if not is_positive_int(embed_dim):
         raise CheckpointError(f"{source}: projection_dim={embed_dim!r} is not a positive int")
     return dict(
         family="vit", openai_layout=True, image_size=image_size, patch_size=patch_size,

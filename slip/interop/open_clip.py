@@ -22,7 +22,8 @@ from torch import nn
 
 from slip.checkpoint import CheckpointError, CheckpointInfo
 from slip.error_text import first_line
-from slip.interop.common import Converted, ExportError, Exported, prefix_text_keys, unprefix_text_keys
+from slip.interop.common import (Converted, ExportError, Exported, is_positive_int, prefix_text_keys,
+                                 square_side, unprefix_text_keys)
 from slip.interop.openai import from_openai, openai_vit_key_to_ours, to_openai
 from slip.models import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTextModel, build_from_arch
 from slip.models.vision import vit_tower
@@ -63,25 +64,9 @@ _MODEL_CFG_DEFAULTS: Mapping[str, Any] = {
 
 Rule = tuple[Callable[[Any], bool], str]  # (does this value fit our models, why not)
 
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _square(value: Any) -> bool:
-    """An int, or a [h, w] pair with h == w (our towers are square)."""
-    if isinstance(value, (list, tuple)):
-        return len(value) == 2 and value[0] == value[1] and _positive_int(value[0])
-    return _positive_int(value)
-
-
-def _side(value: Any) -> int:
-    return int(value[0]) if isinstance(value, (list, tuple)) else int(value)
-
-
 _ANY: Rule = (lambda v: True, "")
-_SIZE: Rule = (_positive_int, "a positive integer is needed")
-_SQUARE: Rule = (_square, "our towers take square images and patches")
+_SIZE: Rule = (is_positive_int, "a positive integer is needed")
+_SQUARE: Rule = (lambda v: square_side(v) is not None, "our towers take square images and patches")
 _OFF: Rule = (lambda v: not v, "our towers have no such part")
 _MLP4: Rule = (lambda v: v == 4, "our towers' MLPs are 4x wide")
 _NO_KWARGS: Rule = (lambda v: not v, "our towers use the standard activation")
@@ -114,7 +99,7 @@ _OPENAI_VIT_RULES: dict[str, Rule] = {
 _RESNET_RULES: dict[str, Rule] = {
     **{key: _ANY for key in _VISION_FREE + _TIMM_ONLY + _VIT_ONLY},  # open_clip's ModifiedResNet ignores these
     "timm_model_name": _ANY,
-    "layers": (lambda v: isinstance(v, (list, tuple)) and len(v) == 4 and all(_positive_int(n) for n in v),
+    "layers": (lambda v: isinstance(v, (list, tuple)) and len(v) == 4 and all(is_positive_int(n) for n in v),
                "a ModifiedResNet has 4 stages"),
     "width": _SIZE, "head_width": _SIZE, "image_size": _SQUARE,
 }
@@ -356,14 +341,14 @@ def _arch_from_config(config: Mapping[str, Any], config_path: Path) -> tuple[dic
         text_heads=text["heads"], context_length=text["context_length"], vocab_size=text["vocab_size"],
         inputs=("image", "text"), image_mean=tuple(float(m) for m in mean), image_std=tuple(float(s) for s in std),
     )
-    image_size = _side(vision["image_size"])
+    image_size = square_side(vision["image_size"])
     if kind == "resnet":
         width = vision["width"]
         arch.update(family="resnet", image_size=image_size, vision_layers=tuple(vision["layers"]),
                     vision_width=width, vision_heads=width * 32 // vision["head_width"])
         return arch, "openai", model_cfg
     if kind == "vit":
-        arch.update(family="vit", openai_layout=True, image_size=image_size, patch_size=_side(vision["patch_size"]),
+        arch.update(family="vit", openai_layout=True, image_size=image_size, patch_size=square_side(vision["patch_size"]),
                     vision_width=vision["width"], vision_layers=vision["layers"],
                     vision_heads=vision["width"] // vision["head_width"])
         return arch, "openai", model_cfg
