@@ -36,9 +36,12 @@ __all__ = [
     "SLIP_SGD_BATCH_SIZE",
     "SLIP_SGD_EPOCHS",
     "SLIP_SGD_LR",
+    "check_val_fraction",
     "fit_logistic_regression",
+    "lbfgs_start",
     "linear_probe",
     "log_grid_search",
+    "minimise_lbfgs",
     "sgd_linear_probe",
     "standardize",
     "stratified_split",
@@ -82,14 +85,19 @@ def _check_train_test(
         raise ValueError("train and test features and labels must be on one device")
 
 
+def check_val_fraction(val_fraction: float) -> None:
+    """Raise ValueError unless the share of train held out for validation is a number in (0, 1)."""
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+
+
 def stratified_split(labels: Tensor, val_fraction: float, seed: int = 0) -> tuple[Tensor, Tensor]:
     """Sorted indices (fit, val): per class, a seeded random share `val_fraction` of its rows goes to val.
 
     Every class with at least two rows gives at least one to val and keeps at least one; a class with a
     single row keeps it. The result depends only on (labels, val_fraction, seed).
     """
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    check_val_fraction(val_fraction)
     if labels.ndim != 1 or labels.dtype.is_floating_point:
         raise ValueError(f"labels must be an integer tensor [N], got {tuple(labels.shape)} {labels.dtype}")
     generator = torch.Generator().manual_seed(seed)

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from slip.eval.features import check_targets
-from slip.eval.linear_probe import DEFAULT_L2_GRID, lbfgs_start, minimise_lbfgs, sweep_l2_and_refit
+from slip.eval.linear_probe import (DEFAULT_L2_GRID, check_val_fraction, lbfgs_start, minimise_lbfgs,
+                                    sweep_l2_and_refit)
 from slip.eval.metrics import eleven_point_map
 
 __all__ = ["fit_one_vs_rest", "multilabel_linear_probe", "one_vs_rest_data_loss", "one_vs_rest_loss",
@@ -61,8 +62,7 @@ def fit_one_vs_rest(
 def random_split(rows: int, val_fraction: float, seed: int = 0) -> tuple[Tensor, Tensor]:
     """Sorted row indices (fit, val): a seeded random share `val_fraction` of the rows (at least one, and at least
     one left to fit) goes to val."""
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    check_val_fraction(val_fraction)
     if rows < 2:
         raise ValueError(f"a validation split needs at least 2 training rows, got {rows}")
     order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed))
