@@ -9,18 +9,27 @@ from typing import Any
 import torch
 from torch import nn
 
-# Parameters matched by these name fragments are embeddings or scales, not weights to shrink.
-NO_DECAY_NAME_PARTS = ("logit_scale", "logit_bias", "token_embedding", "positional_embedding", "pos_embed",
-                       "cls_token", "class_embedding")
+# Logit scales (and SigLIP's bias) set the loss's temperature: shrinking them towards zero is never wanted.
+SCALE_NAME_PARTS = ("logit_scale", "logit_bias")
+# Lookup tables and learned positions / class tokens. Decoupled weight decay shrinks every row of a token table at
+# every step, rows of tokens absent from the batch included; the SLIP repository decays them all the same.
+EMBEDDING_NAME_PARTS = ("token_embedding", "positional_embedding", "pos_embed", "cls_token", "class_embedding")
+NO_DECAY_NAME_PARTS = SCALE_NAME_PARTS + EMBEDDING_NAME_PARTS
 
 
-def _decays(name: str, ndim: int) -> bool:
-    """True for weight matrices and kernels; biases, norm scales (1-D) and embeddings are excluded."""
-    return ndim >= 2 and not any(part in name for part in NO_DECAY_NAME_PARTS)
+def _decays(name: str, ndim: int, decay_embeddings: bool) -> bool:
+    """True for weight matrices and kernels; biases and norm scales (1-D), logit scales and (unless
+    `decay_embeddings`) embeddings are excluded."""
+    excluded = SCALE_NAME_PARTS if decay_embeddings else NO_DECAY_NAME_PARTS
+    return ndim >= 2 and not any(part in name for part in excluded)
 
 
-def param_groups(*modules: nn.Module) -> list[dict]:
-    """Trainable parameters of `modules` in two AdamW groups: with weight decay, and with weight_decay=0."""
+def param_groups(*modules: nn.Module, decay_embeddings: bool = False) -> list[dict]:
+    """Trainable parameters of `modules` in two AdamW groups: with weight decay, and with weight_decay=0.
+
+    `decay_embeddings=True` is the SLIP repository's rule (every parameter of two or more dimensions decays,
+    embeddings included); the default leaves embeddings undecayed.
+    """
     decay, no_decay = [], []
     seen: set[int] = set()
     for module in modules:
@@ -28,7 +37,7 @@ def param_groups(*modules: nn.Module) -> list[dict]:
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
-            (decay if _decays(name, param.ndim) else no_decay).append(param)
+            (decay if _decays(name, param.ndim, decay_embeddings) else no_decay).append(param)
     groups = [{"params": decay}] if decay else []
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
@@ -53,12 +62,20 @@ def adamw(
     eps: float = 1e-8,
     foreach: bool | None = None,
     fused: bool | None = None,
+    decay_embeddings: bool = False,
 ) -> torch.optim.AdamW:
-    """torch.optim.AdamW over `params` (e.g. `param_groups(...)`), with every setting checked by name first.
+    """torch.optim.AdamW over `params`, with every setting checked by name first.
 
+    `params` are modules, split into a decay and a no-decay group by `param_groups(*params, decay_embeddings)`,
+    or parameters and param groups as torch takes them (then `decay_embeddings` must stay False: it needs names).
     `fused=True` runs the update as one kernel per device (CPU and CUDA): the same arithmetic, about 5x faster
     than the per-tensor loop on CPU.
     """
+    params = list(params)
+    if params and all(isinstance(item, nn.Module) for item in params):
+        params = param_groups(*params, decay_embeddings=decay_embeddings)
+    elif decay_embeddings:
+        raise ValueError("decay_embeddings needs the modules (their parameter names), not bare parameters")
     _check_number("lr", lr, 0.0)
     _check_number("weight_decay", weight_decay, 0.0)
     _check_number("eps", eps, 0.0)

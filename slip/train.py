@@ -71,7 +71,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
                             pin_memory=device.type == "cuda")  # page-locked batches: asynchronous copies
     steps_per_epoch = data.steps_per_epoch
     total_steps = settings.max_steps or settings.epochs * steps_per_epoch
-    optimizer = build(cfg.optim, "optim")(param_groups(model, objective))
+    optimizer = build(cfg.optim, "optim")([model, objective])  # grouped by optim.decay_embeddings
     schedule = build(cfg.schedule, "schedule")(total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     evaluate = None
     if cfg.get("val") and "text" in objective.inputs:  # zero-shot needs a text tower (not SimCLR's)

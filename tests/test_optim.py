@@ -7,9 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from slip.config import build
 from slip.losses import SigLIPLoss
 from slip.models import build_vit_model
 from slip.optim import WarmupCosine, adamw, param_groups, warmup_cosine
+from train_helpers import CONF_DIR, compose_config
+
+PAPER_PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment" / "paper").glob("*.yaml"))
 
 
 def test_no_weight_decay_on_biases_norms_embeddings_and_scales() -> None:
@@ -40,6 +44,51 @@ def test_frozen_parameters_are_left_out_and_nothing_trainable_is_an_error() -> N
     layer.weight.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         param_groups(layer)
+
+
+def slip_repository_decays(name: str, param: torch.nn.Parameter) -> bool:
+    """The SLIP repository's rule (main.py): no decay where `p.ndim < 2 or 'bias' in n or 'ln' in n or 'bn' in n`."""
+    return not (param.ndim < 2 or "bias" in name or "ln" in name or "bn" in name)
+
+
+def built_for_training(*overrides: str) -> tuple[list[tuple[str, torch.nn.Parameter]], list[set[str]]]:
+    """The named trainable parameters of the composed run's model and objective (on the meta device: only names and
+    shapes matter), and the names in each group of the optimizer its config builds, as slip.train builds it."""
+    cfg = compose_config(*overrides, "optim.fused=false")  # fused AdamW refuses meta tensors; groups are the same
+    objective = build(cfg.loss, "loss")
+    with torch.device("meta"):
+        model = build(cfg.model, "model", inputs=list(objective.inputs))
+    optimizer = build(cfg.optim, "optim")([model, objective])
+    named = [(n, p) for module in (model, objective) for n, p in module.named_parameters() if p.requires_grad]
+    name_of = {id(p): n for n, p in named}
+    return named, [{name_of[id(p)] for p in group["params"]} for group in optimizer.param_groups]
+
+
+@pytest.mark.parametrize("preset", PAPER_PRESETS)
+def test_paper_presets_decay_what_the_slip_repository_decays(preset: str) -> None:
+    named, (decayed, undecayed) = built_for_training(f"experiment=paper/{preset}")
+    assert decayed == {n for n, p in named if slip_repository_decays(n, p)}
+    assert undecayed == {n for n, p in named if not slip_repository_decays(n, p)}
+
+
+@pytest.mark.parametrize("model", ["vit_s16", "vit_b16", "vit_l16"])
+def test_by_default_embeddings_are_not_decayed(model: str) -> None:
+    named, (decayed, undecayed) = built_for_training(f"model={model}", "loss=slip")
+    embeddings = {"visual.pos_embed", "visual.cls_token", "text.token_embedding.weight", "text.positional_embedding"}
+    slip_decayed = {n for n, p in named if slip_repository_decays(n, p)}
+    assert embeddings <= slip_decayed and decayed == slip_decayed - embeddings
+    assert undecayed == {n for n, _ in named} - decayed
+
+
+def test_decaying_embeddings_needs_parameter_names() -> None:
+    modules = torch.nn.ModuleDict({"token_embedding": torch.nn.Embedding(5, 3), "proj": torch.nn.Linear(3, 2)})
+    for decay_embeddings, decayed in ((False, [modules.proj.weight]),
+                                      (True, [modules.token_embedding.weight, modules.proj.weight])):
+        decay, no_decay = adamw([modules], lr=1e-3, weight_decay=0.1, decay_embeddings=decay_embeddings).param_groups
+        assert decay["params"] == decayed and no_decay["weight_decay"] == 0.0
+        assert len(no_decay["params"]) == 3 - len(decayed)
+    with pytest.raises(ValueError, match="^decay_embeddings needs the modules"):
+        adamw(modules.parameters(), lr=1e-3, weight_decay=0.1, decay_embeddings=True)
 
 
 def slip_cosine_scheduler(base: float, final: float, total: int, warmup: int, start: float) -> np.ndarray:
