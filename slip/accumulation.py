@@ -14,16 +14,20 @@ micro-batch at a time:
 
 Step 3 replays each micro-batch with the random state it had in step 1 (drop-path and dropout draw the same
 masks), and modules that update buffers while training (BatchNorm's running statistics) update them once per
-micro-batch, in order, as the single-graph computation does.
+micro-batch, in order, as the single-graph computation does. Gradient checkpointing keeps that count: its
+recomputation in backward (of the kept graph and of each replay) updates no buffers
+(`slip.models.vision.checkpoint_keeping_buffers`).
 """
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from slip.models.vision import scratch_buffers
 
 Encode = Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
 """A micro-batch -> the features the rest of the step needs (the towers' part of the model)."""
@@ -51,24 +55,6 @@ class RandomState:
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state(self.cuda, self.device)
-
-
-@contextlib.contextmanager
-def _scratch_buffers(module: nn.Module) -> Iterator[None]:
-    """Inside the block, `module`'s buffers are copies whose updates are dropped after it.
-
-    The originals are swapped out rather than restored in place: the kept graph saved some of them (BatchNorm
-    saves its running statistics for backward), and autograd refuses tensors modified after saving.
-    """
-    slots = [(owner, name, buffer) for owner in module.modules()
-             for name, buffer in owner.named_buffers(recurse=False)]
-    for owner, name, buffer in slots:
-        setattr(owner, name, buffer.clone())
-    try:
-        yield
-    finally:
-        for owner, name, buffer in slots:
-            setattr(owner, name, buffer)
 
 
 def _rows(features: Mapping[str, Tensor]) -> int:
@@ -109,7 +95,7 @@ def exact_backward(
         kept = encode(micro_batches[0])
         cached.append({key: value.detach() for key, value in kept.items()})
         # The replays below make each later micro-batch's buffer update, once and in order.
-        with torch.no_grad(), _scratch_buffers(stateful):
+        with torch.no_grad(), scratch_buffers(stateful):
             for batch in micro_batches[1:]:
                 states.append(RandomState.capture(device))
                 cached.append(encode(batch))

@@ -280,7 +280,7 @@ def test_vit_accepts_other_image_sizes():
 )
 def test_grad_checkpointing_gives_the_same_gradients(build) -> None:
     torch.manual_seed(0)
-    model = build().eval()  # eval: BatchNorm must not see the recomputed forward as a second batch
+    model = build().eval()  # training mode, with BatchNorm's running statistics: test_batchnorm_statistics.py
     size = model.arch["image_size"]
     batch = {"image": torch.randn(2, 3, size, size), "text": torch.randint(1, 99, (2, 8))}
     grads = []

@@ -82,6 +82,43 @@ def patch_dropout_rate(tower: nn.Module, rate: float) -> Iterator[None]:
         dropout.prob = previous
 
 
+@contextlib.contextmanager
+def scratch_buffers(module: nn.Module) -> Iterator[None]:
+    """Inside the block, `module`'s buffers are copies whose updates are dropped after it.
+
+    The originals are swapped out rather than restored in place: a graph may have saved some of them
+    (BatchNorm saves its running statistics for backward), and autograd refuses tensors modified after saving.
+    """
+    slots = [(owner, name, buffer) for owner in module.modules()
+             for name, buffer in owner.named_buffers(recurse=False)]
+    for owner, name, buffer in slots:
+        setattr(owner, name, buffer.clone())
+    try:
+        yield
+    finally:
+        for owner, name, buffer in slots:
+            setattr(owner, name, buffer)
+
+
+def _recompute_on_scratch_buffers(
+        module: nn.Module) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    return contextlib.nullcontext(), scratch_buffers(module)
+
+
+def checkpoint_keeping_buffers(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """`module(inputs)`, its activations recomputed in backward by a pass whose buffer updates are dropped.
+
+    Only the forward updates buffers, so BatchNorm's running statistics move once per call, as without
+    checkpointing; the recomputation reads copies of their values at that time.
+    """
+    if torch.compiler.is_compiling():
+        # The compiled graph applies buffer updates once, after its forward, and its recomputation only
+        # recomputes; torch.compile also refuses a `context_fn` other than selective checkpointing's.
+        return torch.utils.checkpoint.checkpoint(module, inputs, use_reentrant=False)
+    return torch.utils.checkpoint.checkpoint(module, inputs, use_reentrant=False,
+                                             context_fn=partial(_recompute_on_scratch_buffers, module))
+
+
 class Bottleneck(nn.Module):
     """CLIP's anti-aliased bottleneck: strided convolutions are replaced by an average pool after conv2."""
 
@@ -220,7 +257,7 @@ class ModifiedResNet(nn.Module):
         x = self.avgpool(x)
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False)
+                x = checkpoint_keeping_buffers(stage, x)
             else:
                 x = stage(x)
         return self.attnpool(x)
