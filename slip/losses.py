@@ -142,7 +142,11 @@ class SimCLRLoss(Objective):
 
 
 class SigLIPLoss(Objective):
-    """Pairwise sigmoid loss between image and text embeddings (Zhai et al. 2023), with a learnable bias."""
+    """Pairwise sigmoid loss between image and text embeddings (Zhai et al. 2023), with a learnable bias.
+
+    Its result holds `logit_bias`, the bias this forward used (a detached copy, so a later optimizer step does not
+    change it), which training logs beside the logit scale.
+    """
 
     inputs = ("image", "text")
 
@@ -162,7 +166,8 @@ class SigLIPLoss(Objective):
             is_match = labels[:, None] == torch.arange(all_text.shape[0], device=image.device)
             signs = is_match.to(logits.dtype) * 2 - 1
             loss = -F.logsigmoid(signs * logits).sum() / image.shape[0]
-        return {"loss": loss, "siglip_loss": loss.detach(), "siglip_acc": _top1(logits, labels)}
+        return {"loss": loss, "siglip_loss": loss.detach(), "siglip_acc": _top1(logits, labels),
+                "logit_bias": _full_precision(self.logit_bias).detach().clone()}
 
 
 class WeightedObjectives(Objective):

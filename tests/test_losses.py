@@ -269,6 +269,15 @@ def test_random_embeddings_have_chance_level_loss() -> None:
     assert CLIPLoss()(out)["loss"].item() == pytest.approx(math.log(256), rel=0.01)
 
 
+def test_siglip_reports_the_bias_its_forward_used() -> None:
+    objective = SigLIPLoss(init_logit_bias=-3.25)
+    result = objective(make_outputs(4, 10.0))
+    with torch.no_grad():
+        objective.logit_bias.add_(1.0)  # an optimizer step after the forward leaves the reported value as it was
+    assert result["logit_bias"].dtype == torch.float32 and not result["logit_bias"].requires_grad
+    assert result["logit_bias"].item() == -3.25
+
+
 def test_slip_is_clip_plus_scaled_ssl_exactly() -> None:
     out = make_outputs(16, 1 / 0.07)
     result = SLIPLoss(ssl_scale=0.3)(out)
@@ -289,7 +298,9 @@ def test_weighted_objectives_with_a_third_objective() -> None:
     assert combined.inputs == ("image", "text", "aug1", "aug2")
     assert [p for p in combined.parameters()] == [parts["sig"].logit_bias]
     result = combined(out)
-    assert set(result) == {"loss", "ssl_loss", "ssl_acc", "clip_loss", "clip_acc", "siglip_loss", "siglip_acc"}
+    assert set(result) == {"loss", "ssl_loss", "ssl_acc", "clip_loss", "clip_acc", "siglip_loss", "siglip_acc",
+                           "logit_bias"}
+    assert torch.equal(result["logit_bias"], parts["sig"].logit_bias.detach())
     expected = 0.5 * result["ssl_loss"] + 1.0 * result["clip_loss"] + 2.0 * result["siglip_loss"]
     torch.testing.assert_close(result["loss"].detach(), expected, rtol=1e-6, atol=0.0)
     result["loss"].backward()

@@ -1,13 +1,15 @@
-"""The SigLIP preset starts where SigLIP does: logit scale log 10, bias -10."""
+"""The SigLIP preset starts where SigLIP does (logit scale log 10, bias -10), and training logs the learned bias."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from slip.config import build
-from train_helpers import CONF_DIR, compose_config
+from slip.train import train
+from train_helpers import CONF_DIR, FAST, compose_config
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 EXPERIMENTS = sorted(p.relative_to(CONF_DIR / "experiment").with_suffix("").as_posix()
@@ -46,3 +48,25 @@ def test_the_scale_parameter_starts_at_ten_and_other_objectives_keep_clips() -> 
     for loss in ("clip", "slip"):
         clip_model = build(compose_config("model=tiny", f"loss={loss}").model, "model", inputs=["image", "text"])
         assert clip_model.logit_scale.item() == torch.tensor(math.log(1 / 0.07)).item()
+
+
+@pytest.fixture(scope="module")
+def siglip_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A 2-step SigLIP run of the tiny model: its directory and results."""
+    root = tmp_path_factory.mktemp("siglip")
+    return root, train(compose_config(*FAST, "loss=siglip", "trainer.max_steps=2"), root)
+
+
+def test_the_bias_is_logged_with_the_scale(siglip_run: tuple[Path, dict]) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, results = siglip_run
+    history = results["history"]
+    assert [entry["step"] for entry in history] == [1, 2]
+    assert all("logit_bias" in entry and "logit_scale" in entry for entry in history)
+    assert history[0]["logit_bias"] == SIGLIP_LOGIT_BIAS  # the bias step 1's loss used: the initial one
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    logged = events.Scalars("train/logit_bias")
+    assert [event.step for event in logged] == [1, 2]
+    assert [event.value for event in logged] == [torch.tensor(entry["logit_bias"]).item() for entry in history]
