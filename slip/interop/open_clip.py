@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from slip.checkpoint import CheckpointError, CheckpointInfo
 from slip.error_text import first_line
 from slip.interop.common import (Converted, ExportError, Exported, is_positive_int, prefix_text_keys,
                                  square_side, unprefix_text_keys)
 from slip.interop.openai import from_openai, openai_vit_key_to_ours, to_openai
+from slip.interop.timm_trunks import first_difference, structure, timm_name_for, timm_trunk
 from slip.models import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTextModel, build_from_arch
 from slip.models.vision import vit_tower
 
@@ -140,79 +140,6 @@ _MODEL_RULES: dict[str, Rule] = {
     "custom_text": _ANY,  # CustomTextCLIP keeps the same text tower under "text."
 }
 _REASONS_FOR_UNKNOWN = {"multimodal_cfg": "a CoCa captioning decoder has no place in our models"}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# timm trunks: which registered name builds exactly our SLIP-layout ViT
-
-
-Structure = tuple[list[tuple], list[tuple]]
-
-
-def _structure(module: nn.Module) -> Structure:
-    """Everything that decides what a module computes: each submodule's class and plain settings (init-only and
-    bookkeeping attributes left out), and the names and shapes of its tensors."""
-    skip = {"training", "grad_checkpointing", "fix_init", "weight_init_mode"}
-    plain = (int, float, str, bool, tuple, type(None))
-    modules = []
-    for name, sub in module.named_modules():
-        settings = tuple(sorted((key, value) for key, value in vars(sub).items()
-                                if not key.startswith("_") and key not in skip and isinstance(value, plain)))
-        modules.append((name or "<trunk>", type(sub).__name__, settings))
-    tensors = [(name, tuple(t.shape)) for name, t in module.state_dict().items()]
-    return modules, tensors
-
-
-def _first_difference(ours: Structure, theirs: Structure) -> str:
-    """The first place where two structures differ, in words."""
-    for mine, other in zip(ours[0], theirs[0]):
-        if mine == other:
-            continue
-        if mine[:2] == other[:2]:
-            wanted, found = dict(mine[2]), dict(other[2])
-            keys = [k for k in sorted(set(wanted) | set(found)) if wanted.get(k) != found.get(k)]
-            theirs_text = ", ".join(f"{k}={found.get(k)!r}" for k in keys)
-            ours_text = ", ".join(f"{k}={wanted.get(k)!r}" for k in keys)
-            return f"{mine[0]} ({theirs_text} where ours has {ours_text})"
-        return f"{other[0]} is a {other[1]} where ours has {mine[0]}, a {mine[1]}"
-    for mine, other in zip(ours[1], theirs[1]):
-        if mine != other:
-            return f"tensor {other[0]} {other[1]} where ours is {mine[0]} {mine[1]}"
-    return f"{len(theirs[0])} modules and {len(theirs[1])} tensors where ours has {len(ours[0])} and {len(ours[1])}"
-
-
-def _timm_trunk(name: str, pool: str | None, drop_path_rate: float) -> nn.Module:
-    """The trunk open_clip's TimmModel builds for `name` (on the meta device: structure only, no memory)."""
-    import timm
-
-    kwargs = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
-    with torch.device("meta"):
-        trunk = timm.create_model(name, pretrained=False, **kwargs)
-        trunk.reset_classifier(0, **({"global_pool": pool} if pool else {}))
-    return trunk
-
-
-def timm_name_for(visual: nn.Module, image_size: int, patch_size: int,
-                  drop_path_rate: float = 0.0) -> tuple[str | None, str]:
-    """The registered timm name whose model (token pooling, no classifier) is exactly `visual`, or None and why.
-
-    Candidates are the timm ViTs named `vit_*patch<P>_*<S>*`, tried shortest name first.
-    """
-    import timm
-
-    ours = _structure(visual)
-    closest = ""
-    names = timm.list_models(f"vit_*patch{patch_size}_*{image_size}*", module="vision_transformer")
-    for name in sorted(names, key=lambda n: (len(n), n)):
-        try:
-            theirs = _structure(_timm_trunk(name, "token", drop_path_rate))
-        except Exception:  # noqa: BLE001 - a candidate timm cannot build this way is simply not a match
-            continue
-        if theirs == ours:
-            return name, ""
-        if theirs[1] == ours[1] and not closest:  # the same weights, computed differently
-            closest = f"; {name} has the same weight shapes but differs at {_first_difference(ours, theirs)}"
-    return None, closest
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -358,7 +285,7 @@ def _arch_from_config(config: Mapping[str, Any], config_path: Path) -> tuple[dic
     drop_path_rate = float(vision["timm_drop_path"] or 0.0)
     where = f"{config_path}: model_cfg.vision_cfg.timm_model_name={json.dumps(name)}"
     try:
-        trunk = _timm_trunk(name, vision["timm_pool"], drop_path_rate)
+        trunk = timm_trunk(name, vision["timm_pool"], drop_path_rate)
         dims = dict(image_size=trunk.patch_embed.img_size[0], patch_size=trunk.patch_embed.patch_size[0],
                     width=trunk.embed_dim, depth=len(trunk.blocks), heads=trunk.blocks[0].attn.num_heads)
         with torch.device("meta"):
@@ -366,10 +293,10 @@ def _arch_from_config(config: Mapping[str, Any], config_path: Path) -> tuple[dic
     except Exception as error:  # noqa: BLE001 - unknown names and towers of other kinds alike
         raise CheckpointError(f"{where} is not supported (not a timm ViT our towers can build: "
                               f"{first_line(error)})") from None
-    theirs = _structure(trunk)
-    if theirs != (mine := _structure(ours)):
+    theirs = structure(trunk)
+    if theirs != (mine := structure(ours)):
         raise CheckpointError(f"{where} is not supported (not our SLIP-layout timm ViT: "
-                              f"{_first_difference(mine, theirs)})")
+                              f"{first_difference(mine, theirs)})")
     if image_size != dims["image_size"]:
         raise CheckpointError(f"{config_path}: model_cfg.vision_cfg.image_size={image_size} is not supported "
                               f"({name} takes {dims['image_size']} px and open_clip does not resize it)")
