@@ -41,6 +41,25 @@ class CheckpointInfo:
     objective: str | None = None  # the objective's class name, e.g. "SLIPLoss"
     step: int | None = None
     config: str | None = None  # the resolved training config (YAML), for our own checkpoints
+    # The objective's learned logit bias (SigLIP), exactly as saved: the model's scores are then
+    # sigmoid(exp(logit_scale) * cosine + logit_bias). The bias belongs to the objective, not the model.
+    logit_bias: float | None = None
+
+
+LOGIT_BIAS = "logit_bias"
+
+
+def find_logit_bias(objective_state: Mapping[str, torch.Tensor]) -> tuple[str, torch.Tensor] | None:
+    """The key and value of the one logit bias in an objective's state dict (`logit_bias` for SigLIPLoss,
+    `objectives.<name>.logit_bias` inside a weighted sum); None where there is none, or several."""
+    found = [(key, value) for key, value in objective_state.items() if key.rsplit(".", 1)[-1] == LOGIT_BIAS]
+    return found[0] if len(found) == 1 and found[0][1].numel() == 1 else None
+
+
+def logit_bias_value(objective_state: Mapping[str, torch.Tensor]) -> float | None:
+    """`find_logit_bias`'s value as a Python float (exact: float has every float32 / bfloat16 value)."""
+    found = find_logit_bias(objective_state)
+    return None if found is None else float(found[1])
 
 
 def objective_from_config(config_text: str | None) -> str | None:
@@ -49,14 +68,18 @@ def objective_from_config(config_text: str | None) -> str | None:
     return str(target).rsplit(".", 1)[-1] if target else None
 
 
-def model_checkpoint(model: ImageTextModel) -> dict[str, Any]:
-    """The dict that stores a model in this toolkit's format: architecture record plus weights."""
-    return {
+def model_checkpoint(model: ImageTextModel, objective: torch.nn.Module | None = None) -> dict[str, Any]:
+    """The dict that stores a model in this toolkit's format: architecture record plus weights, and with
+    `objective` its state dict under "objective" as training checkpoints keep it (SigLIP's learned bias)."""
+    content = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "arch": dict(model.arch),
         "model": model.state_dict(),
     }
+    if objective is not None:
+        content["objective"] = objective.state_dict()
+    return content
 
 
 def atomic_save(obj: Any, path: str | os.PathLike, remove_stale: bool = False) -> Path:
@@ -94,9 +117,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any], remo
     return path
 
 
-def save_model(model: ImageTextModel, path: str | os.PathLike) -> Path:
-    """Write `model` atomically in this toolkit's checkpoint format."""
-    return atomic_save(model_checkpoint(model), path)
+def save_model(model: ImageTextModel, path: str | os.PathLike, objective: torch.nn.Module | None = None) -> Path:
+    """Write `model` atomically in this toolkit's checkpoint format; pass the training `objective` to keep its
+    parameters too (SigLIP's logit bias, which `load_pretrained_with_info` reports)."""
+    return atomic_save(model_checkpoint(model, objective), path)
 
 
 def is_torchscript_archive(path: Path) -> bool:
@@ -135,5 +159,6 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return dict(content)
 
 
-__all__ = ["CheckpointError", "CheckpointInfo", "atomic_save", "atomic_write", "is_torchscript_archive",
-           "model_checkpoint", "objective_from_config", "read_checkpoint", "read_safely", "save_model"]
+__all__ = ["LOGIT_BIAS", "CheckpointError", "CheckpointInfo", "atomic_save", "atomic_write", "find_logit_bias",
+           "is_torchscript_archive", "logit_bias_value", "model_checkpoint", "objective_from_config",
+           "read_checkpoint", "read_safely", "save_model"]

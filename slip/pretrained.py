@@ -12,8 +12,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from slip.checkpoint import (FORMAT_NAME, CheckpointError, CheckpointInfo, is_torchscript_archive,
-                             objective_from_config, read_safely)
+                             logit_bias_value, objective_from_config, read_safely)
 from slip.interop.common import Converted
 from slip.interop.hf import read_hf
 from slip.interop.open_clip import read_open_clip
@@ -30,8 +32,13 @@ def _from_pickle(content: Any, path: Path) -> Converted:
     if isinstance(content, Mapping) and content.get("format") == FORMAT_NAME:
         config = content.get("config")
         step = (content.get("state") or {}).get("step")
-        return Converted(dict(content["arch"]), content["model"],
-                         CheckpointInfo(FORMAT_NAME, objective_from_config(config), step, config))
+        objective_state = content.get("objective") or {}
+        if not (isinstance(objective_state, Mapping)
+                and all(isinstance(value, torch.Tensor) for value in objective_state.values())):
+            raise CheckpointError(f"{path}: its \"objective\" entry is not a state dict of tensors")
+        info = CheckpointInfo(FORMAT_NAME, objective_from_config(config), step, config,
+                              logit_bias_value(objective_state))
+        return Converted(dict(content["arch"]), content["model"], info, dict(objective_state))
     if is_original_slip(content):
         return from_original_slip(content, path)
     if is_openai_state(content):
@@ -94,6 +101,7 @@ def load_pretrained(path: str | os.PathLike) -> ImageTextModel:
 
 
 def load_pretrained_with_info(path: str | os.PathLike) -> tuple[ImageTextModel, CheckpointInfo]:
-    """`load_pretrained`, plus what the checkpoint records about its training (format, objective, step)."""
+    """`load_pretrained`, plus what the checkpoint records about its training (format, objective, step, and
+    SigLIP's learned logit bias where the file keeps it)."""
     converted = read_pretrained(path)
     return build_converted(converted, Path(path)), converted.info

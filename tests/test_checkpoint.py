@@ -12,7 +12,8 @@ import timm
 import torch
 from torch import nn
 
-from slip.checkpoint import CheckpointError, CheckpointInfo, atomic_save, save_model
+from slip.checkpoint import CheckpointError, CheckpointInfo, atomic_save, read_checkpoint, save_model
+from slip.losses import SigLIPLoss, SimCLRLoss, WeightedObjectives
 from slip.pretrained import load_pretrained, load_pretrained_with_info
 from slip.models import (IMAGENET_MEAN, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, build_resnet_model,
                          build_vit_model)
@@ -88,6 +89,51 @@ def test_own_format_round_trip(tmp_path: pathlib.Path, build) -> None:
     assert want.keys() == got.keys()
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+
+
+def siglip_objective(bias: float) -> SigLIPLoss:
+    """A SigLIP objective whose learned bias is `bias` (rounded to float32)."""
+    objective = SigLIPLoss()
+    with torch.no_grad():
+        objective.logit_bias.fill_(bias)
+    return objective
+
+
+@pytest.mark.parametrize("make_objective, key", [
+    (lambda: siglip_objective(-9.8765432), "logit_bias"),
+    (lambda: WeightedObjectives({"sig": siglip_objective(-2.3456789), "ssl": SimCLRLoss()}, {"sig": 1.0, "ssl": 0.5}),
+     "objectives.sig.logit_bias"),
+], ids=["siglip", "siglip-in-a-weighted-sum"])
+def test_save_model_keeps_the_objectives_bias_bit_equal(tmp_path: pathlib.Path, make_objective, key: str) -> None:
+    model = perturb(build_vit_model(image_size=32, patch_size=16, vision_width=64, vision_layers=2, vision_heads=2,
+                                    embed_dim=32, inputs=("image", "text"), **TINY_TEXT)).eval()
+    objective = make_objective()
+    want = objective.state_dict()[key]
+    path = save_model(model, tmp_path / "siglip.pt", objective)
+    assert list(read_checkpoint(path)["objective"]) == [key]
+    loaded, info = load_pretrained_with_info(path)
+    assert torch.equal(torch.tensor(info.logit_bias).view(torch.int32), want.view(torch.int32))
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+
+
+def test_save_model_without_an_objective_writes_what_it_did_and_reports_no_bias(tmp_path: pathlib.Path) -> None:
+    model = build_vit_model(image_size=32, patch_size=16, vision_width=64, vision_layers=2, vision_heads=2,
+                            embed_dim=32, inputs=("image", "text"), **TINY_TEXT)
+    path = save_model(model, tmp_path / "clip.pt")
+    assert set(read_checkpoint(path)) == {"format", "format_version", "arch", "model"}
+    assert load_pretrained_with_info(path)[1].logit_bias is None
+
+
+def test_an_objective_entry_that_is_not_tensors_is_refused_in_one_line(tmp_path: pathlib.Path) -> None:
+    model = build_vit_model(image_size=32, patch_size=16, vision_width=64, vision_layers=2, vision_heads=2,
+                            embed_dim=32, inputs=("image", "text"), **TINY_TEXT)
+    content = {"format": "slip", "format_version": 1, "arch": model.arch, "model": model.state_dict(),
+               "objective": {"logit_bias": [1.0]}}
+    atomic_save(content, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError) as error:
+        load_pretrained(tmp_path / "odd.pt")
+    assert str(error.value) == f'{tmp_path / "odd.pt"}: its "objective" entry is not a state dict of tensors'
 
 
 # ---------------------------------------------------------------- OpenAI CLIP

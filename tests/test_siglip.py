@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from slip.checkpoint import read_checkpoint
 from slip.config import build
+from slip.pretrained import load_pretrained_with_info
 from slip.train import train
 from train_helpers import CONF_DIR, FAST, compose_config
 
@@ -70,3 +72,13 @@ def test_the_bias_is_logged_with_the_scale(siglip_run: tuple[Path, dict]) -> Non
     logged = events.Scalars("train/logit_bias")
     assert [event.step for event in logged] == [1, 2]
     assert [event.value for event in logged] == [torch.tensor(entry["logit_bias"]).item() for entry in history]
+
+
+def test_a_training_checkpoint_reports_its_learned_bias_exactly(siglip_run: tuple[Path, dict]) -> None:
+    run_dir, _ = siglip_run
+    checkpoint = run_dir / "checkpoints" / "last.pt"
+    saved = read_checkpoint(checkpoint)["objective"]["logit_bias"]
+    assert saved.item() != SIGLIP_LOGIT_BIAS  # two steps moved it
+    _, info = load_pretrained_with_info(checkpoint)
+    assert info.objective == "SigLIPLoss"
+    assert torch.equal(torch.tensor(info.logit_bias, dtype=saved.dtype), saved)

@@ -24,19 +24,23 @@ class ExportError(ValueError):
 
 @dataclass(frozen=True)
 class Converted:
-    """A foreign checkpoint in our terms: the arch record `build_from_arch` takes, our state dict, what it says."""
+    """A foreign checkpoint in our terms: the arch record `build_from_arch` takes, our state dict, what it says,
+    and the training objective's tensors where the file keeps them (SigLIP's `logit_bias`), for exports to carry."""
 
     arch: dict[str, Any]
     state: Mapping[str, torch.Tensor]
     info: CheckpointInfo
+    objective_state: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Exported:
-    """What an export wrote, and one-line notes on what the target has no place for (e.g. the SSL head)."""
+    """What an export wrote, one-line notes on what the target has no place for (e.g. the SSL head), and
+    one-line warnings on what it has no place for that the model's scores need (e.g. SigLIP's logit bias)."""
 
     files: list[Path]
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def is_positive_int(value: Any) -> bool:
