@@ -3,7 +3,10 @@
 CHECKPOINT is anything `slip.load_pretrained` reads. DIR must not exist or be empty; it gets the target's files
 and a README.md model card (architecture, objective, training data and step, evaluation results found in the run
 directory). A model the target cannot express exactly stops with one line naming the missing piece, and nothing
-is written; parts the target has no place for (the SSL head) are left out and said so.
+is written; parts the target has no place for (the SSL head) are left out and said so. SigLIP's learned logit
+bias, which the objective holds, goes into the safetensors file (`objective.logit_bias`) and the open_clip model
+(`logit_bias`); a transformers CLIPModel has no place for it, so that export warns on stderr, naming the value.
+The model card states the bias wherever there is one.
 """
 from __future__ import annotations
 
@@ -11,13 +14,14 @@ import argparse
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
-from slip.checkpoint import CheckpointError, CheckpointInfo
-from slip.interop.common import Exported, ExportError
+from slip.checkpoint import CheckpointError, CheckpointInfo, find_logit_bias
+from slip.interop.common import Converted, Exported, ExportError
 from slip.models import ImageTextModel
 from slip.pretrained import build_converted, read_pretrained
 from slip.report import read_run
@@ -28,25 +32,39 @@ __all__ = ["TARGETS", "export", "main", "model_card"]
 SAFETENSORS_FILE = "model.safetensors"
 
 
-def _to_safetensors(model: ImageTextModel, out_dir: Path, info: CheckpointInfo) -> Exported:
+def _leaving_out(exported: Exported, objective_state: Mapping[str, torch.Tensor], kept: set[str],
+                 target: str) -> Exported:
+    """`exported` with a warning for each objective tensor not in `kept`: scores computed without it differ."""
+    warnings = [f"the objective's {key}={float(value)!r} has no place in {target} and was left out "
+                f"(sigmoid scores need it; the model card states its value)" if value.numel() == 1 else
+                f"the objective's {key} (shape {tuple(value.shape)}) has no place in {target} and was left out"
+                for key, value in objective_state.items() if key not in kept]
+    return Exported(exported.files, exported.notes, exported.warnings + warnings)
+
+
+def _to_safetensors(model: ImageTextModel, out_dir: Path, converted: Converted) -> Exported:
     from slip.interop.safetensors_io import save_safetensors
 
-    return Exported([save_safetensors(model, out_dir / SAFETENSORS_FILE, info)])
+    return Exported([save_safetensors(model, out_dir / SAFETENSORS_FILE, converted.info,
+                                      converted.objective_state)])
 
 
-def _to_open_clip(model: ImageTextModel, out_dir: Path, info: CheckpointInfo) -> Exported:
+def _to_open_clip(model: ImageTextModel, out_dir: Path, converted: Converted) -> Exported:
     from slip.interop.open_clip import export_open_clip
 
-    return export_open_clip(model, out_dir)
+    bias = find_logit_bias(converted.objective_state)
+    exported = export_open_clip(model, out_dir, None if bias is None else bias[1])
+    return _leaving_out(exported, converted.objective_state, {bias[0]} if bias else set(), "an open_clip model")
 
 
-def _to_hf(model: ImageTextModel, out_dir: Path, info: CheckpointInfo) -> Exported:
+def _to_hf(model: ImageTextModel, out_dir: Path, converted: Converted) -> Exported:
     from slip.interop.hf import export_hf
 
-    return export_hf(model, out_dir)
+    return _leaving_out(export_hf(model, out_dir), converted.objective_state, set(),
+                        "a transformers CLIPModel")
 
 
-TARGETS: dict[str, Callable[[ImageTextModel, Path, CheckpointInfo], Exported]] = {
+TARGETS: dict[str, Callable[[ImageTextModel, Path, Converted], Exported]] = {
     "safetensors": _to_safetensors,
     "open_clip": _to_open_clip,
     "hf": _to_hf,
@@ -91,10 +109,13 @@ def model_card(checkpoint: Path, target: str, arch: dict, info: CheckpointInfo, 
              f"- Architecture: {_architecture(arch)}",
              f"- Objective: {info.objective or 'not recorded'}; steps trained: "
              f"{info.step if info.step is not None else 'not recorded'}"]
+    if info.logit_bias is not None:
+        lines.append(f"- Learned logit bias: {info.logit_bias!r} (the objective's; SigLIP's scores are "
+                     "sigmoid(exp(logit_scale) * cosine + logit_bias))")
     data = _training_data(info.config)
     if data:
         lines.append(f"- Training data: {data}")
-    lines += [f"- Left out: {note}" for note in exported.notes]
+    lines += [f"- Left out: {note}" for note in [*exported.notes, *exported.warnings]]
     if checkpoint.parts[-2:] == CHECKPOINT_IN_RUN.parts:
         run_dir = checkpoint.parent.parent
         metrics = read_run(run_dir, run_dir.parent, []).metrics
@@ -116,7 +137,7 @@ def export(checkpoint: str | Path, target: str, out_dir: str | Path) -> Exported
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        written = TARGETS[target](model, staging, converted.info)
+        written = TARGETS[target](model, staging, converted)
         card = model_card(checkpoint, target, converted.arch, converted.info, written)
         (staging / "README.md").write_text(card)
         if out_dir.exists():
@@ -126,7 +147,7 @@ def export(checkpoint: str | Path, target: str, out_dir: str | Path) -> Exported
         shutil.rmtree(staging, ignore_errors=True)
         raise
     files = [out_dir / path.name for path in written.files] + [out_dir / "README.md"]
-    return Exported(files, written.notes)
+    return Exported(files, written.notes, written.warnings)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -143,6 +164,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     for note in result.notes:
         print(f"note: {note}")
+    for warning in result.warnings:
+        print(f"slip.export: warning: {warning}", file=sys.stderr)
     print(f"wrote {', '.join(str(path) for path in result.files)}")
 
 

@@ -21,6 +21,7 @@ from slip.interop.open_clip import (
     read_open_clip,
 )
 from slip.interop.openai import from_openai
+from slip.losses import SigLIPLoss
 from slip.models import build_from_arch, build_resnet_model, build_vit_model, vit_s16, vit_ti16
 
 open_clip = pytest.importorskip("open_clip")
@@ -179,6 +180,39 @@ def test_stochastic_depth_is_noted_not_exported(tmp_path):
     assert len(result.notes) == 1 and "drop_path_rate=0.1" in result.notes[0]
     theirs = open_clip.create_model("local-dir:" + str(tmp_path / "out")).eval()
     assert_same_encodings("slip -> open_clip openai_vit with drop path", model, theirs, 32)
+
+
+@pytest.mark.parametrize("family", ["openai_vit", "resnet"])
+def test_a_siglip_bias_is_open_clips_logit_bias_both_ways(tmp_path, family):
+    """Exported with SigLIP's learned bias, open_clip builds it as its `logit_bias`, and its SigLipLoss on its
+    outputs is our SigLIPLoss on ours; reading the directory gives the bias back to the bit."""
+    model = randomise(FAMILIES[family](), seed=11)
+    objective = SigLIPLoss()
+    with torch.no_grad():
+        objective.logit_bias.fill_(-9.8765432)
+    bias = objective.logit_bias.detach().clone()
+    result = export_open_clip(model, tmp_path / "out", logit_bias=bias)
+    assert result.notes == []
+    assert json.loads((tmp_path / "out" / CONFIG_NAME).read_text())["model_cfg"]["init_logit_bias"] == float(bias)
+    theirs = open_clip.create_model("local-dir:" + str(tmp_path / "out")).eval()
+    assert torch.equal(theirs.logit_bias.detach(), bias)
+    pixels, text = images(model.arch["image_size"], batch=3), tokens()
+    with torch.no_grad():
+        their_loss = open_clip.loss.SigLipLoss()(*theirs(pixels, text))
+        our_loss = objective(model({"image": pixels, "text": text}))["loss"]
+    assert relative_difference(our_loss, their_loss) < TOLERANCE
+
+    converted = read_open_clip(tmp_path / "out")
+    assert (converted.info.objective, converted.info.logit_bias) == ("SigLIPLoss", float(bias))
+    assert list(converted.objective_state) == ["logit_bias"]
+    assert torch.equal(converted.objective_state["logit_bias"].view(torch.int32), bias.view(torch.int32))
+    assert "logit_bias" not in converted.state
+
+
+def test_a_bias_open_clip_cannot_hold_is_refused(tmp_path):
+    with pytest.raises(ExportError) as error:
+        export_open_clip(openai_vit(), tmp_path / "out", logit_bias=torch.zeros(2))
+    assert "(2,)" in _assert_one_line(error) and not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,10 @@ Export writes what `open_clip.create_model("local-dir:<dir>")` builds and loads 
   (open_clip passes no size arguments to timm), so the model exports only where a registered name builds exactly
   our tower (e.g. `vit_ti16` at 224 px is `vit_tiny_patch16_224`); otherwise ExportError.
 
+SigLIP's learned logit bias, which our objective holds, goes where open_clip keeps it: the model's `logit_bias`
+parameter, with `init_logit_bias` in the config; reading gives it back beside the model
+(`Converted.objective_state`).
+
 Reading needs neither open_clip nor a network: a config our models cannot express, or weights that do not fit it,
 raise CheckpointError with one line naming the file and the first offending key.
 """
@@ -37,6 +41,7 @@ WEIGHTS_NAME = "open_clip_model.safetensors"
 WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin")
 SSL_HEAD_NOTE = "the SSL head (image_mlp) has no place in an open_clip model and was left out"
 OPEN_CLIP_INFO = CheckpointInfo("open_clip", "CLIPLoss")
+LOGIT_BIAS_KEY = "logit_bias"  # open_clip's CLIP parameter, present where model_cfg sets init_logit_bias
 
 # open_clip 3.3.0's CLIPVisionCfg / CLIPTextCfg defaults: what a config means by leaving a key out.
 VISION_CFG_DEFAULTS: Mapping[str, Any] = {
@@ -136,7 +141,8 @@ _MODEL_RULES: dict[str, Rule] = {
     "embed_dim": _SIZE, "vision_cfg": _ANY, "text_cfg": _ANY,
     "quick_gelu": (lambda v: bool(v), "our text tower and OpenAI-layout ViT use QuickGELU"),
     "init_logit_scale": _ANY, "output_dict": _ANY, "nonscalar_logit_scale": _ANY,
-    "init_logit_bias": (lambda v: v is None, "a SigLIP logit bias has no place in our models"),
+    "init_logit_bias": (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                and math.isfinite(v)), "a number is needed"),
     "custom_text": _ANY,  # CustomTextCLIP keeps the same text tower under "text."
 }
 _REASONS_FOR_UNKNOWN = {"multimodal_cfg": "a CoCa captioning decoder has no place in our models"}
@@ -146,11 +152,12 @@ _REASONS_FOR_UNKNOWN = {"multimodal_cfg": "a CoCa captioning decoder has no plac
 # export
 
 
-def export_open_clip(model: ImageTextModel, out_dir: Path) -> Exported:
+def export_open_clip(model: ImageTextModel, out_dir: Path, logit_bias: torch.Tensor | None = None) -> Exported:
     """Write `model` as an open_clip model directory (`open_clip_config.json` + `open_clip_model.safetensors`).
 
     `open_clip.create_model("local-dir:" + str(out_dir))` then builds the same model and loads the weights
-    strictly. Raises ExportError (writing nothing) for a model open_clip cannot express exactly.
+    strictly; with `logit_bias` (SigLIP's, a scalar) that model has it as its `logit_bias` parameter. Raises
+    ExportError (writing nothing) for a model open_clip cannot express exactly.
     """
     out_dir = Path(out_dir)
     arch = model.arch
@@ -202,16 +209,20 @@ def export_open_clip(model: ImageTextModel, out_dir: Path) -> Exported:
     if model.image_mlp is not None:
         notes.append(SSL_HEAD_NOTE)
 
-    config = {
-        "model_cfg": {
-            "embed_dim": arch["embed_dim"],
-            "quick_gelu": True,
-            "vision_cfg": vision_cfg,
-            "text_cfg": dict(context_length=arch["context_length"], vocab_size=arch["vocab_size"],
-                             width=arch["text_width"], heads=arch["text_heads"], layers=arch["text_layers"]),
-        },
-        "preprocess_cfg": {"mean": list(arch["image_mean"]), "std": list(arch["image_std"])},
+    model_cfg: dict[str, Any] = {
+        "embed_dim": arch["embed_dim"],
+        "quick_gelu": True,
+        "vision_cfg": vision_cfg,
+        "text_cfg": dict(context_length=arch["context_length"], vocab_size=arch["vocab_size"],
+                         width=arch["text_width"], heads=arch["text_heads"], layers=arch["text_layers"]),
     }
+    if logit_bias is not None:
+        if logit_bias.numel() != 1:
+            raise ExportError(f"the logit bias has shape {tuple(logit_bias.shape)}; open_clip's is one number")
+        model_cfg["init_logit_bias"] = float(logit_bias)
+        state = {**state, LOGIT_BIAS_KEY: logit_bias.reshape(())}
+    config = {"model_cfg": model_cfg,
+              "preprocess_cfg": {"mean": list(arch["image_mean"]), "std": list(arch["image_std"])}}
     from safetensors.torch import save_file
 
     tensors = {key: value.detach().cpu().clone().contiguous() for key, value in state.items()}
@@ -403,9 +414,21 @@ def read_open_clip(path: Path) -> Converted | None:
         raise CheckpointError(f"{config_path}: not a JSON object")
     arch, kind, model_cfg = _arch_from_config(config, config_path)
     raw = _load_weights(weights_path)
+    objective_state: dict[str, torch.Tensor] = {}
+    if model_cfg["init_logit_bias"] is not None:
+        bias = raw.pop(LOGIT_BIAS_KEY, None)
+        if bias is None or bias.numel() != 1 or not bias.is_floating_point():
+            setting = json.dumps(model_cfg["init_logit_bias"])
+            raise CheckpointError(f"{config_path}: model_cfg.init_logit_bias={setting} says the model has a logit "
+                                  f"bias, but {weights_path} holds no scalar {LOGIT_BIAS_KEY}")
+        objective_state[LOGIT_BIAS_KEY] = bias.reshape(())
     if model_cfg.get("custom_text"):  # CustomTextCLIP keeps CLIP's text tower under "text."
         raw = {("text_projection" if key == "text.text_projection" else unprefix_text_keys(key)): value
                for key, value in raw.items()}
     state, sources = _to_slip_state(raw, arch, kind, weights_path)
     _check_fit(arch, state, sources, config_path, weights_path)
-    return Converted(arch, state, OPEN_CLIP_INFO)
+    if not objective_state:
+        return Converted(arch, state, OPEN_CLIP_INFO)
+    # A learned sigmoid bias: the model was trained as SigLIP is.
+    info = CheckpointInfo("open_clip", "SigLIPLoss", logit_bias=float(objective_state[LOGIT_BIAS_KEY]))
+    return Converted(arch, state, info, objective_state)

@@ -1,21 +1,26 @@
 """A model's weights as `.safetensors` (no pickle at all), with its architecture and provenance as metadata.
 
 Our `.pt` checkpoints keep the training state; this file keeps only what `load_pretrained` needs: every tensor of
-the model (the SSL head included) and, in the header's metadata, the arch record (JSON) and what the run says
-about itself (objective, step).
+the model (the SSL head included), the training objective's tensors under "objective." (SigLIP's learned
+`objective.logit_bias`; no model key starts so) and, in the header's metadata, the arch record (JSON) and what the
+run says about itself (objective, step).
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
-from slip.checkpoint import FORMAT_VERSION, CheckpointError, CheckpointInfo, atomic_write
+import torch
+
+from slip.checkpoint import FORMAT_VERSION, CheckpointError, CheckpointInfo, atomic_write, logit_bias_value
 from slip.interop.common import Converted
 from slip.models import ImageTextModel
 
-__all__ = ["read_safetensors", "save_safetensors"]
+__all__ = ["OBJECTIVE_PREFIX", "read_safetensors", "save_safetensors"]
 
 _FORMAT = "slip-safetensors"
+OBJECTIVE_PREFIX = "objective."
 
 
 def _library():
@@ -26,10 +31,14 @@ def _library():
     return safetensors.torch
 
 
-def save_safetensors(model: ImageTextModel, path: str | Path, info: CheckpointInfo | None = None) -> Path:
-    """Write `model`'s tensors and arch record to `path` atomically, in safetensors format."""
+def save_safetensors(model: ImageTextModel, path: str | Path, info: CheckpointInfo | None = None,
+                     objective_state: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Write `model`'s tensors, the objective's (`objective_state`, e.g. SigLIP's logit bias) and the arch record
+    to `path` atomically, in safetensors format."""
     library = _library()
     state = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
+    state.update({OBJECTIVE_PREFIX + key: value.detach().contiguous().cpu()
+                  for key, value in (objective_state or {}).items()})
     metadata = {"format": _FORMAT, "format_version": str(FORMAT_VERSION), "arch": json.dumps(model.arch)}
     if info is not None:
         metadata.update({key: str(value) for key, value in (("objective", info.objective), ("step", info.step))
@@ -59,8 +68,11 @@ def read_safetensors(path: Path) -> Converted | None:
         state = library.load_file(str(path))
     except (KeyError, ValueError, OSError, RuntimeError) as error:
         raise CheckpointError(f"{path}: unreadable slip safetensors file ({type(error).__name__}: {error})") from None
+    objective_state = {key[len(OBJECTIVE_PREFIX):]: value for key, value in state.items()
+                       if key.startswith(OBJECTIVE_PREFIX)}
+    model_state = {key: value for key, value in state.items() if not key.startswith(OBJECTIVE_PREFIX)}
     step = metadata.get("step")
-    info = CheckpointInfo("safetensors", metadata.get("objective"),
-                          int(step) if step and step.isdigit() else None)
-    return Converted(arch, state, info)
+    info = CheckpointInfo("safetensors", metadata.get("objective"), int(step) if step and step.isdigit() else None,
+                          logit_bias=logit_bias_value(objective_state))
+    return Converted(arch, model_state, info, objective_state)
 
