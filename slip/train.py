@@ -137,9 +137,13 @@ def main(cfg: DictConfig) -> None:
 
 
 def cli() -> None:
-    """Console entry point: a renamed key on the command line stops with one line before Hydra reads it."""
+    """Console entry point: a renamed or unknown key, or an unknown group option, on the command line stops with
+    one line before Hydra reads it."""
+    from slip.config import check_override_keys
+
     try:
         check_renamed_overrides(sys.argv[1:])
+        check_override_keys(Path(__file__).resolve().parent.parent / "conf", "train", sys.argv[1:])
     except ConfigError as error:
         print(f"slip.train: error: {error}", file=sys.stderr)
         sys.exit(2)
