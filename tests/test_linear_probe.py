@@ -5,15 +5,19 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from slip.eval.linear_probe import (
     DEFAULT_L2_GRID,
+    MULTIPLY_ADDS_PER_THREAD,
     fit_logistic_regression,
     linear_probe,
     log_grid_search,
+    minimise_lbfgs,
     sgd_linear_probe,
     standardize,
     stratified_split,
+    threads_for_work,
 )
 from slip.eval.metrics import topk_accuracy
 
@@ -101,6 +105,64 @@ def test_warm_start_reaches_the_same_solution():
     warm = fit_logistic_regression(x, y, 3, 1e-2, init=other_start)
     assert torch.allclose(warm[0], cold[0], atol=1e-3)
     assert torch.allclose(warm[1] - warm[1].mean(), cold[1] - cold[1].mean(), atol=1e-3)
+
+
+def correlated_features(seed: int, n: int, dims: int = 8, classes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 features that share one strong factor, the class signal a small part of each (as embeddings do):
+    the covariance's eigenvalues span more than three decades."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    centres = torch.randn(classes, dims, generator=torch.Generator().manual_seed(7))
+    x = torch.randn(n, 1, generator=g) + 0.05 * (centres[y] + torch.randn(n, dims, generator=g))
+    return x.double(), y
+
+
+@pytest.mark.parametrize("l2", [1e-2, 1e-4])
+def test_correlated_features_converge_in_twenty_iterations_to_newtons_optimum(l2):
+    x, y = correlated_features(0, 300)
+    eigenvalues = torch.linalg.eigvalsh(torch.cov(x.T))
+    assert eigenvalues.max() / eigenvalues.min() > 1000
+    weight, bias = fit_logistic_regression(x, y, 3, l2, max_iter=20)
+    grad_w, grad_b = float64_gradient(x, y, weight, bias, l2)
+    assert grad_w.abs().max() < 1e-6 and grad_b.abs().max() < 1e-6
+    ref_w, ref_b = newton_reference(x, y, 3, l2)
+    assert torch.allclose(weight, ref_w, rtol=0, atol=1e-4 * ref_w.abs().max().item())
+    assert torch.allclose(bias - bias.mean(), ref_b - ref_b.mean(), atol=1e-4 * ref_w.abs().max().item())
+
+
+def test_threads_follow_the_work_and_the_callers_count_comes_back():
+    torch.set_num_threads(2)
+    try:
+        with threads_for_work(MULTIPLY_ADDS_PER_THREAD - 1, torch.device("cpu")) as threads:
+            assert threads == torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with threads_for_work(8 * MULTIPLY_ADDS_PER_THREAD, torch.device("cpu")) as threads:
+            assert threads == torch.get_num_threads() == 2  # never more than the caller's
+        with pytest.raises(RuntimeError, match="inside"):
+            with threads_for_work(10, torch.device("cpu")):
+                raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_a_small_fit_runs_on_one_thread_and_restores_the_callers():
+    x, y = blobs(0, 60)
+    seen = []
+
+    def loss(weight, bias):
+        seen.append(torch.get_num_threads())
+        return F.cross_entropy((x @ weight.T + bias).double(), y) + 5e-4 * weight.double().square().sum()
+
+    torch.set_num_threads(2)
+    try:
+        weight, bias = minimise_lbfgs(loss, torch.zeros(3, 5), torch.zeros(3), 1e-3, 100, 1e-4, x)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    assert seen and set(seen) == {1}
+    reference = fit_logistic_regression(x, y, 3, 1e-3)  # the same objective
+    assert torch.allclose(weight, reference[0], atol=1e-3)
 
 
 def test_fit_rejects_bad_input():

@@ -56,7 +56,7 @@ def fit_one_vs_rest(
     check_targets("fit", x, targets)
     weight, bias = lbfgs_start(x, targets.shape[1], l2, max_iter, tol, init)
     return minimise_lbfgs(lambda w, b: one_vs_rest_loss(x, targets, w, b, float(l2)), weight, bias, l2, max_iter,
-                          tol)
+                          tol, x)
 
 
 def random_split(rows: int, val_fraction: float, seed: int = 0) -> tuple[Tensor, Tensor]:
