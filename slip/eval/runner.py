@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from slip.checkpoint import CheckpointInfo
 from slip.pretrained import load_pretrained_with_info
 from slip.config import ConfigError, build
-from slip.eval.features import FeatureCache, checkpoint_fingerprint, extract_features
+from slip.eval.features import FeatureCache, extract_features
 from slip.eval.knn import knn_accuracy
 from slip.eval.linear_probe import linear_probe, sgd_linear_probe
 from slip.eval.metrics import MULTI_LABEL_METRICS, check_metric
@@ -196,13 +196,47 @@ def _check_tasks(cfg: DictConfig) -> None:
                 raise ConfigError(f"tasks.{task}: {name!r} is not in the catalog; known: {', '.join(cfg.catalog)}")
 
 
+def task_settings(cfg: DictConfig, task: str, name: str) -> dict[str, Any]:
+    """What a task's results on catalog entry `name` depend on besides the checkpoint: the entry (resolved) and the
+    config section named after the task (linear_probe, knn), if any. Batch size, workers and device are left out, as
+    the feature cache leaves them out."""
+    own = cfg.get(task)
+    return {"catalog": OmegaConf.to_container(cfg.catalog[name], resolve=True),
+            task: OmegaConf.to_container(own, resolve=True) if isinstance(own, DictConfig) else own}
+
+
+def stored_results(path: Path, fingerprint: str) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """{dataset: (settings, records)} of a task's results file written for the checkpoint with this fingerprint;
+    empty when the file is absent, unreadable, of another checkpoint, or from before settings were recorded."""
+    try:
+        stored = json.loads(path.read_text())
+        if stored.get("fingerprint") != fingerprint or not isinstance(stored.get("settings"), dict):
+            return {}
+        return {name: (settings, [r for r in stored["records"] if r.get("dataset") == name])
+                for name, settings in stored["settings"].items()}
+    except (OSError, ValueError, TypeError, AttributeError, KeyError):
+        return {}
+
+
+def _check_overwrite(cfg: DictConfig) -> bool:
+    overwrite = cfg.get("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise ConfigError(f"overwrite must be true or false, got {overwrite!r}")
+    return overwrite
+
+
 def evaluate_checkpoint(cfg: DictConfig, checkpoint: Path, output_dir: Path | None = None) -> dict[str, Path]:
-    """Run every configured task on one checkpoint; returns {task: results file}."""
+    """Run every configured task on one checkpoint; returns {task: results file}.
+
+    A dataset whose results file already holds its records for this checkpoint (by content hash) and these
+    settings (`task_settings`) is skipped, saying so, unless `overwrite` is true."""
+    overwrite = _check_overwrite(cfg)
     model, info = load_pretrained_with_info(checkpoint)
     model.to(_device(cfg.device))
     output_dir = output_dir or default_output_dir(checkpoint)
     cache_dir = Path(cfg.feature_cache) if cfg.feature_cache else output_dir / "feature_cache"
-    context = EvalContext(model, info, checkpoint, cfg, FeatureCache(str(cache_dir)), checkpoint_fingerprint(str(checkpoint)))
+    cache = FeatureCache(str(cache_dir))
+    context = EvalContext(model, info, checkpoint, cfg, cache, cache.fingerprint(checkpoint))
     written = {}
     config = OmegaConf.to_container(cfg, resolve=True)
     config.pop("catalog", None)
@@ -215,17 +249,27 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: Path, output_dir: Path | No
             continue
         header = {"task": task, "checkpoint": str(checkpoint.resolve()), "objective": info.objective,
                   "step": info.step}
-        records = []
+        path = output_dir / f"{task}.json"
+        stored = {} if overwrite else stored_results(path, context.fingerprint)
+        records, settings, computed = [], {}, False
         for name in names:
+            settings[name] = task_settings(cfg, task, name)
+            if name in stored and stored[name][0] == settings[name]:
+                records += stored[name][1]
+                print(f"{checkpoint}: skipped {task} on {name}: results for this checkpoint and settings exist in "
+                      f"{path}", flush=True)
+                continue
+            computed = True
             scores = TASKS[task](context, name)
             extras = {key: scores[key] for key in CHOSEN_SETTINGS if key in scores}
             records += [{**header, "dataset": name, "metric": metric, "value": float(value), **extras}
                         for metric, value in scores.items() if metric not in CHOSEN_SETTINGS]
             print(f"{checkpoint}: {task} on {name}: " +
                   ", ".join(f"{metric} {value:.4g}" for metric, value in scores.items()), flush=True)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        path = output_dir / f"{task}.json"
-        path.write_text(json.dumps({**header, "config": config, "records": records}, indent=2) + "\n")
+        if computed or set(stored) != set(names):
+            output_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({**header, "fingerprint": context.fingerprint, "config": config,
+                                        "settings": settings, "records": records}, indent=2) + "\n")
         written[task] = path
     return written
 
