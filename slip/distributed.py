@@ -245,16 +245,15 @@ class SyncBatchNorm1d(torch.nn.BatchNorm1d):
 
 
 def convert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
-    """Replace every BatchNorm1d in `module` by a SyncBatchNorm1d with the same parameters, statistics and dtype."""
+    """Replace every BatchNorm1d in `module` by a SyncBatchNorm1d holding the very same parameter and buffer
+    tensors, so that an optimizer built before the conversion still trains them."""
     for name, child in module.named_children():
         if type(child) is torch.nn.BatchNorm1d:
             synced = SyncBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine,
-                                     child.track_running_stats)
-            like = next(iter(child.parameters()), child.running_mean)  # the layer's device and float type
-            if like is not None:
-                synced.to(device=like.device, dtype=like.dtype)
-            synced.load_state_dict(child.state_dict())
-            setattr(module, name, synced)
+                                     child.track_running_stats, device="meta")
+            for key, tensor in [*child.named_parameters(recurse=False), *child.named_buffers(recurse=False)]:
+                setattr(synced, key, tensor)
+            setattr(module, name, synced.train(child.training))
         else:
             convert_sync_batchnorm(child)
     return module

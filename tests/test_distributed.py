@@ -237,3 +237,19 @@ def test_sync_batchnorm_equals_batchnorm_on_the_global_batch(rank_results: list[
 def test_every_rank_leaves_the_process_group(rank_results: list[dict]) -> None:
     assert all(result["left_group"] for result in rank_results)
     leave_process_group(WorldInfo())  # one process, no group: nothing to leave
+
+
+def test_converting_to_sync_batchnorm_keeps_the_tensors_an_optimizer_already_holds() -> None:
+    """slip.train builds the optimizer before it converts the SSL head for several ranks: the converted layers must
+    hold the same parameter objects, or their weights would silently never train."""
+    model = torch.nn.Sequential(torch.nn.Linear(DIM, DIM), batchnorm()[0]).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    tensors = {name: id(value) for name, value in [*model.named_parameters(), *model.named_buffers()]}
+    convert_sync_batchnorm(model)
+    assert type(model[1]).__name__ == "SyncBatchNorm1d" and model[1].training
+    assert {name: id(value) for name, value in [*model.named_parameters(), *model.named_buffers()]} == tensors
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
+    model(torch.randn(6, DIM, dtype=torch.float64)).square().sum().backward()
+    optimizer.step()
+    assert not torch.equal(model[1].weight, before["1.weight"]) and model[1].weight.dtype == torch.float64
