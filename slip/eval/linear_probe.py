@@ -51,6 +51,7 @@ __all__ = [
     "stratified_split",
     "sweep_l2_and_refit",
     "threads_for_work",
+    "top1_then_loss",
 ]
 
 DEFAULT_L2_GRID = tuple(10.0 ** e for e in range(2, -7, -1))  # 1e2 .. 1e-6, strongest first
@@ -350,6 +351,11 @@ def sweep_l2_and_refit(
         return to_train_space(test_x) @ weight.T + bias, best, scores
 
 
+def top1_then_loss(logits: Tensor, labels: Tensor) -> tuple[float, float]:
+    """How `linear_probe` ranks the points of its l2 sweep: validation top-1, then the lower cross-entropy."""
+    return topk_accuracy(logits, labels, (1,))["top1"], -F.cross_entropy(logits, labels).item()
+
+
 def linear_probe(
     train_x: Tensor,
     train_y: Tensor,
@@ -377,8 +383,7 @@ def linear_probe(
     fit_rows, val_rows = stratified_split(train_y, val_fraction, seed)
     test_logits, best, scores = sweep_l2_and_refit(
         lambda x, y, l2, init: fit_logistic_regression(x, y, num_classes, l2, max_iter, init=init),
-        lambda logits, y: (topk_accuracy(logits, y, (1,))["top1"], -F.cross_entropy(logits, y).item()),
-        train_x, train_y, fit_rows, val_rows, test_x, grid, refinements)
+        top1_then_loss, train_x, train_y, fit_rows, val_rows, test_x, grid, refinements)
     result: dict[str, object] = report(metric, test_logits, test_y)
     result.update(l2=best, val_top1=scores[best][0], sweep=[[l2, scores[l2][0]] for l2 in sorted(scores)])
     return result
