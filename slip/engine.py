@@ -25,7 +25,7 @@ from slip.models import ImageTextModel
 from slip.monitor import Monitor, peak_memory_mib
 from slip.run_layout import CHECKPOINT_IN_RUN
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "fp64")
 MAX_LOGIT_SCALE = math.log(100.0)
 LoaderForEpoch = Callable[[int, int], Iterable[dict]]
 """(epoch, number of batches to skip) -> the batches of that epoch."""
@@ -45,7 +45,7 @@ class TrainerSettings:
     max_steps: int | None = None
     update_freq: int = 1
     accumulation: str = "exact"
-    precision: str = "auto"
+    precision: str = "auto"  # fp64: weights, batches and losses in float64 (for checking equalities)
     grad_clip: float | None = None
     grad_checkpointing: bool = False
     compile: bool = False
@@ -169,10 +169,21 @@ def resolve_device(name: str, world: WorldInfo) -> torch.device:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `precision` on `device` (None: plain fp32). 'auto' is bf16 on GPU, fp32 on CPU."""
+    """The autocast dtype for `precision` on `device` (None: no autocast). 'auto' is bf16 on GPU, fp32 on CPU."""
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return {"fp32": None, "fp64": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def parameter_dtype(precision: str) -> torch.dtype | None:
+    """The dtype the engine casts weights and batches to: float64 for 'fp64'; None (as built) otherwise."""
+    return torch.float64 if precision == "fp64" else None
+
+
+def _cast_floats(batch: dict, dtype: torch.dtype) -> dict:
+    """The batch with its floating-point tensors in `dtype` (token ids and other integers as they are)."""
+    return {key: value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+            for key, value in batch.items()}
 
 
 def seed_everything(seed: int, world: WorldInfo) -> None:
@@ -256,11 +267,13 @@ class Trainer:
         self.state = TrainState()
         self._first_step = 0  # the step this invocation started from (trainer.stop_after counts from it)
         self.checkpoint_path = run_dir / CHECKPOINT_IN_RUN
-        self._saved_step: int | None = None  # the step this invocation last saved to checkpoint_path
+        self.saved_step: int | None = None  # the step of checkpoint_path (saved by this run, or resumed from)
+        self.validated_step: int | None = None  # the step whose weights `last_eval` scored
         self.monitor = Monitor(run_dir, total_steps, settings.log_every, enabled=world.is_main)
         self.last_eval: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
-        task.to(self.device)
+        self.parameter_dtype = parameter_dtype(settings.precision)
+        task.to(self.device, self.parameter_dtype)  # to(device, None) keeps the dtype
         self.wrapped: nn.Module = task
         if world.is_distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -279,6 +292,7 @@ class Trainer:
         return {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
+            "processes": self.world.world_size,
             "arch": dict(self.task.model.arch),
             "model": self.task.model.state_dict(),
             "objective": self.task.objective.state_dict(),
@@ -304,7 +318,7 @@ class Trainer:
             except OSError as error:
                 failure = self._save_failure(error)
             else:
-                self._saved_step = self.state.step
+                self.saved_step = self.state.step
         if _any_rank(failure is not None, self.world, self.device):
             if failure is not None:
                 raise failure
@@ -314,8 +328,8 @@ class Trainer:
     def _save_failure(self, error: OSError) -> TrainingError:
         if not self.checkpoint_path.exists():
             kept = "there was no earlier checkpoint"
-        elif self._saved_step is not None:
-            kept = f"the previous checkpoint (step {self._saved_step}) is intact"
+        elif self.saved_step is not None:
+            kept = f"the previous checkpoint (step {self.saved_step}) is intact"
         else:
             kept = "the previous checkpoint is intact"
         reason = error.__cause__ if isinstance(error.__cause__, OSError) else error  # atomic_save's cause
@@ -332,6 +346,7 @@ class Trainer:
         self.scaler.load_state_dict(checkpoint["scaler"])
         self.state = TrainState(**checkpoint["state"])
         self.history = list(checkpoint.get("history", []))
+        self.saved_step = self.state.step
         rng = checkpoint["rng"]
         set_rng_state(rng[self.world.rank] if self.world.rank < len(rng) else rng[0])
 
@@ -413,7 +428,7 @@ class Trainer:
         return {key: value.detach() for key, value in result.items()}
 
     def _log_step(self, results: list[dict[str, torch.Tensor]], step_time: float, data_wait: float,
-                  images: int) -> None:
+                  images: int, logit_scale: float | None) -> None:
         values = {key: sum(float(result[key]) for result in results) / len(results) for key in results[0]}
         if self.world.is_distributed:  # report the mean over ranks: for our losses, the global-batch value
             keys = sorted(values)
@@ -421,8 +436,8 @@ class Trainer:
             dist.all_reduce(stacked)
             values = {k: float(v) / self.world.world_size for k, v in zip(keys, stacked.tolist())}
         values["lr"] = self.optimizer.param_groups[0]["lr"]
-        if self.task.model.logit_scale is not None:
-            values["logit_scale"] = float(self.task.model.scaled_logit_scale().detach())
+        if logit_scale is not None:  # the scale this step's loss used, as SigLIP's logit_bias
+            values["logit_scale"] = logit_scale
         self.history.append({"step": self.state.step, **values})
         perf = {
             "images_per_second": images * self.world.world_size / max(step_time, 1e-9),
@@ -433,6 +448,9 @@ class Trainer:
         self.monitor.scalars(self.state.step, {k: float(v) for k, v in self.state.skipped.items()}, "data/skipped_")
         shown = {k: values[k] for k in ("loss", "clip_acc", "ssl_acc", "siglip_acc") if k in values}
         shown["img/s"] = perf["images_per_second"]
+        skipped = sum(self.state.skipped.values())
+        if skipped:
+            shown["skipped"] = skipped
         self.monitor.progress(self.state.step, shown)
 
     def _run_evaluation(self, preempted: PreemptionFlag) -> bool:
@@ -459,6 +477,7 @@ class Trainer:
             return False
         finally:
             self.task.model.train()
+        self.validated_step = step
         self.monitor.scalars(step, self.last_eval, "eval/")
         shown = ", ".join(f"{key} {value:.1f}" for key, value in self.last_eval.items())
         self.monitor.message(f"validation done in {time.perf_counter() - started:.0f} s: {shown}")
@@ -473,6 +492,9 @@ class Trainer:
         """
         settings, state = self.settings, self.state
         self._prepare_batch = prepare_batch
+        dtype = self.parameter_dtype
+        if dtype is not None:
+            self._prepare_batch = lambda batch, device: _cast_floats(prepare_batch(batch, device), dtype)
         self._first_step = state.step
         self.monitor.begin(state.step)
         self.task.train()
@@ -528,13 +550,15 @@ class Trainer:
             if micro < settings.update_freq:
                 continue
             nonfinite = any(not bool(torch.isfinite(result["loss"])) for result in results)
+            used_scale = (float(self.task.model.scaled_logit_scale().detach())
+                          if self.task.model.logit_scale is not None else None)
             stepped = self._optimizer_step(nonfinite)
             state.step += 1
             state.step_in_epoch += 1
             now = time.perf_counter()
             if stepped and (state.step % settings.log_every == 0 or state.step == self.total_steps or
                             self.monitor.interactive):
-                self._log_step(results, now - tick, data_wait, images)
+                self._log_step(results, now - tick, data_wait, images, used_scale)
             window, results, micro, data_wait, images = [], [], 0, 0.0, 0
             if settings.save_every and state.step % settings.save_every == 0:
                 self.save()

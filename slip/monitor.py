@@ -1,14 +1,18 @@
-"""Training telemetry: TensorBoard scalars and images, plus a console progress bar (TTY) or periodic lines."""
+"""Training telemetry: TensorBoard scalars and images, a console progress bar (TTY) or periodic lines, and the
+same lines, timestamped, in the run's train.log."""
 from __future__ import annotations
 
 import resource
 import sys
 import time
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import TextIO
 
 import torch
+
+from slip.run_layout import LOG_FILE
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -41,6 +45,7 @@ class Monitor:
         self.stream = stream if stream is not None else sys.stderr
         self.interactive = enabled and self.stream.isatty()
         self.writer = None
+        self.log_path = run_dir / LOG_FILE
         self._start_time = time.perf_counter()
         self._start_step: int | None = None
         if enabled:
@@ -59,12 +64,18 @@ class Monitor:
         if self.writer is not None:
             self.writer.add_image(tag, grid, step)
 
+    def _log(self, line: str) -> None:
+        """Append `line` to train.log (opened per line: lines are few, and a crash loses none)."""
+        with open(self.log_path, "a", encoding="utf-8") as log:
+            log.write(f"{datetime.now().isoformat(sep=' ', timespec='seconds')} {line}\n")
+
     def message(self, text: str) -> None:
-        """A line for the user (ends any progress bar line first)."""
+        """A line for the user (ends any progress bar line first), also written to train.log."""
         if self.enabled:
             if self.interactive:
                 self.stream.write("\n")
             print(text, file=self.stream, flush=True)
+            self._log(text)
 
     def begin(self, step: int) -> None:
         """Start the ETA clock at optimizer step `step` (the step a fresh or resumed run starts from)."""
@@ -81,11 +92,14 @@ class Monitor:
         eta = elapsed / max(done, 1) * (self.total_steps - step)
         shown = " ".join(f"{key} {value:.4g}" for key, value in values.items())
         line = f"step {step}/{self.total_steps} [{100 * step / self.total_steps:3.0f}%] {shown} ETA {_format_seconds(eta)}"
+        periodic = step % self.log_every == 0 or step == self.total_steps
         if self.interactive:
             self.stream.write("\r" + line[:200].ljust(120))
             self.stream.flush()
-        elif step % self.log_every == 0 or step == self.total_steps:
+        elif periodic:
             print(line, file=self.stream, flush=True)
+        if periodic:
+            self._log(line)
 
     def close(self) -> None:
         """Flush TensorBoard and end the progress line."""

@@ -12,6 +12,7 @@ import slip
 from slip.checkpoint import CheckpointError, save_model
 from slip.config import build
 from slip.data.synthetic import photo_like
+from slip.models import MODEL_BUILDERS
 from slip.tokenizer import tokenize
 from train_helpers import CONF_DIR, compose_config
 
@@ -110,3 +111,9 @@ def test_a_directory_of_no_known_format_is_one_line_naming_it(tmp_path: Path) ->
         slip.load_pretrained(tmp_path / "weights")
     assert str(info.value).startswith(f"{tmp_path / 'weights'}: a directory that is no transformers CLIP")
     assert "notes.txt" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_every_named_preset_is_a_model_config() -> None:
+    """`model=<name>` works for every preset `slip.model_names()` lists (beside them: the two family builders)."""
+    assert sorted(MODEL_BUILDERS) == MODEL_CONFIGS
+    assert set(slip.model_names()) == set(MODEL_BUILDERS) | {"build_vit_model", "build_resnet_model"}

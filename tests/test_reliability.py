@@ -138,7 +138,7 @@ def write_faulty_csv(root: Path, rows: int = 200) -> tuple[Path, dict[str, int]]
     return path, dict(counts)
 
 
-def test_a_run_over_five_percent_bad_csv_records_completes_and_counts_them_by_kind(tmp_path: Path) -> None:
+def test_a_run_over_five_percent_bad_csv_records_completes_and_counts_them_by_kind(tmp_path: Path, capsys) -> None:
     path, planted = write_faulty_csv(tmp_path / "data")
     cfg = compose_config(*NO_SYNTHETIC, *SMALL, "data=csv", f"data.source.path={path}", "data.num_workers=1",
                          "trainer.max_steps=null", "trainer.epochs=1", "trainer.save_every=0",
@@ -153,6 +153,21 @@ def test_a_run_over_five_percent_bad_csv_records_completes_and_counts_them_by_ki
     assert results["skipped_samples"] == planted
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["skipped_samples"] == planted
+    last_progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")][-1]
+    assert f" skipped {sum(planted.values())} " in last_progress  # the running count, on the console
+
+
+def test_a_run_stopped_by_bad_samples_writes_its_results_with_the_reason(tmp_path: Path) -> None:
+    path, _ = write_faulty_csv(tmp_path / "data")
+    cfg = compose_config(*NO_SYNTHETIC, *SMALL, "data=csv", f"data.source.path={path}", "trainer.max_steps=null",
+                         "trainer.epochs=1", "trainer.save_every=5", "trainer.max_bad_fraction=0.01")
+    with pytest.raises(TrainingError, match=r"samples were bad") as info:
+        train(cfg, tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert not saved["finished"] and saved["error"] == str(info.value)
+    assert saved["step"] > saved["checkpoint_step"] > 0 and saved["checkpoint_step"] % 5 == 0
+    assert read_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["state"]["step"] == saved["checkpoint_step"]
+    assert sum(saved["skipped_samples"].values()) > 0
 
 
 def write_faulty_shards(root: Path, batch_size: int) -> tuple[list[Path], dict[str, int], int]:

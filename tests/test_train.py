@@ -116,7 +116,7 @@ def test_resume_with_a_different_config_names_the_key(tmp_path: Path) -> None:
     ("override", "key"),
     [
         ("trainer.max_steps=-1", "trainer.max_steps"),
-        ("trainer.precision=fp64", "trainer.precision"),
+        ("trainer.precision=fp8", "trainer.precision"),
         ("model.vision_width=wide", "model.vision_width"),
         ("optim.lr=fast", "optim.lr"),
         ("optim.lr=-0.1", "optim.lr"),
@@ -282,10 +282,13 @@ def test_sigterm_during_validation_stops_within_seconds_and_the_run_validates_wh
     assert stopped_after < 15, f"took {stopped_after:.1f} s to stop"
     assert "validation at step 2 stopped by SIGTERM" in text and "run again to validate" in text
     assert read_checkpoint(tmp_path / "test" / "checkpoints" / "last.pt")["state"]["step"] == 2
+    interrupted = json.loads((tmp_path / "test" / "results.json").read_text())
+    assert interrupted["finished"] and interrupted["validation"] == "pending" and interrupted["zeroshot"] == {}
     again = run_cli(*FAST, "trainer.max_steps=2", "val=synthetic", "val.max_images=all",
                     "val.dataset.num_samples=48", f"output_root={tmp_path}", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "top1" in json.loads((tmp_path / "test" / "results.json").read_text())["zeroshot"]
+    validated = json.loads((tmp_path / "test" / "results.json").read_text())
+    assert "top1" in validated["zeroshot"] and validated["validation"] == "done"
     assert "validation: 48/48 images" in again.stdout + again.stderr
 
 

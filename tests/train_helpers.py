@@ -20,6 +20,10 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 # Few, small steps: the tiny model on a handful of synthetic samples, no workers, no validation.
 FAST = ["experiment=debug", "data.batch_size=8", "data.source.num_samples=64", "val=none",
         "trainer.log_every=1", "trainer.log_images=false", "run_name=test"]
+# CLIP's ModifiedResNet at a CPU-test size (BatchNorm in every stage), with small text tower and heads.
+TINY_RESNET = ["model=rn50", "model.image_size=32", *(f"++model.{key}" for key in (
+    "vision_layers=[1,1,1,1]", "vision_width=8", "embed_dim=32", "text_width=32", "text_layers=1", "text_heads=2",
+    "context_length=32", "ssl_mlp_dim=64", "ssl_embed_dim=32"))]
 
 
 def compose_config(*overrides: str) -> DictConfig:

@@ -64,8 +64,9 @@ def _batch_scores(model: ImageTextModel, classifier: Tensor,
                   batches: Iterable[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
     """(cosine similarities [B, C] of each image with each class, labels [B]) for each batch, on the model's
     device."""
+    dtype = next(model.parameters()).dtype  # float32, or float64 for a run trained with trainer.precision=fp64
     for images, labels in batches:
-        image_embed = F.normalize(model.encode_image(images.to(classifier.device)).float(), dim=-1)
+        image_embed = F.normalize(model.encode_image(images.to(classifier.device, dtype)).float(), dim=-1)
         yield image_embed @ classifier.T, labels
 
 

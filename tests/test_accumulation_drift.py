@@ -1,0 +1,106 @@
+"""Exact accumulation over many steps of `slip.train`, in float64: data order, augmentation draws, epoch boundaries,
+the schedule and random states all agree, so only rounding separates update_freq 2 from the whole batch.
+
+In fp32 the same pair drifts apart (about 5e-3 relative in the loss after 20 steps, benchmarks/results/
+accumulation_drift.md): rounding noise in gradients that are zero in exact arithmetic (attention key biases, the bias
+before the SSL head's BatchNorm) becomes steps of about +-lr under AdamW. In float64 that noise stays far below
+AdamW's eps, and the runs agree to rounding.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from accumulation_helpers import relative_errors, worst
+from train_helpers import FAST, TINY_RESNET, compose_config
+
+from slip.checkpoint import read_checkpoint
+from slip.config import build
+from slip.distributed import WorldInfo
+from slip.engine import MAX_LOGIT_SCALE, TrainTask
+from slip.run_layout import CHECKPOINT_IN_RUN
+from slip.train import build_run, train
+
+STEPS = 20
+# 32 samples in steps of 8: 4 steps an epoch, so 20 steps cross 4 epoch boundaries and the 1-epoch warm-up.
+COMMON = [*FAST, "data.source.num_samples=32", f"trainer.max_steps={STEPS}", "trainer.save_every=0",
+          "trainer.precision=fp64"]
+SMALL_VIT = ["model.image_size=16", "model.vision_layers=2", "model.text_layers=2"]
+WHOLE, MICRO = ["data.batch_size=8"], ["data.batch_size=4", "trainer.update_freq=2"]
+# In float64 the losses agree to rounding (about 1e-15). A parameter whose gradient is zero in exact arithmetic
+# (the ViT's last LayerNorm bias under SimCLR, whose shift the SSL head's BatchNorm removes) gets float64 noise
+# that AdamW divides by eps: up to 2e-7 of the floored norm after 20 steps; every weight that matters to the loss
+# agrees as closely as the losses. A difference in data, schedule or random draws moves weights by O(1).
+LOSS_TOLERANCE, WEIGHT_TOLERANCE = 1e-10, 1e-6
+
+
+def _losses(results: dict) -> list[float]:
+    return [row["loss"] for row in results["history"]]
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return read_checkpoint(run_dir / CHECKPOINT_IN_RUN)["model"]
+
+
+def _assert_same_run(losses: list[float], weights: dict[str, torch.Tensor], want_losses: list[float],
+                     want_weights: dict[str, torch.Tensor]) -> None:
+    assert len(losses) == len(want_losses) == STEPS
+    for step, (got, want) in enumerate(zip(losses, want_losses), start=1):
+        assert got == pytest.approx(want, rel=LOSS_TOLERANCE, abs=0), f"step {step}"
+    name, error = worst(relative_errors(weights, want_weights))
+    assert error < WEIGHT_TOLERANCE, f"{name}: {error:.2e}"
+
+
+@pytest.mark.parametrize("loss", ["slip", "simclr"])
+def test_twenty_float64_steps_with_update_freq_2_equal_the_whole_batch_run(loss: str, tmp_path: Path) -> None:
+    """A ViT tower: the micro-batches of update_freq 2 make up exactly the whole batch's step, twenty times over."""
+    whole = train(compose_config(*COMMON, *SMALL_VIT, f"loss={loss}", *WHOLE), tmp_path / "whole")
+    micro = train(compose_config(*COMMON, *SMALL_VIT, f"loss={loss}", *MICRO), tmp_path / "micro")
+    _assert_same_run(_losses(micro), _weights(tmp_path / "micro"), _losses(whole), _weights(tmp_path / "whole"))
+
+
+def _plain_accumulated_run(overrides: list[str]) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The reference: the run's own model, objective, data, optimizer and schedule (`slip.train.build_run`), each
+    step one autograd graph over all its micro-batches (no cached features, no replays), AdamW stepped by hand."""
+    cfg = compose_config(*overrides)
+    settings = build(cfg.trainer, "trainer")
+    parts = build_run(cfg, WorldInfo(), settings)
+    task = TrainTask(parts.model, parts.objective).to(torch.float64).train()
+    device = torch.device("cpu")
+    losses: list[float] = []
+    epoch = 0
+    while len(losses) < STEPS:
+        batches = iter(parts.data.loader(epoch, 0))
+        for _ in range(parts.data.steps_per_epoch):
+            if len(losses) == STEPS:
+                break
+            micro = [parts.transform.to_device(next(batches), device) for _ in range(settings.update_freq)]
+            features = [task.model.tower_features({key: value.double() if value.is_floating_point() else value
+                                                   for key, value in batch.items() if isinstance(value, torch.Tensor)})
+                        for batch in micro]
+            result = task.finish({key: torch.cat([part[key] for part in features]) for key in features[0]})
+            result["loss"].backward()
+            for group in parts.optimizer.param_groups:
+                group["lr"] = parts.schedule(len(losses))
+            parts.optimizer.step()
+            parts.optimizer.zero_grad(set_to_none=True)
+            if task.model.logit_scale is not None:
+                with torch.no_grad():
+                    task.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            losses.append(float(result["loss"]))
+        epoch += 1
+    return losses, task.model.state_dict()
+
+
+@pytest.mark.parametrize("loss", ["slip", "simclr"])
+def test_twenty_float64_steps_of_exact_accumulation_on_a_resnet_equal_one_graph_over_the_micro_batches(
+        loss: str, tmp_path: Path) -> None:
+    """A ModifiedResNet tower normalises each micro-batch with its own statistics, so update_freq 2 is not the
+    whole batch's step; it is one graph over both micro-batches, which the engine's cached features and replays
+    must reproduce (BatchNorm's running statistics included), through twenty steps of data, schedule and resume
+    positions."""
+    overrides = [*COMMON, f"loss={loss}", *TINY_RESNET, *MICRO]
+    results = train(compose_config(*overrides), tmp_path)
+    want_losses, want_weights = _plain_accumulated_run(overrides)
+    _assert_same_run(_losses(results), _weights(tmp_path), want_losses, want_weights)

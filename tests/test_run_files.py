@@ -1,0 +1,56 @@
+"""What a run directory says of its run: the console's lines in train.log, the run header, results.json."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from train_helpers import FAST, compose_config
+
+from slip.run_layout import LOG_FILE, RESULTS_FILE
+from slip.train import train
+
+TIMESTAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
+
+
+def _logged(run_dir: Path) -> list[str]:
+    """train.log's lines without their timestamps (every line must have one)."""
+    lines = (run_dir / LOG_FILE).read_text().splitlines()
+    assert all(re.match(TIMESTAMP, line) for line in lines), lines
+    return [re.sub("^" + TIMESTAMP, "", line) for line in lines]
+
+
+def test_train_log_holds_every_console_line_of_every_invocation(tmp_path: Path, capsys) -> None:
+    overrides = [*FAST, "loss=clip", "trainer.max_steps=3", "val=synthetic", "val.dataset.num_samples=24"]
+    train(compose_config(*overrides, "trainer.stop_after=2"), tmp_path)
+    first = capsys.readouterr().err.splitlines()
+    train(compose_config(*overrides), tmp_path)
+    second = capsys.readouterr().err.splitlines()
+    assert first and second
+    assert _logged(tmp_path) == first + second
+    assert any(line.startswith("step 3/3 ") for line in second) and "resumed from step 2" in second[0]
+    assert any(line.startswith("zero-shot top-1 on the held-out split") for line in second)
+
+
+def test_the_run_header_counts_update_freq_in_the_global_batch(tmp_path: Path, capsys) -> None:
+    train(compose_config(*FAST, "loss=clip", "trainer.max_steps=1", "trainer.update_freq=2"), tmp_path)
+    assert (f"run dir {tmp_path}: 1 steps of global batch 8 x 1 process x update_freq 2 = 16, "
+            in capsys.readouterr().err)
+
+
+def test_results_say_which_checkpoint_and_validation_they_belong_to(tmp_path: Path) -> None:
+    overrides = [*FAST, "loss=clip", "trainer.max_steps=2", "trainer.save_every=0", "val=synthetic",
+                 "val.dataset.num_samples=24"]
+    stopped = train(compose_config(*overrides, "trainer.stop_after=1"), tmp_path / "run")
+    assert (stopped["step"], stopped["checkpoint_step"], stopped["finished"]) == (1, 1, False)
+    assert stopped["validation"] == "pending" and stopped["zeroshot"] == {}  # step 1's weights are not scored
+    done = train(compose_config(*overrides), tmp_path / "run")
+    assert (done["step"], done["checkpoint_step"], done["validation"]) == (2, 2, "done")
+    assert set(done["zeroshot"]) == {"top1", "top5"}
+    assert json.loads((tmp_path / "run" / RESULTS_FILE).read_text()) == done
+    # A validation every step scores step 1's weights: a run stopped there reports them as step 1's.
+    scored = train(compose_config(*overrides, "trainer.eval_every=1", "trainer.stop_after=1"), tmp_path / "scored")
+    assert (scored["step"], scored["validation"], set(scored["zeroshot"])) == (1, "done", {"top1", "top5"})
+    simclr = train(compose_config(*FAST, "loss=simclr", "trainer.max_steps=1", "val=synthetic",
+                                  "val.dataset.num_samples=24"), tmp_path / "simclr")
+    assert simclr["validation"] == "none" and simclr["zeroshot"] == {}
