@@ -62,9 +62,10 @@ SLIP_SGD_EPOCHS = 90
 SLIP_SGD_BATCH_SIZE = 1024
 SLIP_SGD_LR = 0.1 * (128 // 8) / 256
 _LBFGS_HISTORY = 20
-# One intra-op thread per this many multiply-adds of a loss evaluation (features [N, D] times weights [C, D]): about
-# 10 ms of one core's matmul work, so that a thread joins only where its share outweighs waiting for the others.
-# Below it a probe runs on one thread: on a busy machine a second thread mostly waits (10x slower in issue 24).
+# One intra-op thread per this many multiply-adds of a loss evaluation (features [N, D] times weights [C, D]): 10-20
+# ms of one core's matmul work, so that a thread joins only where its share outweighs waiting for the others. Below
+# it a probe runs on one thread: where other work holds the other cores, a second thread mostly waits (a 5,664 x 192
+# x 98-class fit ran 10x slower on two busy cores than on one).
 MULTIPLY_ADDS_PER_THREAD = 1 << 28
 
 
