@@ -122,7 +122,7 @@ def training_task(device, model_name: str, loss: str, **model_overrides: Any) ->
     import torch
 
     import slip.losses
-    from slip.engine import TrainTask
+    from slip.task import TrainTask
     from slip.host_memory import retain_freed_memory
     from slip.models import MODEL_BUILDERS
     from slip.optim import adamw, param_groups

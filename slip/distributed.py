@@ -5,6 +5,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -118,6 +119,24 @@ def leave_process_group(world: WorldInfo) -> None:
     if world.is_distributed and dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def all_ranks(value: Any, world: WorldInfo) -> list[Any]:
+    """`value` of every rank, in rank order (a picklable object; one process: just its own)."""
+    if not world.is_distributed:
+        return [value]
+    gathered: list[Any] = [None] * world.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def any_rank(flag: bool, world: WorldInfo, device: torch.device) -> bool:
+    """Whether `flag` is set on any rank (every rank gets the same answer)."""
+    if not world.is_distributed:
+        return flag
+    tensor = torch.tensor(float(flag), device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
 
 
 def _check_same_shape(tensor: Tensor) -> None:

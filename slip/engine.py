@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
-import signal
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,13 +17,14 @@ from torch import nn
 from slip.accumulation import ACCUMULATION_MODES, exact_backward
 from slip.checkpoint import FORMAT_NAME, FORMAT_VERSION, atomic_save
 from slip.data.loader import batch_rows, batch_to_device
-from slip.distributed import WorldInfo, average_gradients
-from slip.losses import Objective
-from slip.models import ImageTextModel
-from slip.monitor import Monitor, peak_memory_mib
+from slip.distributed import WorldInfo, all_ranks, any_rank, average_gradients
+from slip.monitor import Monitor, peak_memory_mib, view_grid
+from slip.precision import PRECISIONS, autocast_dtype, cast_floats, parameter_dtype
+from slip.preemption import EvaluationInterrupted, PreemptionFlag
+from slip.random_state import rng_state, set_rng_state
 from slip.run_layout import CHECKPOINT_IN_RUN
+from slip.task import TrainTask
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "fp64")
 MAX_LOGIT_SCALE = math.log(100.0)
 LoaderForEpoch = Callable[[int, int], Iterable[dict]]
 """(epoch, number of batches to skip) -> the batches of that epoch."""
@@ -99,140 +98,11 @@ class TrainState:
     nonfinite_in_a_row: int = 0
 
 
-class TrainTask(nn.Module):
-    """Model plus objective: the one module that owns every trainable parameter (what DDP wraps)."""
-
-    def __init__(self, model: ImageTextModel, objective: Objective) -> None:
-        super().__init__()
-        self.model = model
-        self.objective = objective
-
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Batch -> the objective's result dict (loss, terms, accuracies)."""
-        return self.objective(self.model(batch))
-
-    def finish(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Tower features (`ImageTextModel.tower_features`) -> the objective's result dict, through the heads."""
-        return self.objective(self.model.heads(features))
-
-
-class PreemptionFlag:
-    """Set by SIGTERM (SLURM preemption); the loop saves and returns at the next step boundary."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def __enter__(self) -> "PreemptionFlag":
-        with contextlib.suppress(ValueError):  # signal handlers only install in the main thread
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-
-    def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    @contextlib.contextmanager
-    def interrupting(self, error: type[BaseException]) -> Iterator[None]:
-        """Inside the block SIGTERM also raises `error` at once (long loops that do not check the flag, such as
-        validation); raised on entry when SIGTERM already came."""
-        if self.requested:
-            raise error()
-
-        def handle(signum: int, frame: Any) -> None:
-            self.requested = True
-            raise error()
-
-        try:
-            previous = signal.signal(signal.SIGTERM, handle)
-        except ValueError:  # not the main thread: the flag alone
-            yield
-            return
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-
-
-class EvaluationInterrupted(Exception):
-    """SIGTERM arrived during validation."""
-
-
 def resolve_device(name: str, world: WorldInfo) -> torch.device:
     """'auto' -> this rank's GPU when CUDA is available, else the CPU."""
     if name == "auto":
         return torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     return torch.device(name)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `precision` on `device` (None: no autocast). 'auto' is bf16 on GPU, fp32 on CPU."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"fp32": None, "fp64": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def parameter_dtype(precision: str) -> torch.dtype | None:
-    """The dtype the engine casts weights and batches to: float64 for 'fp64'; None (as built) otherwise."""
-    return torch.float64 if precision == "fp64" else None
-
-
-def _cast_floats(batch: dict, dtype: torch.dtype) -> dict:
-    """The batch with its floating-point tensors in `dtype` (token ids and other integers as they are)."""
-    return {key: value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
-            for key, value in batch.items()}
-
-
-def seed_everything(seed: int, world: WorldInfo) -> None:
-    """Seed torch and Python's RNG differently on each rank."""
-    torch.manual_seed(seed + world.rank)
-    random.seed(seed + world.rank)
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's RNG states, as plain tensors and tuples."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore what `rng_state` returned."""
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _all_ranks(value: Any, world: WorldInfo) -> list[Any]:
-    if not world.is_distributed:
-        return [value]
-    gathered: list[Any] = [None] * world.world_size
-    dist.all_gather_object(gathered, value)
-    return gathered
-
-
-def _any_rank(flag: bool, world: WorldInfo, device: torch.device) -> bool:
-    if not world.is_distributed:
-        return flag
-    tensor = torch.tensor(float(flag), device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
-
-
-def view_grid(batch: Mapping[str, torch.Tensor], mean: Iterable[float], std: Iterable[float], count: int = 8):
-    """One row per image view of the first `count` samples, un-normalised to [0, 1] for TensorBoard."""
-    from torchvision.utils import make_grid
-
-    mean_t = torch.tensor(list(mean)).view(1, 3, 1, 1)
-    std_t = torch.tensor(list(std)).view(1, 3, 1, 1)
-    rows = [batch[k][:count].float().cpu() * std_t + mean_t for k in ("image", "aug1", "aug2") if k in batch]
-    return make_grid(torch.cat(rows).clamp(0, 1), nrow=min(count, rows[0].shape[0]))
 
 
 class Trainer:
@@ -299,7 +169,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "state": asdict(self.state),
-            "rng": _all_ranks(rng_state(), self.world),
+            "rng": all_ranks(rng_state(), self.world),
             "config": self.config_text,
             "history": self.history,
         }
@@ -319,7 +189,7 @@ class Trainer:
                 failure = self._save_failure(error)
             else:
                 self.saved_step = self.state.step
-        if _any_rank(failure is not None, self.world, self.device):
+        if any_rank(failure is not None, self.world, self.device):
             if failure is not None:
                 raise failure
             raise TrainingError(f"rank {self.world.rank}: stopping because rank 0 could not save step "
@@ -368,7 +238,7 @@ class Trainer:
 
     def _optimizer_step(self, step_nonfinite: bool) -> bool:
         """Clip, step and update the scaler; skipped (grads dropped) after a non-finite loss."""
-        if _any_rank(step_nonfinite, self.world, self.device):
+        if any_rank(step_nonfinite, self.world, self.device):
             self.optimizer.zero_grad(set_to_none=True)
             self.state.nonfinite_in_a_row += 1
             self.monitor.message(f"step {self.state.step + 1}: non-finite loss, step skipped "
@@ -494,7 +364,7 @@ class Trainer:
         self._prepare_batch = prepare_batch
         dtype = self.parameter_dtype
         if dtype is not None:
-            self._prepare_batch = lambda batch, device: _cast_floats(prepare_batch(batch, device), dtype)
+            self._prepare_batch = lambda batch, device: cast_floats(prepare_batch(batch, device), dtype)
         self._first_step = state.step
         self.monitor.begin(state.step)
         self.task.train()
@@ -564,7 +434,7 @@ class Trainer:
                 self.save()
             if settings.eval_every and state.step % settings.eval_every == 0 and state.step < self.total_steps:
                 self._run_evaluation(preempted)  # SIGTERM there stops the run below, as during a step
-            if _any_rank(preempted.requested, self.world, self.device) or (
+            if any_rank(preempted.requested, self.world, self.device) or (
                     settings.stop_after is not None and state.step - self._first_step >= settings.stop_after):
                 return True
             tick = time.perf_counter()

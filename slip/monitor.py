@@ -5,7 +5,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import TextIO
@@ -109,3 +109,13 @@ class Monitor:
         if self.interactive:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def view_grid(batch: Mapping[str, torch.Tensor], mean: Iterable[float], std: Iterable[float], count: int = 8):
+    """One row per image view of the first `count` samples, un-normalised to [0, 1] for TensorBoard."""
+    from torchvision.utils import make_grid
+
+    mean_t = torch.tensor(list(mean)).view(1, 3, 1, 1)
+    std_t = torch.tensor(list(std)).view(1, 3, 1, 1)
+    rows = [batch[k][:count].float().cpu() * std_t + mean_t for k in ("image", "aug1", "aug2") if k in batch]
+    return make_grid(torch.cat(rows).clamp(0, 1), nrow=min(count, rows[0].shape[0]))

@@ -21,15 +21,17 @@ from slip.config import (ConfigError, build, check_override_keys, check_renamed_
 from slip.data import TrainData, build_train_data
 from slip.data.decode import DataError
 from slip.distributed import WorldInfo, convert_sync_batchnorm, init_process_group, leave_process_group, make_gather
-from slip.engine import Trainer, TrainerSettings, TrainingError, TrainTask, resolve_device, seed_everything
+from slip.engine import Trainer, TrainerSettings, TrainingError, resolve_device
 from slip.error_text import last_line
 from slip.eval.zeroshot import validation_images, zero_shot_evaluator
 from slip.host_memory import retain_freed_memory
 from slip.losses import Objective
 from slip.models import ImageTextModel
 from slip.models.vision import has_batch_statistics
+from slip.random_state import seed_everything
 from slip.run_identity import BatchLayout, check_resume, saved_processes
 from slip.run_layout import CHECKPOINT_IN_RUN, CONFIG_FILE, RESULTS_FILE
+from slip.task import TrainTask
 
 
 def _resume_checkpoint(setting: str, run_dir: Path, cfg: DictConfig, processes: int,
@@ -159,8 +161,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     trainer.monitor.message(f"run dir {run_dir}: {total_steps} steps of global batch {layout.describe()}, "
                             f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
     try:
-        state = trainer.fit(parts.data.loader, model.arch["image_mean"], model.arch["image_std"],
-                            parts.transform.to_device)
+        trainer.fit(parts.data.loader, model.arch["image_mean"], model.arch["image_std"], parts.transform.to_device)
     except (TrainingError, DataError) as error:
         if world.is_main:  # the stop is recorded: the results file names the error and the step that is saved
             _write_run_files(run_dir, cfg, _results(cfg, trainer, evaluate, started, overrides, error))

@@ -23,7 +23,8 @@ from slip.data.loader import collate
 from slip.data.synthetic import photo_like
 from slip.data.transforms import CLIP_MEAN, CLIP_STD, build_multiview
 from slip.distributed import WorldInfo, convert_sync_batchnorm, init_process_group, leave_process_group, make_gather
-from slip.engine import Trainer, TrainerSettings, TrainTask
+from slip.engine import Trainer, TrainerSettings
+from slip.task import TrainTask
 from train_helpers import FAST, compose_config
 
 MICRO, K = 8, 4

@@ -18,7 +18,8 @@ from train_helpers import FAST, TINY_RESNET, compose_config
 from slip.checkpoint import read_checkpoint
 from slip.config import build
 from slip.distributed import WorldInfo
-from slip.engine import MAX_LOGIT_SCALE, TrainTask
+from slip.engine import MAX_LOGIT_SCALE
+from slip.task import TrainTask
 from slip.run_layout import CHECKPOINT_IN_RUN
 from slip.train import build_run, train
 
