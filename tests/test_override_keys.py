@@ -1,7 +1,6 @@
 """Unknown keys and group options on the command line: one line naming the key and the closest valid one."""
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -10,7 +9,8 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from slip.config import ConfigError, check_override_keys
-from train_helpers import CONF_DIR, FAST, compose_config, subprocess_env
+from slip.train import cli
+from train_helpers import CONF_DIR, FAST, compose_config
 
 
 def check(*args: str) -> None:
@@ -92,8 +92,12 @@ def test_refuses_exactly_what_hydra_refuses_to_compose(overrides: list[str]) -> 
          "trainer.max_stepz: unknown key (did you mean trainer.max_steps?)"),
     ],
 )
-def test_the_command_line_stops_with_one_line_before_hydra_runs(tmp_path: Path, args: list[str], line: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "slip.train", *args, f"output_root={tmp_path}"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300, env=subprocess_env())
-    assert (result.returncode, result.stderr.splitlines()) == (2, [f"slip.train: error: {line}"])
+def test_the_command_line_stops_with_one_line_before_hydra_runs(tmp_path: Path, args: list[str], line: str,
+                                                                 monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """`slip-train`'s entry point in this process (test_train.py runs `python -m slip.train` as a subprocess)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["slip-train", *args, f"output_root={tmp_path}"])
+    with pytest.raises(SystemExit) as stopped:
+        cli()
+    assert (stopped.value.code, capsys.readouterr().err.splitlines()) == (2, [f"slip.train: error: {line}"])
     assert not any(tmp_path.iterdir())  # nothing started: no run or sweep directory

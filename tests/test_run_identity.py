@@ -4,16 +4,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from accumulation_helpers import relative_errors, worst
-from rank_helpers import free_port
-from train_helpers import FAST, TINY_RESNET, compose_config, subprocess_env
+from train_helpers import EXACT_RUN, FAST, TINY_RESNET, assert_same_run, compose_config, losses_by_step, weights_of
 
-from slip.checkpoint import read_checkpoint
 from slip.config import ConfigError
 from slip.engine import TrainerSettings
 from slip.run_identity import (FREE_SECTIONS, IDENTITY_SECTIONS, TRAINER_FREE_KEYS, TRAINER_IDENTITY_KEYS,
@@ -109,50 +104,15 @@ def test_a_finished_run_can_be_extended_but_not_cut_short(tmp_path: Path) -> Non
     assert extended["finished"] and [row["step"] for row in extended["history"]] == [1, 2, 3]
 
 
-def _losses(results: dict) -> dict[int, float]:
-    return {row["step"]: row["loss"] for row in results["history"]}
-
-
-def _assert_continues_exactly(resumed: dict, uninterrupted: dict, run_dir: Path, reference_dir: Path) -> None:
-    """Every step's loss (those after the resume included) and the final weights agree in float64."""
-    got, want = _losses(resumed), _losses(uninterrupted)
-    assert sorted(got) == sorted(want)
-    for step, loss in want.items():
-        assert got[step] == pytest.approx(loss, rel=1e-10, abs=0), f"step {step}"
-    # Weights as in tests/test_accumulation_drift.py: a parameter with no gradient in exact arithmetic (attention
-    # key biases) moves by float64 noise that AdamW divides by its eps.
-    name, error = worst(relative_errors(read_checkpoint(run_dir / CHECKPOINT_IN_RUN)["model"],
-                                        read_checkpoint(reference_dir / CHECKPOINT_IN_RUN)["model"]))
-    assert error < 1e-6, f"{name}: {error:.2e}"
-
-
-EXACT = [*FAST, "loss=slip", "data.source.num_samples=64", "trainer.max_steps=6", "trainer.save_every=0",
-         "trainer.precision=fp64"]
-
-
 def test_the_same_global_batch_in_another_layout_continues_the_run_exactly(tmp_path: Path) -> None:
-    """A ViT on map-style data: batch 16 for 3 steps, then batch 8 x update_freq 2 with a loader worker, equals
-    batch 16 throughout (float64; 6 steps cross an epoch boundary)."""
-    whole = train(compose_config(*EXACT, "data.batch_size=16"), tmp_path / "whole")
-    train(compose_config(*EXACT, "data.batch_size=16", "trainer.stop_after=3"), tmp_path / "split")
-    resumed = train(compose_config(*EXACT, "data.batch_size=8", "trainer.update_freq=2", "data.num_workers=1"),
+    """A ViT on map-style data: batch 8 for 3 steps, then batch 4 x update_freq 2 with a loader worker, equals
+    batch 8 throughout (float64; 6 steps cross an epoch boundary). Processes: tests/test_train.py."""
+    whole = train(compose_config(*EXACT_RUN, "data.batch_size=8"), tmp_path / "whole")
+    train(compose_config(*EXACT_RUN, "data.batch_size=8", "trainer.stop_after=3"), tmp_path / "split")
+    resumed = train(compose_config(*EXACT_RUN, "data.batch_size=4", "trainer.update_freq=2", "data.num_workers=1"),
                     tmp_path / "split")
-    _assert_continues_exactly(resumed, whole, tmp_path / "split", tmp_path / "whole")
-
-
-def test_two_processes_continue_on_one_at_the_same_global_batch_exactly(tmp_path: Path) -> None:
-    """2 gloo processes at batch 4 for 3 steps, then 1 process at batch 8: equal to 1 process throughout."""
-    common = [*EXACT, f"output_root={tmp_path}"]
-    one = train(compose_config(*common, "data.batch_size=8"), tmp_path / "one")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               "-m", "slip.train", *common, "data.batch_size=4", "trainer.stop_after=3"]
-    two = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                         env=subprocess_env(OMP_NUM_THREADS="1"))
-    assert two.returncode == 0, two.stderr[-3000:]
-    run_dir = tmp_path / "test"
-    assert read_checkpoint(run_dir / CHECKPOINT_IN_RUN)["processes"] == 2
-    resumed = train(compose_config(*common, "data.batch_size=8"), run_dir)
-    _assert_continues_exactly(resumed, one, run_dir, tmp_path / "one")
+    assert_same_run(losses_by_step(resumed), weights_of(tmp_path / "split"), losses_by_step(whole),
+                    weights_of(tmp_path / "whole"))
 
 
 def test_a_resnet_tower_keeps_its_batch_layout(tmp_path: Path) -> None:
