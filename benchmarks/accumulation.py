@@ -9,7 +9,7 @@ size on CPU, the CUDA allocator's peak on GPU): the model, AdamW's state, one wa
 timed optimizer step. Modes:
 - `independent`: update_freq micro-batches one after the other, each loss / update_freq back-propagated (the
   engine's trainer.accumulation=independent; each micro-batch is made when it is needed, as a loader would);
-- `exact`: `slip.accumulation.exact_backward` split at the tower features (the engine's default);
+- `exact`: `slip.app.accumulation.exact_backward` split at the tower features (the engine's default);
 - `exact_after_heads`: the same, split after the heads (GradCache's split; not exact with the SSL head's
   BatchNorm, timed only to show what the split costs);
 - `big`: one plain step on the whole global batch, where the micro step's memory scaled to it fits in the
@@ -133,7 +133,7 @@ def step_measurement(device_name: str, model_name: str, loss: str, mode: str, mi
     """
     import torch
 
-    from slip.accumulation import exact_backward
+    from slip.app.accumulation import exact_backward
     from slip.data.loader import batch_to_device
 
     device = torch.device(device_name)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any, BinaryIO, Mapping
 
 import torch
-from omegaconf import OmegaConf
+import yaml
 
 from slip.error_text import first_line, named_one_line
 from slip.models import ImageTextModel
@@ -64,7 +64,9 @@ def logit_bias_value(objective_state: Mapping[str, torch.Tensor]) -> float | Non
 
 def objective_from_config(config_text: str | None) -> str | None:
     """The objective class name recorded in a training config's loss._target_."""
-    target = OmegaConf.select(OmegaConf.create(config_text or "{}"), "loss._target_", default=None)
+    config = yaml.safe_load(config_text or "{}")
+    loss = config.get("loss") if isinstance(config, dict) else None
+    target = loss.get("_target_") if isinstance(loss, dict) else None
     return str(target).rsplit(".", 1)[-1] if target else None
 
 

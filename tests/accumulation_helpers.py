@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from slip.distributed import WorldInfo
-from slip.engine import Trainer, TrainerSettings
-from slip.task import TrainTask
+from slip.app.engine import Trainer, TrainerSettings
+from slip.app.task import TrainTask
 from slip.losses import CLIPLoss, Objective, SigLIPLoss, SimCLRLoss, SLIPLoss
 from slip.models import build_resnet_model, build_vit_model
 

@@ -17,14 +17,14 @@ import torch
 from accumulation_helpers import (EOT, OBJECTIVES, TEXT, gradients, image_size, make_batch, parameters,
                                   relative_errors, split, tiny_task, train_steps, worst)
 from rank_helpers import run_ranks
-from slip.accumulation import exact_backward
+from slip.app.accumulation import exact_backward
 from slip.checkpoint import read_checkpoint
 from slip.data.loader import collate
 from slip.data.synthetic import photo_like
 from slip.data.transforms import CLIP_MEAN, CLIP_STD, build_multiview
 from slip.distributed import WorldInfo, convert_sync_batchnorm, init_process_group, leave_process_group, make_gather
-from slip.engine import Trainer, TrainerSettings
-from slip.task import TrainTask
+from slip.app.engine import Trainer, TrainerSettings
+from slip.app.task import TrainTask
 from train_helpers import FAST, compose_config
 
 MICRO, K = 8, 4
@@ -283,7 +283,7 @@ def final_state(run_dir: Path) -> dict:
 
 def test_train_with_update_freq_equals_train_with_the_whole_batch(tmp_path: Path) -> None:
     """data.batch_size=8 x update_freq=2 reads the same 16 samples per step as data.batch_size=16."""
-    from slip.train import train
+    from slip.app.train import train
 
     common = [*FAST, "loss=slip", "trainer.max_steps=3", "trainer.save_every=0"]
     whole = train(compose_config(*common, "data.batch_size=16"), tmp_path / "whole")
@@ -301,7 +301,7 @@ def test_train_with_update_freq_equals_train_with_the_whole_batch(tmp_path: Path
 
 
 def test_bf16_training_runs_end_to_end_close_to_fp32(tmp_path: Path) -> None:
-    from slip.train import train
+    from slip.app.train import train
 
     common = [*FAST, "loss=slip", "trainer.max_steps=2", "trainer.update_freq=2", "data.batch_size=8"]
     fp32 = train(compose_config(*common, "trainer.precision=fp32"), tmp_path / "fp32")

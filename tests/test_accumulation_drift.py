@@ -15,11 +15,11 @@ import torch
 from train_helpers import (FAST, SMALL_VIT, TINY_RESNET, assert_same_run, compose_config, losses_by_step,
                            weights_of)
 
-from slip.config import build
+from slip.app.config import build
 from slip.distributed import WorldInfo
-from slip.engine import MAX_LOGIT_SCALE
-from slip.task import TrainTask
-from slip.train import build_run, train
+from slip.app.engine import MAX_LOGIT_SCALE
+from slip.app.task import TrainTask
+from slip.app.train import build_run, train
 
 STEPS = 20
 # 32 samples in steps of 8: 4 steps an epoch, so 20 steps cross 4 epoch boundaries and the 1-epoch warm-up.

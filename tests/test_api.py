@@ -10,7 +10,7 @@ from torchvision.transforms import v2
 
 import slip
 from slip.checkpoint import CheckpointError, save_model
-from slip.config import build
+from slip.app.config import build
 from slip.data.synthetic import photo_like
 from slip.models import MODEL_BUILDERS
 from slip.tokenizer import tokenize

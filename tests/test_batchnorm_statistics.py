@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from accumulation_helpers import make_batch, parameters, split, tiny_task, train_steps
-from slip.task import TrainTask
+from slip.app.task import TrainTask
 from slip.models.vision import Bottleneck, ModifiedResNet, checkpoint_keeping_buffers
 
 MICRO = 4

@@ -11,10 +11,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from slip.config import ConfigError, build, check_node
+from slip.app.config import ConfigError, build, check_node
 from slip.data.dataset import ImageTextDataset
-from slip.engine import TrainerSettings
-from slip.train import train
+from slip.app.engine import TrainerSettings
+from slip.app.train import train
 from data_helpers import image_bytes, write_image, write_shard
 from train_helpers import CONF_DIR, FAST, compose_config
 
@@ -160,7 +160,7 @@ def test_shipped_configs_have_no_python_side_defaults() -> None:
 
 
 def test_too_many_bad_samples_stop_the_run_naming_examples(tmp_path: Path) -> None:
-    from slip.engine import TrainingError
+    from slip.app.engine import TrainingError
 
     write_image(tmp_path / "images" / "ok.png")
     (tmp_path / "images" / "broken.png").write_bytes(b"\x89PNG not really")
@@ -178,7 +178,8 @@ def test_too_many_bad_samples_stop_the_run_naming_examples(tmp_path: Path) -> No
 def test_a_key_added_later_at_its_default_does_not_block_resuming() -> None:
     from omegaconf import OmegaConf
 
-    from slip.config import fill_added_defaults, first_difference
+    from slip.app.config import first_difference
+    from slip.app.migrations import fill_added_defaults
 
     current = compose_config("model=vit_b16")
     saved = OmegaConf.create(OmegaConf.to_container(current.model))

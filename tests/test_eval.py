@@ -13,15 +13,15 @@ from omegaconf import DictConfig
 
 from data_helpers import write_image
 from slip.pretrained import load_pretrained
-from slip.config import ConfigError
+from slip.app.config import ConfigError
 from slip.data.synthetic import SyntheticClassification
 from slip.data.transforms import eval_view
 from slip.eval.features import EvalViewDataset
 from slip.eval.metrics import mean_per_class_accuracy
-from slip.eval.runner import evaluate
+from slip.app.evaluate import evaluate
 from slip.eval.zeroshot import ZeroShotEvaluator, text_classifier, zero_shot_scores
 from slip.tokenizer import tokenize
-from slip.train import train
+from slip.app.train import train
 from train_helpers import CONF_DIR, FAST, compose_config, subprocess_env
 
 # Small catalog entries so that every task runs in seconds.
@@ -107,7 +107,7 @@ def test_an_unknown_dataset_or_task_names_the_key(trained_runs: Path) -> None:
         evaluate(eval_config(f"checkpoint={trained_runs}", "tasks.knn=[nope]"))
     with pytest.raises(ConfigError, match=r"^tasks\.segmentation: unknown task"):
         evaluate(eval_config(f"checkpoint={trained_runs}", "+tasks.segmentation=[synthetic]"))
-    with pytest.raises(ConfigError, match=r"^retain_freed_memory must be true or false, got 'yes'"):
+    with pytest.raises(ConfigError, match=r"^retain_freed_memory: expected bool, got 'yes'"):
         evaluate(eval_config(f"checkpoint={trained_runs}", "retain_freed_memory=yes"))
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from slip.config import ConfigError
-from slip.eval.runner import evaluate
-from slip.train import train
+from slip.app.config import ConfigError
+from slip.app.evaluate import evaluate
+from slip.app.train import train
 from train_helpers import CONF_DIR, FAST, compose_config
 
 # An image-only model, so that the two feature tasks run (zero-shot and retrieval need a text tower).
@@ -90,5 +90,5 @@ def test_overwrite_recomputes_and_must_be_a_bool(checkpoint: Path, tmp_path: Pat
     run_eval(capsys, checkpoint, tmp_path)
     printed = run_eval(capsys, checkpoint, tmp_path, "overwrite=true")
     assert "skipped" not in printed and "linear_probe on synthetic: top1" in printed
-    with pytest.raises(ConfigError, match=r"^overwrite must be true or false, got 'yes'$"):
+    with pytest.raises(ConfigError, match=r"^overwrite: expected bool, got 'yes'$"):
         run_eval(capsys, checkpoint, tmp_path, "overwrite=yes")

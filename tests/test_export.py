@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from slip.checkpoint import save_model
-from slip.export import export, main
+from slip.app.export import export, main
 from slip.losses import SigLIPLoss
 from slip.models import tiny
 from slip.pretrained import load_pretrained, load_pretrained_with_info
-from slip.train import train
+from slip.app.train import train
 from train_helpers import FAST, compose_config, subprocess_env
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from data_helpers import write_image
 
-from slip.config import ConfigError
+from slip.app.config import ConfigError
 from slip.data.multilabel import MultiLabelCsvDataset, VocClassificationDataset
 from slip.eval.metrics import eleven_point_map
 
@@ -98,7 +98,7 @@ def test_ignored_images_are_left_out_of_their_class_only() -> None:
 
 def test_zero_shot_scores_a_voc_stand_in_with_its_11_point_map(tmp_path: Path) -> None:
     from slip.checkpoint import save_model
-    from slip.eval.runner import evaluate
+    from slip.app.evaluate import evaluate
     from slip.models import build_vit_model
     from test_eval import eval_config
 

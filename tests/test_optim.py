@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from slip.config import build
+from slip.app.config import build
 from slip.losses import SigLIPLoss
 from slip.models import build_vit_model
-from slip.optim import WarmupCosine, adamw, param_groups, warmup_cosine
+from slip.app.optim import WarmupCosine, adamw, param_groups, warmup_cosine
 from train_helpers import CONF_DIR, compose_config
 
 PAPER_PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment" / "paper").glob("*.yaml"))

@@ -8,8 +8,9 @@ import pytest
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from slip.config import ConfigError, check_override_keys
-from slip.train import cli
+from slip.app.config import ConfigError
+from slip.app.override_keys import check_override_keys
+from slip.app.train import cli
 from train_helpers import CONF_DIR, FAST, compose_config
 
 

@@ -52,12 +52,12 @@ from torch import nn
 from data_helpers import image_bytes, png_claiming_size, write_tar
 from slip.checkpoint import CheckpointError, atomic_save, read_checkpoint
 from slip.pretrained import load_pretrained
-from slip.config import ConfigError
+from slip.app.config import ConfigError
 from slip.data.dataset import ImageTextDataset
 from slip.data.sources import CsvSource
-from slip.engine import TrainingError
+from slip.app.engine import TrainingError
 from slip.losses import CLIPLoss
-from slip.train import train
+from slip.app.train import train
 from train_helpers import FAST, compose_config, subprocess_env
 
 # A model small enough that a training step and a checkpoint save take milliseconds on 2 cores.
@@ -240,7 +240,7 @@ def test_a_run_over_five_percent_bad_webdataset_samples_completes_and_counts_the
 # status, out.
 LAUNCHER = r'''
 import os, runpy, sys
-import slip.train
+import slip.train  # the launcher (and through it the app)
 import torch.utils.tensorboard  # the engine imports it lazily
 del sys.modules["slip.train"]  # re-run below as __main__, not as the imported module
 for line in sys.stdin:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from slip.report import build_report, chart_metrics, main, parse_overrides
+from slip.app.report import build_report, main, parse_overrides
+from slip.app.report_chart import chart_metrics
 
 FIXED = ["trainer.max_steps=50", "data.batch_size=8"]  # the same in every run: not a swept column
 
@@ -226,7 +227,7 @@ def test_a_bad_size_is_rejected(tmp_path, capsys):
 
 
 def test_the_downstream_view_shows_each_datasets_own_metric_in_the_papers_order(tmp_path):
-    from slip.report import build_report, downstream_table, main
+    from slip.app.report import build_report, downstream_table, main
 
     write_run(tmp_path / "0_clip", "CLIPLoss", 10, evals={"zeroshot": [
         ("imagenet", "top1", 30.0), ("imagenet", "top5", 55.0), ("pets", "top1", 40.0),

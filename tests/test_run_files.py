@@ -7,8 +7,8 @@ from pathlib import Path
 
 from train_helpers import FAST, compose_config
 
-from slip.run_layout import LOG_FILE, RESULTS_FILE
-from slip.train import train
+from slip.app.run_layout import LOG_FILE, RESULTS_FILE
+from slip.app.train import train
 
 TIMESTAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
 

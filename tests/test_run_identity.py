@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from train_helpers import EXACT_RUN, FAST, TINY_RESNET, assert_same_run, compose_config, losses_by_step, weights_of
 
-from slip.config import ConfigError
-from slip.engine import TrainerSettings
-from slip.run_identity import (FREE_SECTIONS, IDENTITY_SECTIONS, TRAINER_FREE_KEYS, TRAINER_IDENTITY_KEYS,
+from slip.app.config import ConfigError
+from slip.app.engine import TrainerSettings
+from slip.app.run_identity import (FREE_SECTIONS, IDENTITY_SECTIONS, TRAINER_FREE_KEYS, TRAINER_IDENTITY_KEYS,
                                check_resume)
-from slip.run_layout import CHECKPOINT_IN_RUN, CONFIG_FILE, RESULTS_FILE
-from slip.train import train
+from slip.app.run_layout import CHECKPOINT_IN_RUN, CONFIG_FILE, RESULTS_FILE
+from slip.app.train import train
 
 BASE = [*FAST, "loss=slip", "trainer.max_steps=2"]
 RUN_FILES = (CHECKPOINT_IN_RUN, Path(CONFIG_FILE), Path(RESULTS_FILE))

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from slip.checkpoint import read_checkpoint
-from slip.config import build
+from slip.app.config import build
 from slip.pretrained import load_pretrained_with_info
-from slip.train import train
+from slip.app.train import train
 from train_helpers import CONF_DIR, FAST, compose_config
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))

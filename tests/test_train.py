@@ -14,9 +14,9 @@ import torch
 from omegaconf import OmegaConf
 from slip.checkpoint import read_checkpoint
 from slip.pretrained import load_pretrained_with_info
-from slip.config import ConfigError
-from slip.run_layout import CHECKPOINT_IN_RUN
-from slip.train import train
+from slip.app.config import ConfigError
+from slip.app.run_layout import CHECKPOINT_IN_RUN
+from slip.app.train import train
 from rank_helpers import free_port
 from train_helpers import (EXACT_RUN, FAST, assert_same_run, compose_config, losses_by_step, subprocess_env,
                            weights_of)

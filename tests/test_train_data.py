@@ -8,19 +8,20 @@ import pytest
 from data_helpers import tiny_transform, write_shard
 from omegaconf import OmegaConf
 
-from slip.config import ConfigError, check_renamed_overrides, upgrade_saved_config
-from slip.data import DataSettings, build_train_data
+from slip.app.config import ConfigError
+from slip.app.migrations import check_renamed_overrides, upgrade_saved_config
+from slip.app.train_data import DataSettings, build_train_data
 from slip.distributed import WorldInfo
 
 
 def synthetic_node(num_samples: int, batch_size: int, num_workers: int = 0) -> dict:
-    return {"_target_": "slip.data.DataSettings", "batch_size": batch_size, "num_workers": num_workers,
+    return {"_target_": "slip.app.train_data.DataSettings", "batch_size": batch_size, "num_workers": num_workers,
             "source": {"_target_": "slip.data.synthetic.SyntheticShapes", "num_samples": num_samples,
                        "image_size": 16}}
 
 
 def stream_node(urls: list[str], samples_per_epoch: int | None, batch_size: int, num_workers: int) -> dict:
-    return {"_target_": "slip.data.DataSettings", "batch_size": batch_size, "num_workers": num_workers,
+    return {"_target_": "slip.app.train_data.DataSettings", "batch_size": batch_size, "num_workers": num_workers,
             "stream": {"_target_": "slip.data.webdataset.WebDatasetStream", "urls": urls,
                        "samples_per_epoch": samples_per_epoch, "resample": True}}
 
@@ -59,7 +60,7 @@ def test_a_stream_without_samples_per_epoch_is_a_config_error_naming_the_key(tmp
     ({"num_workers": "two"}, r"^data\.num_workers: expected int, got 'two'$"),
     ({"source": None}, r"^data\.source: set exactly one of source .* and stream"),
     ({"stream": {"_target_": "slip.data.webdataset.WebDatasetStream"}}, r"^data\.source: set exactly one of source"),
-    ({"batch": 4}, r"^data\.batch: unknown key for slip\.data\.DataSettings"),
+    ({"batch": 4}, r"^data\.batch: unknown key for slip\.app\.train_data\.DataSettings"),
     ({"batch_size": 40}, r"^data\.batch_size: 40 x 2 processes x update_freq 1 needs at least"),
 ])
 def test_the_data_node_is_checked_once_with_the_key_named(change: dict, message: str) -> None:
@@ -88,7 +89,7 @@ def test_a_config_saved_before_the_data_builder_reads_in_todays_layout() -> None
         "loss": {"_target_": "slip.losses.SLIPLoss", "ssl_scale": 1.0},
     })
     upgraded = upgrade_saved_config(saved)
-    assert upgraded.data._target_ == "slip.data.DataSettings"
+    assert upgraded.data._target_ == "slip.app.train_data.DataSettings"
     assert upgraded.data.source._target_ == "slip.data.sources.CsvSource"
     assert "ssl_scale" not in upgraded.augment and list(upgraded.augment.ssl_crop_scale) == [0.08, 1.0]
     assert upgraded.loss.ssl_scale == 1.0 and "_target_" not in saved.data  # the loss weight and the input stay

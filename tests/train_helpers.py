@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 import slip
 from accumulation_helpers import relative_errors, worst
 from slip.checkpoint import read_checkpoint
-from slip.run_layout import CHECKPOINT_IN_RUN
+from slip.app.run_layout import CHECKPOINT_IN_RUN
 
 REPO_ROOT = Path(slip.__file__).resolve().parent.parent
 CONF_DIR = REPO_ROOT / "conf"

@@ -1,4 +1,4 @@
-"""The data wing: sources and streams of image-text pairs, views, batching; `build_train_data` is the way in."""
-from slip.data.train_data import DataSettings, TrainData, build_train_data
+"""The data wing of the library: sources and streams of image-text pairs, decoding, views and batching.
 
-__all__ = ["DataSettings", "TrainData", "build_train_data"]
+The app's `slip.app.train_data.build_train_data` turns a `data` config node into a training loader from these parts.
+"""

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate
 
+from slip.checks import non_negative_int, positive_int
 from slip.data.decode import MAX_SKIPPED_EXAMPLES
 from slip.data.seeding import derive_seed
 from slip.distributed import WorldInfo
@@ -126,14 +127,12 @@ class EpochSampler(Sampler[int]):
 
 def check_batch_size(batch_size: int) -> None:
     """Raise a one-line ValueError unless `batch_size` is a positive integer."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    positive_int("batch_size", batch_size)
 
 
 def check_num_workers(num_workers: int) -> None:
     """Raise a one-line ValueError unless `num_workers` is a non-negative integer."""
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers!r}")
+    non_negative_int("num_workers", num_workers)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from slip import tokenizer
+from slip.checks import positive_int
 from slip.data import tensor_views
 from slip.data.loader import batch_to_device
 
@@ -48,13 +49,6 @@ INPUT_NAMES = ("image", "text", "aug1", "aug2")
 BACKENDS = ("tensor", "pil", "device")
 
 View = Callable[[Image.Image], Tensor]
-
-
-def _check_size(name: str, value: int) -> int:
-    """A positive integer size."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _check_probability(name: str, value: float) -> float:
@@ -128,7 +122,7 @@ def clip_view(
     image_size: int, mean: Sequence[float], std: Sequence[float], scale: Sequence[float] = (0.5, 1.0)
 ) -> v2.Compose:
     """Image-text view: random resized crop (bilinear) to `image_size`, to tensor, normalise; no flip."""
-    _check_size("image_size", image_size)
+    positive_int("image_size", image_size)
     mean, std = _check_stats(mean, std)
     scale = _check_range("scale", scale, 0.0, 1.0)
     return v2.Compose([_random_resized_crop(image_size, scale), *_to_normalized_tensor(mean, std)])
@@ -147,7 +141,7 @@ def ssl_view(
     hflip_p: float = 0.5,
 ) -> v2.Compose:
     """SimCLR view: crop, colour jitter (brightness, contrast, saturation, hue), grayscale, blur, flip."""
-    _check_size("image_size", image_size)
+    positive_int("image_size", image_size)
     mean, std = _check_stats(mean, std)
     scale = _check_range("scale", scale, 0.0, 1.0)
     try:
@@ -171,7 +165,7 @@ def ssl_view(
 
 def eval_view(image_size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     """Evaluation view: resize the shorter side to `image_size` (bilinear), centre crop, normalise."""
-    _check_size("image_size", image_size)
+    positive_int("image_size", image_size)
     mean, std = _check_stats(mean, std)
     return v2.Compose([
         v2.Resize(image_size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
@@ -270,9 +264,9 @@ def build_multiview(
     ):
         raise ValueError(f"jitter_strength must be in [0, 5] (so that hue <= 0.5), got {jitter_strength!r}")
     # Checked here under their own names, and even when no view uses them, so a bad config fails at once.
-    _check_size("image_size", image_size)
+    positive_int("image_size", image_size)
     _check_stats(mean, std)
-    _check_size("context_length", context_length)
+    positive_int("context_length", context_length)
     if context_length < 2:
         raise ValueError(f"context_length must be >= 2 (start + end token), got {context_length}")
     clip_scale = _check_range("clip_scale", clip_scale, 0.0, 1.0)

@@ -1,25 +1,7 @@
-"""python -m slip.eval checkpoint=PATH: evaluate checkpoints as conf/eval.yaml says (see the README)."""
-from __future__ import annotations
+"""`python -m slip.eval` and `slip-eval`: the evaluation app (slip.app.eval_main), under the name users type."""
+from slip.app.eval_main import main
 
-import sys
-
-import hydra
-from omegaconf import DictConfig
-
-from slip.checkpoint import CheckpointError
-from slip.config import ConfigError
-from slip.eval.runner import evaluate
-
-
-@hydra.main(config_path="../../conf", config_name="eval", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    """Hydra entry point: known errors end the run with one line on stderr, without a stack trace."""
-    try:
-        evaluate(cfg)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as error:
-        print(f"slip.eval: error: {str(error).strip().splitlines()[-1]}", file=sys.stderr)
-        sys.exit(2)
-
+__all__ = ["main"]
 
 if __name__ == "__main__":
     main()

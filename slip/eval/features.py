@@ -26,6 +26,7 @@ from PIL import Image
 from torch import Tensor
 
 from slip.checkpoint import atomic_save
+from slip.checks import positive_int
 from slip.error_text import first_line
 from slip.models import ImageTextModel
 
@@ -136,8 +137,7 @@ def extract_features(
 
     if kind not in FEATURE_KINDS:
         raise ValueError(f"feature kind must be one of {FEATURE_KINDS}, got {kind!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    positive_int("batch_size", batch_size)
     if len(dataset) == 0:
         raise ValueError(f"cannot extract features of an empty dataset ({type(dataset).__name__})")
     arch = model.arch

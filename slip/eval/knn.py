@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from slip.checks import positive_int
 from slip.eval.features import check_features
 from slip.eval.metrics import report
 
@@ -28,8 +29,7 @@ def _check_knn_args(k: int, temperature: float, chunk_size: int, num_train: int)
         math.isfinite(temperature) and temperature > 0
     ):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    positive_int("chunk_size", chunk_size)
 
 
 @torch.no_grad()

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from slip.checks import positive_int
 from slip.eval.features import check_features
 from slip.eval.metrics import report, topk_accuracy
 
@@ -74,13 +75,6 @@ def _check_num_classes(num_classes: int) -> int:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
     return num_classes
-
-
-def _check_positive_int(name: str, value: int) -> int:
-    """An int >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _check_train_test(
@@ -175,7 +169,7 @@ def lbfgs_start(x: Tensor, outputs: int, l2: float, max_iter: int, tol: float,
                 init: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
     """The checked starting point (weight [outputs, D], bias [outputs]) of a linear fit of `x`: `init` in the dtype
     and on the device of `x`, else zeros; raises ValueError for a bad l2, tol, max_iter or init shape."""
-    _check_positive_int("max_iter", max_iter)
+    positive_int("max_iter", max_iter)
     if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not (math.isfinite(l2) and l2 >= 0):
         raise ValueError(f"l2 must be a finite number >= 0, got {l2!r}")
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (math.isfinite(tol) and tol > 0):
@@ -412,8 +406,8 @@ def sgd_linear_probe(
     Returns {"top1", "top5" (with >= 5 classes)} and the dataset's own `metric` when another, in percent.
     """
     _check_train_test(train_x, train_y, test_x, test_y, num_classes)
-    epochs = _check_positive_int("epochs", epochs)
-    batch_size = _check_positive_int("batch_size", batch_size)
+    epochs = positive_int("epochs", epochs)
+    batch_size = positive_int("batch_size", batch_size)
     for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")

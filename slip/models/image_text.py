@@ -126,7 +126,7 @@ class ImageTextModel(nn.Module):
         """Batch -> the towers' features, keyed by input (`image`, `text`, `aug1`, `aug2`), before any head.
 
         Samples only meet in the towers through batch statistics (a ResNet's BatchNorm); the heads and the
-        objective see the whole batch, which is where exact accumulation splits the model (`slip.accumulation`).
+        objective see the whole batch, which is where exact accumulation splits the model (`slip.app.accumulation`).
         """
         wanted = self.inputs
         views = {k: batch[k] for k in IMAGE_VIEWS if k in batch and k in wanted}

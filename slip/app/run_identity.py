@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from slip.config import ConfigError, first_difference
+from slip.app.config import ConfigError, first_difference
 
 __all__ = ["BatchLayout", "FREE_SECTIONS", "IDENTITY_SECTIONS", "TRAINER_FREE_KEYS", "TRAINER_IDENTITY_KEYS",
            "check_resume", "saved_processes"]

@@ -7,7 +7,7 @@ from typing import Any
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from slip.config import ConfigError, build
+from slip.app.config import ConfigError, build
 from slip.data.dataset import ImageTextDataset, Transform
 from slip.data.loader import check_num_workers, batches_per_epoch, build_train_loader, check_batch_size
 from slip.distributed import WorldInfo

@@ -12,7 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from slip.checkpoint import CheckpointInfo
 from slip.pretrained import load_pretrained_with_info
-from slip.config import ConfigError, build
+from slip.app.config import ConfigError, build
+from slip.app.eval_settings import EvalSettings, KnnSettings, LinearProbeSettings
 from slip.eval.features import FeatureCache, extract_features
 from slip.eval.knn import knn_accuracy
 from slip.eval.linear_probe import linear_probe, sgd_linear_probe
@@ -22,7 +23,7 @@ from slip.eval.retrieval import retrieval_scores
 from slip.eval.zeroshot import zero_shot_evaluator
 from slip.host_memory import retain_freed_memory
 from slip.models import ImageTextModel
-from slip.run_layout import CHECKPOINT_IN_RUN, EVAL_DIR
+from slip.app.run_layout import CHECKPOINT_IN_RUN, EVAL_DIR
 
 
 @dataclass
@@ -33,6 +34,9 @@ class EvalContext:
     info: CheckpointInfo
     checkpoint: Path
     cfg: DictConfig
+    settings: EvalSettings
+    probe: LinearProbeSettings
+    knn: KnnSettings
     cache: FeatureCache
     fingerprint: str
     built: dict[tuple[str, str], Any] = field(default_factory=dict)  # datasets by (name, split), built once
@@ -60,7 +64,7 @@ class EvalContext:
         key = {"checkpoint": self.fingerprint, "dataset": name, "split": split, "spec": spec,
                "image_size": self.model.arch["image_size"], "kind": "backbone"}
         features, labels = self.cache.load_or_compute(key, lambda: extract_features(
-            self.model, self.dataset(name, split), batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers))
+            self.model, self.dataset(name, split), batch_size=self.settings.batch_size, num_workers=self.settings.num_workers))
         device = next(self.model.parameters()).device
         return features.to(device), labels.to(device)
 
@@ -97,7 +101,7 @@ def _single_label(context: EvalContext, name: str, task: str) -> None:
 def zero_shot_task(context: EvalContext, name: str) -> dict[str, float]:
     """Top-1/top-5 (and the entry's own metric) of the text classifier from its class names and templates."""
     evaluator = zero_shot_evaluator(context.dataset(name, "test"), context.cfg.catalog[name].get("prompts"),
-                                    f"catalog.{name}.prompts", context.cfg.batch_size, context.cfg.num_workers,
+                                    f"catalog.{name}.prompts", context.settings.batch_size, context.settings.num_workers,
                                     metric=dataset_metric(context, name))
     return evaluator(context.model)
 
@@ -105,9 +109,7 @@ def zero_shot_task(context: EvalContext, name: str) -> dict[str, float]:
 def linear_probe_task(context: EvalContext, name: str) -> dict[str, float]:
     """Logistic regression on frozen features (CLIP's L-BFGS protocol, or SLIP's SGD one); one-vs-rest binary
     regressions for a multi-label entry."""
-    settings = context.cfg.linear_probe
-    if settings.method not in ("lbfgs", "sgd"):
-        raise ConfigError(f"linear_probe.method: {settings.method!r} is not one of lbfgs, sgd")
+    settings = context.probe
     metric = dataset_metric(context, name)
     multi_label = _is_multi_label(context, name)
     if multi_label and settings.method != "lbfgs":
@@ -135,14 +137,14 @@ def knn_task(context: EvalContext, name: str) -> dict[str, float]:
     train_x, train_y = context.features(name, "train")
     test_x, test_y = context.features(name, "test")
     num_classes = len(context.dataset(name, "test").classes)
-    return knn_accuracy(train_x, train_y, test_x, test_y, num_classes, k=context.cfg.knn.k,
-                        temperature=context.cfg.knn.temperature, metric=dataset_metric(context, name))
+    return knn_accuracy(train_x, train_y, test_x, test_y, num_classes, k=context.knn.k,
+                        temperature=context.knn.temperature, metric=dataset_metric(context, name))
 
 
 def retrieval_task(context: EvalContext, name: str) -> dict[str, float]:
     """Image-to-text and text-to-image recall@1/5/10."""
-    return retrieval_scores(context.model, context.dataset(name, "test"), batch_size=context.cfg.batch_size,
-                            num_workers=context.cfg.num_workers)
+    return retrieval_scores(context.model, context.dataset(name, "test"), batch_size=context.settings.batch_size,
+                            num_workers=context.settings.num_workers)
 
 
 TASKS: dict[str, Callable[[EvalContext, str], dict[str, float]]] = {
@@ -201,8 +203,9 @@ def task_settings(cfg: DictConfig, task: str, name: str) -> dict[str, Any]:
     config section named after the task (linear_probe, knn), if any. Batch size, workers and device are left out, as
     the feature cache leaves them out."""
     own = cfg.get(task)
-    return {"catalog": OmegaConf.to_container(cfg.catalog[name], resolve=True),
-            task: OmegaConf.to_container(own, resolve=True) if isinstance(own, DictConfig) else own}
+    if isinstance(own, DictConfig):
+        own = {key: value for key, value in OmegaConf.to_container(own, resolve=True).items() if key != "_target_"}
+    return {"catalog": OmegaConf.to_container(cfg.catalog[name], resolve=True), task: own}
 
 
 def stored_results(path: Path, fingerprint: str) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]:
@@ -218,25 +221,19 @@ def stored_results(path: Path, fingerprint: str) -> dict[str, tuple[dict[str, An
         return {}
 
 
-def _check_overwrite(cfg: DictConfig) -> bool:
-    overwrite = cfg.get("overwrite", False)
-    if not isinstance(overwrite, bool):
-        raise ConfigError(f"overwrite must be true or false, got {overwrite!r}")
-    return overwrite
-
-
-def evaluate_checkpoint(cfg: DictConfig, checkpoint: Path, output_dir: Path | None = None) -> dict[str, Path]:
+def evaluate_checkpoint(cfg: DictConfig, settings: EvalSettings, checkpoint: Path,
+                        output_dir: Path | None = None) -> dict[str, Path]:
     """Run every configured task on one checkpoint; returns {task: results file}.
 
     A dataset whose results file already holds its records for this checkpoint (by content hash) and these
     settings (`task_settings`) is skipped, saying so, unless `overwrite` is true."""
-    overwrite = _check_overwrite(cfg)
     model, info = load_pretrained_with_info(checkpoint)
-    model.to(_device(cfg.device))
+    model.to(_device(settings.device))
     output_dir = output_dir or default_output_dir(checkpoint)
-    cache_dir = Path(cfg.feature_cache) if cfg.feature_cache else output_dir / "feature_cache"
+    cache_dir = Path(settings.feature_cache) if settings.feature_cache else output_dir / "feature_cache"
     cache = FeatureCache(str(cache_dir))
-    context = EvalContext(model, info, checkpoint, cfg, cache, cache.fingerprint(checkpoint))
+    context = EvalContext(model, info, checkpoint, cfg, settings, build(cfg.linear_probe, "linear_probe"),
+                          build(cfg.knn, "knn"), cache, cache.fingerprint(checkpoint))
     written = {}
     config = OmegaConf.to_container(cfg, resolve=True)
     config.pop("catalog", None)
@@ -250,11 +247,11 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: Path, output_dir: Path | No
         header = {"task": task, "checkpoint": str(checkpoint.resolve()), "objective": info.objective,
                   "step": info.step}
         path = output_dir / f"{task}.json"
-        stored = {} if overwrite else stored_results(path, context.fingerprint)
-        records, settings, computed = [], {}, False
+        stored = {} if settings.overwrite else stored_results(path, context.fingerprint)
+        records, recorded, computed = [], {}, False
         for name in names:
-            settings[name] = task_settings(cfg, task, name)
-            if name in stored and stored[name][0] == settings[name]:
+            recorded[name] = task_settings(cfg, task, name)
+            if name in stored and stored[name][0] == recorded[name]:
                 records += stored[name][1]
                 print(f"{checkpoint}: skipped {task} on {name}: results for this checkpoint and settings exist in "
                       f"{path}", flush=True)
@@ -269,22 +266,21 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: Path, output_dir: Path | No
         if computed or set(stored) != set(names):
             output_dir.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({**header, "fingerprint": context.fingerprint, "config": config,
-                                        "settings": settings, "records": records}, indent=2) + "\n")
+                                        "settings": recorded, "records": records}, indent=2) + "\n")
         written[task] = path
     return written
 
 
 def evaluate(cfg: DictConfig) -> dict[Path, dict[str, Path]]:
     """Evaluate the checkpoint(s) that `cfg.checkpoint` points at; returns {checkpoint: {task: file}}."""
+    settings: EvalSettings = build(cfg, "", _recursive_=False)
+    build(cfg.linear_probe, "linear_probe"), build(cfg.knn, "knn")  # checked before any work
     _check_tasks(cfg)
-    retain = cfg.get("retain_freed_memory", True)
-    if not isinstance(retain, bool):
-        raise ConfigError(f"retain_freed_memory must be true or false, got {retain!r}")
-    if retain:
+    if settings.retain_freed_memory:
         retain_freed_memory()
-    checkpoints = find_checkpoints(Path(cfg.checkpoint))
-    if cfg.output_dir and len(checkpoints) > 1:
-        raise ConfigError(f"output_dir: {cfg.checkpoint} holds {len(checkpoints)} runs; leave output_dir unset "
+    checkpoints = find_checkpoints(Path(settings.checkpoint))
+    if settings.output_dir and len(checkpoints) > 1:
+        raise ConfigError(f"output_dir: {settings.checkpoint} holds {len(checkpoints)} runs; leave output_dir unset "
                           "so that each run gets its own eval/ folder")
-    return {checkpoint: evaluate_checkpoint(cfg, checkpoint, Path(cfg.output_dir) if cfg.output_dir else None)
-            for checkpoint in checkpoints}
+    output_dir = Path(settings.output_dir) if settings.output_dir else None
+    return {checkpoint: evaluate_checkpoint(cfg, settings, checkpoint, output_dir) for checkpoint in checkpoints}

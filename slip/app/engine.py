@@ -14,16 +14,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from slip.accumulation import ACCUMULATION_MODES, exact_backward
+from slip.app.accumulation import ACCUMULATION_MODES, exact_backward
 from slip.checkpoint import FORMAT_NAME, FORMAT_VERSION, atomic_save
 from slip.data.loader import batch_rows, batch_to_device
 from slip.distributed import WorldInfo, all_ranks, any_rank, average_gradients
-from slip.monitor import Monitor, peak_memory_mib, view_grid
-from slip.precision import PRECISIONS, autocast_dtype, cast_floats, parameter_dtype
-from slip.preemption import EvaluationInterrupted, PreemptionFlag
+from slip.app.monitor import Monitor, peak_memory_mib, view_grid
+from slip.app.precision import PRECISIONS, autocast_dtype, cast_floats, parameter_dtype
+from slip.app.preemption import EvaluationInterrupted, PreemptionFlag
 from slip.random_state import rng_state, set_rng_state
-from slip.run_layout import CHECKPOINT_IN_RUN
-from slip.task import TrainTask
+from slip.app.run_layout import CHECKPOINT_IN_RUN
+from slip.app.task import TrainTask
 
 MAX_LOGIT_SCALE = math.log(100.0)
 LoaderForEpoch = Callable[[int, int], Iterable[dict]]
@@ -282,7 +282,7 @@ class Trainer:
         return {key: value.detach() for key, value in result.items()}
 
     def _exact_step(self, window: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        """Gradients of the objective over the whole window of micro-batches (`slip.accumulation`), all ranks'.
+        """Gradients of the objective over the whole window of micro-batches (`slip.app.accumulation`), all ranks'.
 
         `window` holds the loader's batches as they came (on the host; uint8 crops with the device backend): each
         is put on the device, and its deferred views finished, for its pass and again for its replay, so the

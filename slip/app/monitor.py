@@ -12,7 +12,7 @@ from typing import TextIO
 
 import torch
 
-from slip.run_layout import LOG_FILE
+from slip.app.run_layout import LOG_FILE
 
 
 def peak_memory_mib(device: torch.device) -> float:

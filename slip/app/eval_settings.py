@@ -1,0 +1,70 @@
+"""The evaluation settings as checked config nodes: conf/eval.yaml (`EvalSettings` and its `linear_probe` and
+`knn` sections) and the training run's `val` group (`ValSettings`). Each node is checked against these signatures
+before any work, as the training nodes are, and the YAML holds every default: no field here has one."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["EvalSettings", "KnnSettings", "LinearProbeSettings", "PROBE_METHODS", "ValSettings"]
+
+# lbfgs: CLIP's protocol (regularisation swept on a split of train); sgd: SLIP's.
+PROBE_METHODS = ("lbfgs", "sgd")
+
+
+@dataclass(frozen=True)
+class LinearProbeSettings:
+    """conf/eval.yaml's `linear_probe` section; the probe functions check the ranges of the numbers."""
+
+    method: str
+    val_fraction: float
+    refinements: int
+    max_iter: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        if self.method not in PROBE_METHODS:
+            raise ValueError(f"method must be one of {list(PROBE_METHODS)}, got {self.method!r}")
+
+
+@dataclass(frozen=True)
+class KnnSettings:
+    """conf/eval.yaml's `knn` section; `knn_accuracy` checks the values."""
+
+    k: int
+    temperature: float
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """conf/eval.yaml's top level. `tasks`, `datasets` and `catalog` stay config nodes (the tasks check them);
+    `linear_probe` and `knn` are checked nodes of their own."""
+
+    checkpoint: str
+    output_dir: str | None
+    feature_cache: str | None
+    data_root: str
+    device: str
+    batch_size: int
+    num_workers: int
+    overwrite: bool
+    retain_freed_memory: bool
+    tasks: Any
+    datasets: Any
+    catalog: Any
+    linear_probe: Any
+    knn: Any
+
+
+@dataclass(frozen=True)
+class ValSettings:
+    """A training run's `val` node (conf/val/*.yaml): zero-shot classification during and after training.
+
+    `max_images`: "auto" (at most the images the run trains on, at least 96, evenly spaced), "all", or a number;
+    `prompts`: a built-in prompt set or a JSON file, or null for the dataset's own class names.
+    """
+
+    dataset: Any
+    prompts: str | None
+    batch_size: int
+    max_images: int | str

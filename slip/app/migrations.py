@@ -1,0 +1,106 @@
+"""Configs of earlier versions in today's layout: renamed keys (refused with the new name where a user writes
+them, translated where a checkpoint saved them), builders that moved module, and keys added since."""
+from __future__ import annotations
+
+import collections.abc
+import inspect
+import types
+from typing import Any
+
+from hydra.utils import get_method
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from slip.app.config import ConfigError
+
+__all__ = ["MOVED_TARGETS", "RENAMED_KEYS", "check_renamed_keys", "check_renamed_overrides", "fill_added_defaults",
+           "upgrade_saved_config"]
+
+# Keys that users may still write under an old name: old dotted key -> (new dotted key, what it is).
+RENAMED_KEYS: collections.abc.Mapping[str, tuple[str, str]] = types.MappingProxyType({
+    "augment.ssl_scale": ("augment.ssl_crop_scale",
+                          "the SSL views' crop-area range; loss.ssl_scale is the SSL loss weight"),
+})
+# Builders that moved module: old `_target_` -> new, for configs saved in checkpoints of earlier versions.
+MOVED_TARGETS: collections.abc.Mapping[str, str] = types.MappingProxyType({
+    **{f"slip.data.datasets.{name}": f"slip.data.sources.{name}" for name in
+       ("CsvSource", "CocoCaptionsSource", "ConceptualCaptionsSource", "RedCapsSource", "YFCC15MSource")},
+    "slip.data.datasets.WebDatasetStream": "slip.data.webdataset.WebDatasetStream",
+    # The app's checked nodes, when the app moved out of the library into slip.app.
+    "slip.data.DataSettings": "slip.app.train_data.DataSettings",
+    "slip.engine.TrainerSettings": "slip.app.engine.TrainerSettings",
+    "slip.optim.adamw": "slip.app.optim.adamw",
+    "slip.optim.warmup_cosine": "slip.app.optim.warmup_cosine",
+})
+DATA_SETTINGS_TARGET = "slip.app.train_data.DataSettings"
+_ABSENT = object()
+
+
+def _renamed_key_error(old: str) -> ConfigError:
+    new, meaning = RENAMED_KEYS[old]
+    return ConfigError(f"{old}: renamed to {new} ({meaning})")
+
+
+def check_renamed_keys(cfg: DictConfig) -> None:
+    """Raise a one-line ConfigError naming the new key where `cfg` still sets a renamed one."""
+    for old in RENAMED_KEYS:
+        if OmegaConf.select(cfg, old, default=_ABSENT) is not _ABSENT:
+            raise _renamed_key_error(old)
+
+
+def check_renamed_overrides(overrides: collections.abc.Sequence[str]) -> None:
+    """The same for command-line overrides (``key=value``, ``+key=value``, ``~key``), before Hydra reads them."""
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0]
+        if key in RENAMED_KEYS:
+            raise _renamed_key_error(key)
+
+
+def upgrade_saved_config(saved: DictConfig) -> DictConfig:
+    """A config saved by an earlier version in today's layout: renamed keys and moved builders under their new
+    names, and the `data` node checked by its builder; used to compare a checkpoint's config with today's."""
+    upgraded = OmegaConf.create(OmegaConf.to_container(saved, resolve=False))
+    for old, (new, _) in RENAMED_KEYS.items():
+        value = OmegaConf.select(upgraded, old, default=_ABSENT)
+        if value is not _ABSENT:
+            OmegaConf.update(upgraded, new, value, force_add=True)
+            parent, _, leaf = old.rpartition(".")
+            upgraded_parent = OmegaConf.select(upgraded, parent) if parent else upgraded
+            del upgraded_parent[leaf]
+    data = upgraded.get("data")
+    if isinstance(data, DictConfig) and "_target_" not in data and ("source" in data or "stream" in data):
+        data["_target_"] = DATA_SETTINGS_TARGET
+    _move_targets(upgraded)
+    return upgraded
+
+
+def fill_added_defaults(saved: Any, current: Any) -> None:
+    """Give `saved` (in place) the keys that `current`'s builder nodes have and it lacks, where `current` sets them
+    to the builder's default: a key added in a later version, left at its default, changes nothing."""
+    if not (isinstance(saved, DictConfig) and isinstance(current, DictConfig)):
+        return
+    target = current.get("_target_")
+    defaults: dict[str, Any] = {}
+    if isinstance(target, str) and saved.get("_target_") == target:
+        try:
+            defaults = {name: parameter.default for name, parameter in inspect.signature(get_method(target)).parameters
+                        .items() if parameter.default is not inspect.Parameter.empty}
+        except Exception:  # an unimportable target: nothing to fill
+            defaults = {}
+    for name in current:
+        if name not in saved:
+            if name in defaults and OmegaConf.select(current, str(name)) == defaults[name]:
+                saved[name] = current[name]
+        else:
+            fill_added_defaults(saved[name], current[name])
+
+
+def _move_targets(node: Any) -> None:
+    if isinstance(node, DictConfig):
+        for name in node:
+            if name == "_target_" and node[name] in MOVED_TARGETS:
+                node[name] = MOVED_TARGETS[node[name]]
+            else:
+                _move_targets(node[name])
+    elif isinstance(node, ListConfig):
+        for item in node:
+            _move_targets(item)

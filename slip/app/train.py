@@ -1,0 +1,237 @@
+"""python -m slip.train: compose the config, build model, objective and data, and hand them to the engine."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from slip.checkpoint import CheckpointError, atomic_write, read_checkpoint
+from slip.app.config import CONF_DIR, ConfigError, build, first_difference
+from slip.app.eval_settings import ValSettings
+from slip.app.migrations import check_renamed_keys, check_renamed_overrides, fill_added_defaults, upgrade_saved_config
+from slip.app.override_keys import check_override_keys
+from slip.app.train_data import TrainData, build_train_data
+from slip.data.decode import DataError
+from slip.distributed import WorldInfo, convert_sync_batchnorm, init_process_group, leave_process_group, make_gather
+from slip.app.engine import Trainer, TrainerSettings, TrainingError, resolve_device
+from slip.error_text import last_line
+from slip.eval.zeroshot import validation_images, zero_shot_evaluator
+from slip.host_memory import retain_freed_memory
+from slip.losses import Objective
+from slip.models import ImageTextModel
+from slip.models.vision import has_batch_statistics
+from slip.random_state import seed_everything
+from slip.app.run_identity import BatchLayout, check_resume, saved_processes
+from slip.app.run_layout import CHECKPOINT_IN_RUN, CONFIG_FILE, RESULTS_FILE
+from slip.app.task import TrainTask
+
+
+def _resume_checkpoint(setting: str, run_dir: Path, cfg: DictConfig, processes: int,
+                       relayout_reason: str | None) -> dict[str, Any] | None:
+    """The checkpoint to continue from, per trainer.resume ('auto', 'never' or a path), after the run-identity
+    check (`slip.app.run_identity.check_resume`)."""
+    latest = run_dir / CHECKPOINT_IN_RUN
+    if setting == "never":
+        if latest.exists():
+            raise ConfigError(f"trainer.resume: {latest} exists and resume=never would overwrite it; "
+                              "use trainer.resume=auto or another run_name")
+        return None
+    path = latest if setting == "auto" else Path(setting)
+    if setting == "auto" and not latest.exists():
+        return None
+    checkpoint = read_checkpoint(path)
+    saved = upgrade_saved_config(OmegaConf.create(checkpoint.get("config") or "{}"))
+    fill_added_defaults(saved, cfg)
+    check_resume(saved, cfg, saved_processes(checkpoint), processes, relayout_reason, path)
+    return checkpoint
+
+
+def _finished_results(run_dir: Path, cfg: DictConfig, checkpoint: dict[str, Any] | None,
+                      total_steps: int) -> dict[str, Any] | None:
+    """The results of this run when it is finished and validated under today's `val` settings (nothing to do);
+    None when there is training or validation left. A checkpoint past `total_steps` stops with the key to raise."""
+    if checkpoint is None:
+        return None
+    step = int(checkpoint["state"]["step"])
+    if step > total_steps:
+        key = "trainer.max_steps" if cfg.trainer.max_steps is not None else "trainer.epochs"
+        raise ConfigError(f"{key}: the run is at step {step} ({run_dir / CHECKPOINT_IN_RUN}), past the "
+                          f"{total_steps} steps now asked for; raise it or use another run_name")
+    results_path, config_path = run_dir / RESULTS_FILE, run_dir / CONFIG_FILE
+    if step < total_steps or not results_path.exists() or not config_path.exists():
+        return None
+    try:
+        results = json.loads(results_path.read_text())
+        written = OmegaConf.create(config_path.read_text())
+    except (OSError, ValueError):
+        return None
+    same_validation = first_difference(written.get("val"), cfg.get("val"), "val") is None
+    if results.get("step") == step and results.get("validation") != "pending" and same_validation:
+        return results
+    return None
+
+
+@dataclass
+class RunParts:
+    """Everything `train` builds from a config before it trains: the pieces the engine is handed."""
+
+    objective: Objective
+    model: ImageTextModel
+    transform: Any  # the view recipe (`slip.data.transforms.MultiView`)
+    data: TrainData
+    total_steps: int
+    optimizer: torch.optim.Optimizer
+    schedule: Callable[[int], float]
+    evaluate: Any  # the zero-shot evaluator, or None
+
+
+def build_run(cfg: DictConfig, world: WorldInfo, settings: TrainerSettings) -> RunParts:
+    """Check and build every node of a training config (`settings`: its built trainer node), in the order that
+    fixes the random initialisation."""
+    seed_everything(settings.seed, world)
+    objective = build(cfg.loss, "loss")
+    model = build(cfg.model, "model", inputs=list(objective.inputs))
+    arch = model.arch
+    transform = build(cfg.augment, "augment")(
+        inputs=objective.inputs, image_size=arch["image_size"], mean=arch["image_mean"], std=arch["image_std"],
+        context_length=arch["context_length"],
+    )
+    device = resolve_device(settings.device, world)
+    data = build_train_data(cfg.data, transform, world, settings.seed, settings.update_freq,
+                            pin_memory=device.type == "cuda")  # page-locked batches: asynchronous copies
+    total_steps = settings.max_steps or settings.epochs * data.steps_per_epoch
+    optimizer = build(cfg.optim, "optim")([model, objective])  # grouped by optim.decay_embeddings
+    schedule = build(cfg.schedule, "schedule")(total_steps=total_steps, steps_per_epoch=data.steps_per_epoch)
+    evaluate = None
+    if cfg.get("val") and "text" in objective.inputs:  # zero-shot needs a text tower (not SimCLR's)
+        val: ValSettings = build(cfg.val, "val", _recursive_=False)
+        val_dataset = build(val.dataset, "val.dataset")
+        try:
+            limit = validation_images(val.max_images, len(val_dataset),
+                                      total_steps * settings.update_freq * data.global_batch)
+        except ValueError as error:
+            raise ConfigError(f"val.max_images: {error}") from None
+        evaluate = zero_shot_evaluator(val_dataset, val.prompts, "val.prompts", val.batch_size, max_images=limit)
+    return RunParts(objective, model, transform, data, total_steps, optimizer, schedule, evaluate)
+
+
+def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Train as `cfg` says; returns the results that are also written to results.json in `run_dir`."""
+    started = time.perf_counter()
+    check_renamed_keys(cfg)
+    world = WorldInfo.from_env()
+    settings = build(cfg.trainer, "trainer")
+    if settings.retain_freed_memory:
+        retain_freed_memory()
+    parts = build_run(cfg, world, settings)
+    objective, model, total_steps, evaluate = parts.objective, parts.model, parts.total_steps, parts.evaluate
+    relayout_reason = ("the image tower's BatchNorm normalises each micro-batch with its own statistics"
+                       if has_batch_statistics(model.visual) else None)
+    checkpoint = _resume_checkpoint(settings.resume, run_dir, cfg, world.world_size, relayout_reason)
+    done = _finished_results(run_dir, cfg, checkpoint, total_steps)
+    if done is not None:
+        if world.is_main:
+            print(f"slip.train: the run in {run_dir} finished all {total_steps} steps and is validated; nothing to "
+                  f"do (results in {run_dir / RESULTS_FILE})", file=sys.stderr)
+        return done
+
+    init_process_group(world)
+    objective.set_gather(make_gather(world))
+    if world.is_distributed and model.image_mlp is not None:
+        convert_sync_batchnorm(model.image_mlp)
+    if settings.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    trainer = Trainer(TrainTask(model, objective), parts.optimizer, parts.schedule, settings, world, run_dir,
+                      total_steps, parts.data.steps_per_epoch, OmegaConf.to_yaml(cfg, resolve=True), evaluate)
+    if checkpoint is not None:
+        trainer.load_state_dict(checkpoint)
+        trainer.monitor.message(f"resumed from step {trainer.state.step} ({run_dir / CHECKPOINT_IN_RUN})")
+    if cfg.get("val") and evaluate is None:
+        trainer.monitor.message(f"no zero-shot validation: {type(objective).__name__} trains no text tower "
+                                "(evaluate it with python -m slip.eval: linear probe, kNN)")
+    layout = BatchLayout.of(cfg, world.world_size)
+    trainer.monitor.message(f"run dir {run_dir}: {total_steps} steps of global batch {layout.describe()}, "
+                            f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
+    try:
+        trainer.fit(parts.data.loader, model.arch["image_mean"], model.arch["image_std"], parts.transform.to_device)
+    except (TrainingError, DataError) as error:
+        if world.is_main:  # the stop is recorded: the results file names the error and the step that is saved
+            _write_run_files(run_dir, cfg, _results(cfg, trainer, evaluate, started, overrides, error))
+        raise
+    results = _results(cfg, trainer, evaluate, started, overrides)
+    if world.is_main:
+        _write_run_files(run_dir, cfg, results)
+        if results["validation"] == "done":
+            chance = 100.0 / len(evaluate.class_names) if evaluate is not None else float("nan")
+            trainer.monitor.message(f"zero-shot top-1 on the held-out split: {trainer.last_eval['top1']:.1f}% "
+                                    f"(chance {chance:.1f}%), results in {run_dir / RESULTS_FILE}")
+    leave_process_group(world)
+    return results
+
+
+def _results(cfg: DictConfig, trainer: Trainer, evaluate: Any, started: float, overrides: list[str] | None,
+             error: BaseException | None = None) -> dict[str, Any]:
+    """What results.json says of the run: where it stands, its closing validation, its history."""
+    state = trainer.state
+    validated = trainer.validated_step == state.step
+    results: dict[str, Any] = {
+        "objective": cfg.loss._target_.rsplit(".", 1)[-1],
+        "step": state.step,
+        "total_steps": trainer.total_steps,
+        "finished": state.step >= trainer.total_steps,
+        "checkpoint_step": trainer.saved_step,  # the step checkpoints/last.pt holds
+        # "pending": the closing validation has not scored the weights of `step` yet; running again does it.
+        "validation": "none" if evaluate is None else "done" if validated else "pending",
+        "zeroshot": trainer.last_eval if validated else {},
+        "skipped_samples": state.skipped,
+        "wall_time_s": round(time.perf_counter() - started, 1),
+        "overrides": list(overrides or []),
+        "history": trainer.history,
+    }
+    if error is not None:
+        results["error"] = last_line(error)
+    return results
+
+
+def _write_run_files(run_dir: Path, cfg: DictConfig, results: dict[str, Any]) -> None:
+    """Replace config.yaml and results.json, each atomically."""
+    config_text, results_text = OmegaConf.to_yaml(cfg, resolve=True), json.dumps(results, indent=2) + "\n"
+    atomic_write(run_dir / CONFIG_FILE, lambda handle: handle.write(config_text.encode()))
+    atomic_write(run_dir / RESULTS_FILE, lambda handle: handle.write(results_text.encode()))
+
+
+@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point: known errors end the run with one line on stderr, without a stack trace."""
+    try:
+        hydra_config = HydraConfig.get()
+        train(cfg, Path(hydra_config.runtime.output_dir), list(hydra_config.overrides.task))
+    except (ConfigError, TrainingError, CheckpointError, DataError, FileNotFoundError) as error:
+        print(f"slip.train: error: {last_line(error)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def cli() -> None:
+    """Console entry point: a renamed or unknown key, or an unknown group option, on the command line stops with
+    one line before Hydra reads it."""
+    try:
+        check_renamed_overrides(sys.argv[1:])
+        check_override_keys(CONF_DIR, "train", sys.argv[1:])
+    except ConfigError as error:
+        print(f"slip.train: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    main()
+
+
+if __name__ == "__main__":
+    cli()
