@@ -31,8 +31,8 @@ def _run(overrides: list[str], run_dir: Path) -> tuple[list[float], dict[str, to
     from hydra import compose, initialize_config_dir
 
     from slip.checkpoint import read_checkpoint
-    from slip.run_layout import CHECKPOINT_IN_RUN
-    from slip.train import train
+    from slip.app.run_layout import CHECKPOINT_IN_RUN
+    from slip.app.train import train
 
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=overrides)

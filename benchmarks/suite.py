@@ -47,7 +47,7 @@ def _synchronize(device) -> None:
 
 
 def _peak_memory_mib(device) -> float:
-    from slip.monitor import peak_memory_mib
+    from slip.app.monitor import peak_memory_mib
 
     return peak_memory_mib(device)
 
@@ -122,10 +122,10 @@ def training_task(device, model_name: str, loss: str, **model_overrides: Any) ->
     import torch
 
     import slip.losses
-    from slip.task import TrainTask
+    from slip.app.task import TrainTask
     from slip.host_memory import retain_freed_memory
     from slip.models import MODEL_BUILDERS
-    from slip.optim import adamw, param_groups
+    from slip.app.optim import adamw, param_groups
 
     retain_freed_memory()  # trainer.retain_freed_memory; the measurements run in child processes of their own
     torch.manual_seed(0)
@@ -382,7 +382,7 @@ def end_to_end(device_name: str, model_name: str, loss: str, batch_size: int, st
     from hydra import compose, initialize_config_dir
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from slip.train import train
+    from slip.app.train import train
 
     conf = Path(__file__).resolve().parent.parent / "conf"
     with tempfile.TemporaryDirectory() as root:
