@@ -149,7 +149,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
         convert_sync_batchnorm(model.image_mlp)
     if settings.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    trainer = Trainer(TrainTask(model, objective), parts.optimizer, parts.schedule, settings, world, run_dir,
+    task = TrainTask(model, objective, model.arch["image_mean"], model.arch["image_std"])
+    trainer = Trainer(task, parts.optimizer, parts.schedule, settings, world, run_dir,
                       total_steps, parts.data.steps_per_epoch, OmegaConf.to_yaml(cfg, resolve=True), evaluate)
     if checkpoint is not None:
         trainer.load_state_dict(checkpoint)
@@ -161,7 +162,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     trainer.monitor.message(f"run dir {run_dir}: {total_steps} steps of global batch {layout.describe()}, "
                             f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
     try:
-        trainer.fit(parts.data.loader, model.arch["image_mean"], model.arch["image_std"], parts.transform.to_device)
+        trainer.fit(parts.data.loader, parts.transform.to_device)
     except (TrainingError, DataError) as error:
         if world.is_main:  # the stop is recorded: the results file names the error and the step that is saved
             _write_run_files(run_dir, cfg, _results(cfg, trainer, evaluate, started, overrides, error))
