@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slip.distributed import Gather, local_gather
-from slip.inputs import ALL_INPUTS
+from slip.inputs import ALL_INPUTS, SSL_VIEWS
 
 
 class MissingOutputError(KeyError):
@@ -115,7 +115,7 @@ class CLIPLoss(Objective):
 class SimCLRLoss(Objective):
     """NT-Xent between two augmented views (Chen et al. 2020), with each row's own view-mate excluded."""
 
-    inputs = ("aug1", "aug2")
+    inputs = SSL_VIEWS
     metrics = ("ssl_acc",)
 
     def __init__(self, temperature: float = 0.1, gather: Gather | None = None) -> None:
