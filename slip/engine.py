@@ -16,7 +16,7 @@ from torch import nn
 from slip.accumulation import ACCUMULATION_MODES, exact_backward
 from slip.checkpoint import FORMAT_NAME, FORMAT_VERSION, atomic_save
 from slip.data.loader import batch_rows, batch_to_device
-from slip.distributed import WorldInfo, all_ranks, any_rank, average_gradients
+from slip.distributed import WorldInfo, all_ranks, any_rank, average_gradients, resolve_device
 from slip.monitor import Monitor, peak_memory_mib
 from slip.precision import PRECISIONS, autocast_dtype, cast_floats, parameter_dtype
 from slip.preemption import EvaluationInterrupted, PreemptionFlag
@@ -96,13 +96,6 @@ class TrainState:
     nonfinite_in_a_row: int = 0
 
 
-def resolve_device(name: str, world: WorldInfo) -> torch.device:
-    """'auto' -> this rank's GPU when CUDA is available, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(name)
-
-
 class Trainer:
     """Runs `fit`: one instance per training run.
 
@@ -127,7 +120,7 @@ class Trainer:
         self.settings, self.world, self.run_dir = settings, world, run_dir
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         self.config_text, self.evaluate = config_text, evaluate
-        self.device = resolve_device(settings.device, world)
+        self.device = resolve_device(settings.device, world.local_rank)
         self._prepare_batch: PrepareBatch = batch_to_device  # fit() takes the MultiView's own
         self.dtype = autocast_dtype(settings.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, init_scale=settings.init_grad_scale,

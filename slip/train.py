@@ -20,8 +20,9 @@ from slip.config import (ConfigError, build, check_override_keys, check_renamed_
                          fill_added_defaults, first_difference, upgrade_saved_config)
 from slip.data import TrainData, build_train_data
 from slip.data.decode import DataError
-from slip.distributed import WorldInfo, convert_sync_batchnorm, init_process_group, leave_process_group, make_gather
-from slip.engine import Trainer, TrainerSettings, TrainingError, resolve_device
+from slip.distributed import (WorldInfo, convert_sync_batchnorm, init_process_group, leave_process_group, make_gather,
+                              resolve_device)
+from slip.engine import Trainer, TrainerSettings, TrainingError
 from slip.error_text import last_line
 from slip.eval.zeroshot import validation_images, zero_shot_evaluator
 from slip.host_memory import retain_freed_memory
@@ -104,7 +105,10 @@ def build_run(cfg: DictConfig, world: WorldInfo, settings: TrainerSettings) -> R
         inputs=objective.inputs, image_size=arch["image_size"], mean=arch["image_mean"], std=arch["image_std"],
         context_length=arch["context_length"],
     )
-    device = resolve_device(settings.device, world)
+    try:
+        device = resolve_device(settings.device, world.local_rank)
+    except ValueError as error:
+        raise ConfigError(f"trainer.device: {error}") from None
     data = build_train_data(cfg.data, transform, world, settings.seed, settings.update_freq,
                             pin_memory=device.type == "cuda")  # page-locked batches: asynchronous copies
     total_steps = settings.max_steps or settings.epochs * data.steps_per_epoch
