@@ -15,6 +15,7 @@ from torch import nn
 
 from slip.accumulation import ACCUMULATION_MODES, exact_backward
 from slip.checkpoint import FORMAT_NAME, FORMAT_VERSION, atomic_save
+from slip.data.decode import MAX_BAD_IN_A_ROW
 from slip.data.loader import batch_rows, batch_to_device
 from slip.distributed import WorldInfo, all_ranks, any_rank, average_gradients, resolve_device
 from slip.monitor import Monitor, peak_memory_mib
@@ -53,6 +54,7 @@ class TrainerSettings:
     eval_every: int | None = None
     resume: str = "auto"
     max_bad_fraction: float = 0.05
+    max_bad_in_a_row: int = MAX_BAD_IN_A_ROW
     max_nonfinite_steps: int = 5
     init_grad_scale: float = 65536.0
     log_images: bool = True
@@ -80,6 +82,8 @@ class TrainerSettings:
             raise ValueError(f"trainer.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"trainer.grad_clip must be > 0 or null, got {self.grad_clip}")
+        if self.max_bad_in_a_row < 0:
+            raise ValueError(f"trainer.max_bad_in_a_row must be >= 0, got {self.max_bad_in_a_row}")
         if not 0 <= self.max_bad_fraction <= 1:
             raise ValueError(f"trainer.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
 

@@ -110,7 +110,8 @@ def build_run(cfg: DictConfig, world: WorldInfo, settings: TrainerSettings) -> R
     except ValueError as error:
         raise ConfigError(f"trainer.device: {error}") from None
     data = build_train_data(cfg.data, transform, world, settings.seed, settings.update_freq,
-                            pin_memory=device.type == "cuda")  # page-locked batches: asynchronous copies
+                            pin_memory=device.type == "cuda",  # page-locked batches: asynchronous copies
+                            max_bad_in_a_row=settings.max_bad_in_a_row)
     total_steps = settings.max_steps or settings.epochs * data.steps_per_epoch
     optimizer = build(cfg.optim, "optim")([model, objective])  # grouped by optim.decay_embeddings
     schedule = build(cfg.schedule, "schedule")(total_steps=total_steps, steps_per_epoch=data.steps_per_epoch)
