@@ -97,6 +97,17 @@ def rendezvous_env(env: Mapping[str, str]) -> dict[str, str]:
     return {"MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodelist), "MASTER_PORT": port}
 
 
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """'auto' -> this process's GPU (cuda:`local_rank`) when CUDA is available, else the CPU; other names as torch
+    reads them ("cpu", "cuda", "cuda:1"); ValueError naming the value when torch cannot read it."""
+    if name == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+
+
 def init_process_group(world: WorldInfo, backend: str | None = None, init_method: str = "env://") -> None:
     """Join the default process group (nccl when CUDA is available, else gloo); no-op for one process."""
     if not world.is_distributed:

@@ -9,9 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slip.distributed import Gather, local_gather
-
-# Batch keys in the order composites list them; unknown keys follow in order of first appearance.
-_INPUT_ORDER = ("image", "text", "aug1", "aug2")
+from slip.inputs import ALL_INPUTS, SSL_VIEWS
 
 
 class MissingOutputError(KeyError):
@@ -30,7 +28,7 @@ def _full_precision(tensor: Tensor) -> Tensor:
 def _union_inputs(groups: Iterable[tuple[str, ...]]) -> tuple[str, ...]:
     """Union of input-key tuples, ordered image, text, aug1, aug2, then any others by first appearance."""
     seen = list(dict.fromkeys(key for group in groups for key in group))
-    rank = {key: i for i, key in enumerate(_INPUT_ORDER)}
+    rank = {key: i for i, key in enumerate(ALL_INPUTS)}
     return tuple(sorted(seen, key=lambda key: (rank.get(key, len(rank)), seen.index(key))))
 
 
@@ -40,9 +38,14 @@ def _top1(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 class Objective(nn.Module):
-    """Base class: maps a model's outputs dict to a dict holding `loss` plus named terms and metrics."""
+    """Base class: maps a model's outputs dict to a dict holding `loss` plus named terms and metrics.
+
+    `inputs` names the batch keys it needs, `metrics` the result keys that training shows beside the loss on the
+    console (every result key is logged); `after_optimizer_step` is its hook for state kept between steps.
+    """
 
     inputs: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
 
     def __init__(self, gather: Gather | None = None) -> None:
         super().__init__()
@@ -51,6 +54,9 @@ class Objective(nn.Module):
     def set_gather(self, gather: Gather) -> None:
         """Use `gather` to collect the global batch (e.g. `make_gather(world)` once distributed is up)."""
         self._gather = gather
+
+    def after_optimizer_step(self) -> None:
+        """Called (without autograd) after every optimizer step that was taken; nothing by default."""
 
     def _read(self, outputs: Mapping[str, Tensor], *keys: str) -> list[Tensor]:
         """Fetch `keys` from `outputs`, upcast to at least float32, with a clear error on a missing key."""
@@ -89,6 +95,7 @@ class CLIPLoss(Objective):
     """Symmetric InfoNCE between image and text embeddings (Radford et al. 2021)."""
 
     inputs = ("image", "text")
+    metrics = ("clip_acc",)
 
     def forward(self, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
         """Mean of the image->text and text->image cross-entropies over the global batch."""
@@ -108,7 +115,8 @@ class CLIPLoss(Objective):
 class SimCLRLoss(Objective):
     """NT-Xent between two augmented views (Chen et al. 2020), with each row's own view-mate excluded."""
 
-    inputs = ("aug1", "aug2")
+    inputs = SSL_VIEWS
+    metrics = ("ssl_acc",)
 
     def __init__(self, temperature: float = 0.1, gather: Gather | None = None) -> None:
         super().__init__(gather)
@@ -149,6 +157,7 @@ class SigLIPLoss(Objective):
     """
 
     inputs = ("image", "text")
+    metrics = ("siglip_acc",)
 
     def __init__(self, init_logit_bias: float = -10.0, gather: Gather | None = None) -> None:
         super().__init__(gather)
@@ -192,6 +201,7 @@ class WeightedObjectives(Objective):
         self.objectives = nn.ModuleDict(objectives)
         self.weights = {name: float(weights[name]) for name in objectives}
         self.inputs = _union_inputs(child.inputs for child in self.objectives.values())
+        self.metrics = tuple(dict.fromkeys(key for child in self.objectives.values() for key in child.metrics))
         # With gather=None the children keep whatever gather they were built with (local by default).
         if gather is not None:
             self.set_gather(gather)
@@ -205,6 +215,11 @@ class WeightedObjectives(Objective):
     def extra_repr(self) -> str:
         """Shown by print(module)."""
         return f"weights={self.weights}"
+
+    def after_optimizer_step(self) -> None:
+        """Every child's hook, in order."""
+        for child in self.objectives.values():
+            child.after_optimizer_step()
 
     def forward(self, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
         """loss = sum of weight * child loss, plus every child's terms and metrics."""

@@ -8,6 +8,7 @@ AdamW's eps, and the runs agree to rounding.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from train_helpers import (FAST, SMALL_VIT, TINY_RESNET, assert_same_run, compos
 
 from slip.app.config import build
 from slip.distributed import WorldInfo
-from slip.app.engine import MAX_LOGIT_SCALE
+from slip.models.heads import MAX_LOGIT_SCALE
 from slip.app.task import TrainTask
 from slip.app.train import build_run, train
 
@@ -65,7 +66,7 @@ def _plain_accumulated_run(overrides: list[str]) -> tuple[dict[int, float], dict
             parts.optimizer.zero_grad(set_to_none=True)
             if task.model.logit_scale is not None:
                 with torch.no_grad():
-                    task.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+                    task.model.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
             losses.append(float(result["loss"].detach()))
         epoch += 1
     return dict(enumerate(losses, start=1)), task.model.state_dict()

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from data_helpers import tiny_transform, write_shard
+from data_helpers import tiny_transform, write_shard, write_tar
 from omegaconf import OmegaConf
 
 from slip.app.config import ConfigError
 from slip.app.migrations import check_renamed_overrides, upgrade_saved_config
 from slip.app.train_data import DataSettings, build_train_data
+from slip.data.decode import DataError
 from slip.distributed import WorldInfo
 
 
@@ -93,3 +94,21 @@ def test_a_config_saved_before_the_data_builder_reads_in_todays_layout() -> None
     assert upgraded.data.source._target_ == "slip.data.sources.CsvSource"
     assert "ssl_scale" not in upgraded.augment and list(upgraded.augment.ssl_crop_scale) == [0.08, 1.0]
     assert upgraded.loss.ssl_scale == 1.0 and "_target_" not in saved.data  # the loss weight and the input stay
+
+
+def test_trainer_max_bad_in_a_row_is_the_limit_of_map_style_and_stream_readers(tmp_path: Path) -> None:
+    from train_helpers import FAST, compose_config
+
+    from slip.app.config import build
+
+    settings = build(compose_config(*FAST, "trainer.max_bad_in_a_row=2").trainer, "trainer")
+    table = tmp_path / "pairs.csv"
+    table.write_text("filepath,title\n" + "".join(f"missing{i}.png,a caption\n" for i in range(8)))
+    csv_node = {"_target_": "slip.data.DataSettings", "batch_size": 2,
+                "source": {"_target_": "slip.data.sources.CsvSource", "path": str(table)}}
+    stream = stream_node([str(write_tar(tmp_path / "empty.tar", []))], 8, 2, 0)
+    for node, kind in [(csv_node, "missing"), (stream, "empty_shard")]:
+        data = build_train_data(OmegaConf.create(node), tiny_transform, WorldInfo(), seed=0,
+                                max_bad_in_a_row=settings.max_bad_in_a_row)
+        with pytest.raises(DataError, match=f"^3 bad samples in a row.*{kind}"):
+            next(iter(data.loader(epoch=0)))

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from slip.models.vision import scratch_buffers
+from slip.random_state import RandomState
 
 Encode = Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
 """A micro-batch -> the features the rest of the step needs (the towers' part of the model)."""
@@ -36,25 +36,9 @@ Finish = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 ACCUMULATION_MODES = ("exact", "independent")
 
 
-@dataclass(frozen=True)
-class RandomState:
-    """The torch random state of the CPU and, when training there, of one CUDA device."""
-
-    cpu: Tensor
-    cuda: Tensor | None
-    device: torch.device
-
-    @classmethod
-    def capture(cls, device: torch.device) -> "RandomState":
-        """The current state of the generators that a forward pass on `device` draws from."""
-        cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-        return cls(torch.get_rng_state(), cuda, device)
-
-    def restore(self) -> None:
-        """Make the generators continue from this state."""
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state(self.cuda, self.device)
+def _capture(device: torch.device) -> RandomState:
+    """The state of the generators that a forward pass on `device` draws from: the CPU's, and the device's."""
+    return RandomState.capture(python=False, cuda=[device] if device.type == "cuda" else [])
 
 
 def _rows(features: Mapping[str, Tensor]) -> int:
@@ -91,13 +75,13 @@ def exact_backward(
         raise ValueError("exact_backward needs at least one micro-batch")
     states, cached = [], []
     with autocast():
-        states.append(RandomState.capture(device))
+        states.append(_capture(device))
         kept = encode(micro_batches[0])
         cached.append({key: value.detach() for key, value in kept.items()})
         # The replays below make each later micro-batch's buffer update, once and in order.
         with torch.no_grad(), scratch_buffers(stateful):
             for batch in micro_batches[1:]:
-                states.append(RandomState.capture(device))
+                states.append(_capture(device))
                 cached.append(encode(batch))
     rows = [_rows(features) for features in cached]
     whole = {key: torch.cat([features[key] for features in cached]).requires_grad_() for key in cached[0]}
@@ -105,7 +89,7 @@ def exact_backward(
     with autocast():
         result = finish(whole)
     backward(result["loss"])
-    after = RandomState.capture(device)
+    after = _capture(device)
     slices = {key: (leaf.grad.split(rows) if leaf.grad is not None else [None] * len(rows))
               for key, leaf in whole.items()}
     _backward_slice(kept, {key: parts[0] for key, parts in slices.items()})

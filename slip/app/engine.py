@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,16 +15,16 @@ from torch import nn
 
 from slip.app.accumulation import ACCUMULATION_MODES, exact_backward
 from slip.checkpoint import FORMAT_NAME, FORMAT_VERSION, atomic_save
+from slip.data.decode import MAX_BAD_IN_A_ROW
 from slip.data.loader import batch_rows, batch_to_device
-from slip.distributed import WorldInfo, all_ranks, any_rank, average_gradients
-from slip.app.monitor import Monitor, peak_memory_mib, view_grid
+from slip.distributed import WorldInfo, all_ranks, any_rank, average_gradients, resolve_device
+from slip.app.monitor import Monitor, peak_memory_mib
 from slip.app.precision import PRECISIONS, autocast_dtype, cast_floats, parameter_dtype
 from slip.app.preemption import EvaluationInterrupted, PreemptionFlag
 from slip.random_state import rng_state, set_rng_state
 from slip.app.run_layout import CHECKPOINT_IN_RUN
 from slip.app.task import TrainTask
 
-MAX_LOGIT_SCALE = math.log(100.0)
 LoaderForEpoch = Callable[[int, int], Iterable[dict]]
 """(epoch, number of batches to skip) -> the batches of that epoch."""
 PrepareBatch = Callable[[Mapping[str, Any], torch.device], dict]
@@ -55,6 +54,7 @@ class TrainerSettings:
     eval_every: int | None = None
     resume: str = "auto"
     max_bad_fraction: float = 0.05
+    max_bad_in_a_row: int = MAX_BAD_IN_A_ROW
     max_nonfinite_steps: int = 5
     init_grad_scale: float = 65536.0
     log_images: bool = True
@@ -82,6 +82,8 @@ class TrainerSettings:
             raise ValueError(f"trainer.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"trainer.grad_clip must be > 0 or null, got {self.grad_clip}")
+        if self.max_bad_in_a_row < 0:
+            raise ValueError(f"trainer.max_bad_in_a_row must be >= 0, got {self.max_bad_in_a_row}")
         if not 0 <= self.max_bad_fraction <= 1:
             raise ValueError(f"trainer.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
 
@@ -96,13 +98,6 @@ class TrainState:
     samples_seen: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     nonfinite_in_a_row: int = 0
-
-
-def resolve_device(name: str, world: WorldInfo) -> torch.device:
-    """'auto' -> this rank's GPU when CUDA is available, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(name)
 
 
 class Trainer:
@@ -129,7 +124,7 @@ class Trainer:
         self.settings, self.world, self.run_dir = settings, world, run_dir
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         self.config_text, self.evaluate = config_text, evaluate
-        self.device = resolve_device(settings.device, world)
+        self.device = resolve_device(settings.device, world.local_rank)
         self._prepare_batch: PrepareBatch = batch_to_device  # fit() takes the MultiView's own
         self.dtype = autocast_dtype(settings.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, init_scale=settings.init_grad_scale,
@@ -262,10 +257,7 @@ class Trainer:
             self.monitor.message(f"step {self.state.step + 1}: fp16 gradients overflowed, step skipped, "
                                  f"loss scale lowered to {self.scaler.get_scale():g}")
             return False
-        logit_scale = self.task.model.logit_scale
-        if logit_scale is not None:
-            with torch.no_grad():
-                logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        self.task.after_optimizer_step()
         return True
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -285,7 +277,7 @@ class Trainer:
         """Gradients of the objective over the whole window of micro-batches (`slip.app.accumulation`), all ranks'.
 
         `window` holds the loader's batches as they came (on the host; uint8 crops with the device backend): each
-        is put on the device, and its deferred views finished, for its pass and again for its replay, so the
+        is put on the device, and its deferred image work finished, for its pass and again for its replay, so the
         device holds one micro-batch's inputs at a time.
         """
         def encode(loader_batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -298,7 +290,7 @@ class Trainer:
         return {key: value.detach() for key, value in result.items()}
 
     def _log_step(self, results: list[dict[str, torch.Tensor]], step_time: float, data_wait: float,
-                  images: int, logit_scale: float | None) -> None:
+                  images: int, scalars: Mapping[str, float]) -> None:
         values = {key: sum(float(result[key]) for result in results) / len(results) for key in results[0]}
         if self.world.is_distributed:  # report the mean over ranks: for our losses, the global-batch value
             keys = sorted(values)
@@ -306,8 +298,7 @@ class Trainer:
             dist.all_reduce(stacked)
             values = {k: float(v) / self.world.world_size for k, v in zip(keys, stacked.tolist())}
         values["lr"] = self.optimizer.param_groups[0]["lr"]
-        if logit_scale is not None:  # the scale this step's loss used, as SigLIP's logit_bias
-            values["logit_scale"] = logit_scale
+        values.update(scalars)
         self.history.append({"step": self.state.step, **values})
         perf = {
             "images_per_second": images * self.world.world_size / max(step_time, 1e-9),
@@ -316,7 +307,7 @@ class Trainer:
         }
         self.monitor.scalars(self.state.step, {**values, **perf})
         self.monitor.scalars(self.state.step, {k: float(v) for k, v in self.state.skipped.items()}, "data/skipped_")
-        shown = {k: values[k] for k in ("loss", "clip_acc", "ssl_acc", "siglip_acc") if k in values}
+        shown = {k: values[k] for k in self.task.console_metrics() if k in values}
         shown["img/s"] = perf["images_per_second"]
         skipped = sum(self.state.skipped.values())
         if skipped:
@@ -353,12 +344,11 @@ class Trainer:
         self.monitor.message(f"validation done in {time.perf_counter() - started:.0f} s: {shown}")
         return True
 
-    def fit(self, loader_for_epoch: LoaderForEpoch, image_mean=(0, 0, 0), image_std=(1, 1, 1),
-            prepare_batch: PrepareBatch = batch_to_device) -> TrainState:
+    def fit(self, loader_for_epoch: LoaderForEpoch, prepare_batch: PrepareBatch = batch_to_device) -> TrainState:
         """Train until `total_steps` optimizer steps are done, SIGTERM arrives, or an error stops it.
 
         `prepare_batch(batch, device)` puts each loader batch on the device (`MultiView.to_device` also finishes
-        deferred views there).
+        deferred image work there).
         """
         settings, state = self.settings, self.state
         self._prepare_batch = prepare_batch
@@ -373,7 +363,7 @@ class Trainer:
                 while state.step < self.total_steps:
                     skip = state.step_in_epoch * settings.update_freq
                     batches = iter(loader_for_epoch(state.epoch, skip))
-                    if self._train_epoch(batches, preempted, image_mean, image_std):
+                    if self._train_epoch(batches, preempted):
                         self.save()
                         self.monitor.message(f"stopping early (SIGTERM or trainer.stop_after): saved step "
                                              f"{state.step} to {self.checkpoint_path}; run again to resume")
@@ -388,7 +378,7 @@ class Trainer:
                 self.monitor.close()
         return state
 
-    def _train_epoch(self, batches, preempted: PreemptionFlag, image_mean, image_std) -> bool:
+    def _train_epoch(self, batches: Iterator[dict], preempted: PreemptionFlag) -> bool:
         """One epoch (or what is left of it); True when stopped by preemption."""
         settings, state = self.settings, self.state
         window: list[dict] = []  # the micro-batches of this step, kept for exact accumulation's replays
@@ -406,7 +396,8 @@ class Trainer:
             prepared = None if self.exact_accumulation else self._prepare_batch(batch, self.device)
             if state.step == 0 and micro == 0 and settings.log_images:
                 shown = prepared if prepared is not None else self._prepare_batch(batch, self.device)
-                self.monitor.images("views", view_grid(shown, image_mean, image_std))
+                for tag, grid in self.task.previews(shown).items():
+                    self.monitor.images(tag, grid)
             micro += 1
             rows = batch_rows(batch)
             images += rows
@@ -420,15 +411,14 @@ class Trainer:
             if micro < settings.update_freq:
                 continue
             nonfinite = any(not bool(torch.isfinite(result["loss"])) for result in results)
-            used_scale = (float(self.task.model.scaled_logit_scale().detach())
-                          if self.task.model.logit_scale is not None else None)
+            scalars = self.task.logged_scalars()  # before the step changes them: what this step's loss used
             stepped = self._optimizer_step(nonfinite)
             state.step += 1
             state.step_in_epoch += 1
             now = time.perf_counter()
             if stepped and (state.step % settings.log_every == 0 or state.step == self.total_steps or
                             self.monitor.interactive):
-                self._log_step(results, now - tick, data_wait, images, used_scale)
+                self._log_step(results, now - tick, data_wait, images, scalars)
             window, results, micro, data_wait, images = [], [], 0, 0.0, 0
             if settings.save_every and state.step % settings.save_every == 0:
                 self.save()

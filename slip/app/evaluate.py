@@ -14,6 +14,7 @@ from slip.checkpoint import CheckpointInfo
 from slip.pretrained import load_pretrained_with_info
 from slip.app.config import ConfigError, build
 from slip.app.eval_settings import EvalSettings, KnnSettings, LinearProbeSettings
+from slip.distributed import resolve_device
 from slip.eval.features import FeatureCache, extract_features
 from slip.eval.knn import knn_accuracy
 from slip.eval.linear_probe import linear_probe, sgd_linear_probe
@@ -181,12 +182,10 @@ def default_output_dir(checkpoint: Path) -> Path:
 
 
 def _device(setting: str) -> torch.device:
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(setting)
-    except RuntimeError:
-        raise ConfigError(f"device: {setting!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+        return resolve_device(setting)
+    except ValueError as error:
+        raise ConfigError(f"device: {error}") from None
 
 
 def _check_tasks(cfg: DictConfig) -> None:

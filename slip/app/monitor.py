@@ -5,7 +5,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TextIO
@@ -111,11 +111,12 @@ class Monitor:
             self.stream.flush()
 
 
-def view_grid(batch: Mapping[str, torch.Tensor], mean: Iterable[float], std: Iterable[float], count: int = 8):
-    """One row per image view of the first `count` samples, un-normalised to [0, 1] for TensorBoard."""
+def view_grid(views: Sequence[torch.Tensor], mean: Iterable[float], std: Iterable[float],
+              count: int = 8) -> torch.Tensor:
+    """One row per image batch of `views` (its first `count` samples), un-normalised to [0, 1] for TensorBoard."""
     from torchvision.utils import make_grid
 
     mean_t = torch.tensor(list(mean)).view(1, 3, 1, 1)
     std_t = torch.tensor(list(std)).view(1, 3, 1, 1)
-    rows = [batch[k][:count].float().cpu() * std_t + mean_t for k in ("image", "aug1", "aug2") if k in batch]
+    rows = [images[:count].float().cpu() * std_t + mean_t for images in views]
     return make_grid(torch.cat(rows).clamp(0, 1), nrow=min(count, rows[0].shape[0]))

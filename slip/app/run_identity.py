@@ -40,7 +40,7 @@ TRAINER_FREE_KEYS = frozenset({
     "log_every", "log_images", "save_every", "eval_every",
     "device", "compile", "retain_freed_memory",
     "grad_checkpointing",   # recomputes the same activations (BatchNorm statistics included)
-    "max_bad_fraction", "max_nonfinite_steps",  # when to give up, not what a step computes
+    "max_bad_fraction", "max_bad_in_a_row", "max_nonfinite_steps",  # when to give up, not what a step computes
 })
 
 

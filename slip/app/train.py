@@ -22,8 +22,9 @@ from slip.app.migrations import check_renamed_keys, check_renamed_overrides, fil
 from slip.app.override_keys import check_override_keys
 from slip.app.train_data import TrainData, build_train_data
 from slip.data.decode import DataError
-from slip.distributed import WorldInfo, convert_sync_batchnorm, init_process_group, leave_process_group, make_gather
-from slip.app.engine import Trainer, TrainerSettings, TrainingError, resolve_device
+from slip.distributed import (WorldInfo, convert_sync_batchnorm, init_process_group, leave_process_group, make_gather,
+                              resolve_device)
+from slip.app.engine import Trainer, TrainerSettings, TrainingError
 from slip.error_text import last_line
 from slip.eval.zeroshot import validation_images, zero_shot_evaluator
 from slip.host_memory import retain_freed_memory
@@ -106,9 +107,13 @@ def build_run(cfg: DictConfig, world: WorldInfo, settings: TrainerSettings) -> R
         inputs=objective.inputs, image_size=arch["image_size"], mean=arch["image_mean"], std=arch["image_std"],
         context_length=arch["context_length"],
     )
-    device = resolve_device(settings.device, world)
+    try:
+        device = resolve_device(settings.device, world.local_rank)
+    except ValueError as error:
+        raise ConfigError(f"trainer.device: {error}") from None
     data = build_train_data(cfg.data, transform, world, settings.seed, settings.update_freq,
-                            pin_memory=device.type == "cuda")  # page-locked batches: asynchronous copies
+                            pin_memory=device.type == "cuda",  # page-locked batches: asynchronous copies
+                            max_bad_in_a_row=settings.max_bad_in_a_row)
     total_steps = settings.max_steps or settings.epochs * data.steps_per_epoch
     optimizer = build(cfg.optim, "optim")([model, objective])  # grouped by optim.decay_embeddings
     schedule = build(cfg.schedule, "schedule")(total_steps=total_steps, steps_per_epoch=data.steps_per_epoch)
@@ -151,7 +156,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
         convert_sync_batchnorm(model.image_mlp)
     if settings.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    trainer = Trainer(TrainTask(model, objective), parts.optimizer, parts.schedule, settings, world, run_dir,
+    task = TrainTask(model, objective, model.arch["image_mean"], model.arch["image_std"])
+    trainer = Trainer(task, parts.optimizer, parts.schedule, settings, world, run_dir,
                       total_steps, parts.data.steps_per_epoch, OmegaConf.to_yaml(cfg, resolve=True), evaluate)
     if checkpoint is not None:
         trainer.load_state_dict(checkpoint)
@@ -163,7 +169,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     trainer.monitor.message(f"run dir {run_dir}: {total_steps} steps of global batch {layout.describe()}, "
                             f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
     try:
-        trainer.fit(parts.data.loader, model.arch["image_mean"], model.arch["image_std"], parts.transform.to_device)
+        trainer.fit(parts.data.loader, parts.transform.to_device)
     except (TrainingError, DataError) as error:
         if world.is_main:  # the stop is recorded: the results file names the error and the step that is saved
             _write_run_files(run_dir, cfg, _results(cfg, trainer, evaluate, started, overrides, error))

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from slip.app.config import ConfigError, build
 from slip.data.dataset import ImageTextDataset, Transform
+from slip.data.decode import MAX_BAD_IN_A_ROW
 from slip.data.loader import check_num_workers, batches_per_epoch, build_train_loader, check_batch_size
 from slip.distributed import WorldInfo
 
@@ -59,16 +60,19 @@ class TrainData:
 
 
 def build_train_data(data_cfg: DictConfig, transform: Transform, world: WorldInfo, seed: int, update_freq: int = 1,
-                     pin_memory: bool = False) -> TrainData:
+                     pin_memory: bool = False, max_bad_in_a_row: int = MAX_BAD_IN_A_ROW) -> TrainData:
     """Check and build the `data` node: its source or stream with `transform`, and the optimizer steps per epoch
-    at `update_freq` batches per step; errors name the key."""
+    at `update_freq` batches per step; errors name the key. Its readers give up after more than `max_bad_in_a_row`
+    bad samples in a row (`trainer.max_bad_in_a_row`)."""
     settings: DataSettings = build(data_cfg, "data", _recursive_=False)
     if settings.stream is not None:
-        dataset = build(settings.stream, "data.stream", transform=transform, seed=seed)
+        dataset = build(settings.stream, "data.stream", transform=transform, seed=seed,
+                        max_bad_in_a_row=max_bad_in_a_row)
         if getattr(dataset, "samples_per_epoch", None) is None:
             raise ConfigError("data.stream.samples_per_epoch: required to plan the epochs of a stream")
     else:
-        dataset = ImageTextDataset(build(settings.source, "data.source"), transform, seed=seed)
+        dataset = ImageTextDataset(build(settings.source, "data.source"), transform, seed=seed,
+                                   max_retries=max_bad_in_a_row)
     batches = batches_per_epoch(dataset, settings.batch_size, world, settings.num_workers)
     if batches // update_freq < 1:
         raise ConfigError(f"data.batch_size: {settings.batch_size} x {world.world_size} processes x update_freq "

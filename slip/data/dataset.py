@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from slip.data.decode import BadSample, SkipLog
+from slip.data.decode import MAX_BAD_IN_A_ROW, BadSample, SkipLog
 from slip.data.seeding import derive_seed, seeded_global_rngs
 from slip.data.sources.base import Source, check_index
 
@@ -46,7 +46,8 @@ class ImageTextDataset(torch.utils.data.Dataset):
 
     _STRIDE = 1_000_003  # prime: replacements spread over the dataset instead of hitting a bad neighbourhood
 
-    def __init__(self, source: Source, transform: Transform, seed: int = 0, max_retries: int = 16) -> None:
+    def __init__(self, source: Source, transform: Transform, seed: int = 0,
+                 max_retries: int = MAX_BAD_IN_A_ROW) -> None:
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
         if len(source) == 0:

@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "MAX_BAD_IN_A_ROW",
     "MAX_SKIPPED_EXAMPLES",
     "BadSample",
     "DataError",
@@ -31,6 +32,7 @@ __all__ = [
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's default MAX_IMAGE_PIXELS; larger images are decompression bombs
 MAX_SKIPPED_EXAMPLES = 5
+MAX_BAD_IN_A_ROW = 256  # readers give up after more bad samples than this in a row (trainer.max_bad_in_a_row)
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from slip.random_state import RandomState
+
 __all__ = ["derive_seed", "seeded_global_rngs"]
 
 
@@ -28,13 +30,11 @@ def seeded_global_rngs(seed: int) -> Iterator[None]:
 
     Only the CPU generator is touched: torch.manual_seed would also reseed (and so disturb) CUDA generators.
     """
-    torch_state, python_state, numpy_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    saved = RandomState.capture(numpy=True, cuda=[])
     torch.default_generator.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed & 0xFFFF_FFFF)
     try:
         yield
     finally:
-        torch.set_rng_state(torch_state)
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
+        saved.restore()

@@ -29,12 +29,12 @@ from slip import tokenizer
 from slip.checks import positive_int
 from slip.data import tensor_views
 from slip.data.loader import batch_to_device
+from slip.inputs import ALL_INPUTS, SSL_VIEWS
 
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "BACKENDS",
-    "INPUT_NAMES",
     "MultiView",
     "RandomGaussianBlur",
     "build_multiview",
@@ -45,7 +45,6 @@ __all__ = [
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-INPUT_NAMES = ("image", "text", "aug1", "aug2")
 BACKENDS = ("tensor", "pil", "device")
 
 View = Callable[[Image.Image], Tensor]
@@ -256,9 +255,9 @@ def build_multiview(
     if isinstance(inputs, str):
         raise ValueError(f"inputs must be a sequence of names such as ('image', 'text'), got {inputs!r}")
     requested = list(inputs)
-    unknown = [name for name in requested if name not in INPUT_NAMES]
+    unknown = [name for name in requested if name not in ALL_INPUTS]
     if unknown or not requested:
-        raise ValueError(f"inputs must be a non-empty subset of {list(INPUT_NAMES)}, got {list(inputs)}")
+        raise ValueError(f"inputs must be a non-empty subset of {list(ALL_INPUTS)}, got {list(inputs)}")
     if isinstance(jitter_strength, bool) or not isinstance(jitter_strength, (int, float)) or not (
         0 <= jitter_strength <= 5
     ):
@@ -275,7 +274,7 @@ def build_multiview(
                         ("hflip_p", hflip_p)]:
         _check_probability(name, value)
     _check_range("blur_sigma", blur_sigma, 0.0, math.inf)
-    names = [name for name in INPUT_NAMES if name in requested]
+    names = [name for name in ALL_INPUTS if name in requested]
     on_tensors = backend != "pil"
     # Deferred views are finished by MultiView.to_device; only the "device" backend defers.
     deferred = {"deferred": True} if backend == "device" else {}
@@ -284,7 +283,7 @@ def build_multiview(
         if name == "image":
             make_clip = tensor_views.TensorClipView if on_tensors else clip_view
             views[name] = make_clip(image_size, mean, std, scale=clip_scale, **deferred)
-        elif name in ("aug1", "aug2"):
+        elif name in SSL_VIEWS:
             s = float(jitter_strength)
             make_ssl = tensor_views.TensorSSLView if on_tensors else ssl_view
             views[name] = make_ssl(

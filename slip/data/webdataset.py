@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from slip.data.dataset import Transform, transform_sample
-from slip.data.decode import DEFAULT_MAX_PIXELS, BadSample, SkipLog, check_caption, decode_image
+from slip.data.decode import DEFAULT_MAX_PIXELS, MAX_BAD_IN_A_ROW, BadSample, SkipLog, check_caption, decode_image
 from slip.data.loader import ReaderShare, StreamPlan, shard_order
 from slip.data.seeding import derive_seed
 from slip.distributed import WorldInfo
@@ -218,7 +218,7 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
         resample: bool = False,
         samples_per_epoch: int | None = None,
         shuffle_buffer: int = 0,
-        max_bad_in_a_row: int = 256,
+        max_bad_in_a_row: int = MAX_BAD_IN_A_ROW,
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         super().__init__()

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 CLIP_INITIAL_LOGIT_SCALE = math.log(1 / 0.07)
+MAX_LOGIT_SCALE = 100.0
+"""The largest logit scale (exp of the learned parameter) that the objectives use: CLIP's clamp."""
 
 
 def projection(in_dim: int, out_dim: int) -> nn.Parameter:

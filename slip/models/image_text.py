@@ -1,17 +1,18 @@
 """The image-text model: an image tower, an optional text tower, projections, logit scale and SSL head."""
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from slip.models.heads import CLIP_INITIAL_LOGIT_SCALE, SSLHead, projection
+from slip.inputs import ALL_INPUTS, IMAGE_VIEWS, SSL_VIEWS
+from slip.models.heads import CLIP_INITIAL_LOGIT_SCALE, MAX_LOGIT_SCALE, SSLHead, projection
 from slip.models.text import TextTransformer
 from slip.models.vision import has_batch_statistics, patch_dropout_rate
 
-IMAGE_VIEWS = ("image", "aug1", "aug2")
-ALL_INPUTS = ("image", "text", "aug1", "aug2")
+__all__ = ["ALL_INPUTS", "ImageTextModel"]
 
 
 class ImageTextModel(nn.Module):
@@ -29,7 +30,7 @@ class ImageTextModel(nn.Module):
         project_image: bool = True,
         ssl_head: SSLHead | None = None,
         logit_scale_init: float = CLIP_INITIAL_LOGIT_SCALE,
-        max_logit_scale: float = 100.0,
+        max_logit_scale: float = MAX_LOGIT_SCALE,
         batch_views: bool = True,
         arch: Mapping[str, Any] | None = None,
         view_patch_dropout: Mapping[str, float] | None = None,
@@ -66,7 +67,7 @@ class ImageTextModel(nn.Module):
     def inputs(self) -> tuple[str, ...]:
         """The batch keys this model consumes."""
         keys = ("image", "text") if self.text is not None else ()
-        return keys + (("aug1", "aug2") if self.image_mlp is not None else ())
+        return keys + (SSL_VIEWS if self.image_mlp is not None else ())
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """Image-tower features before any projection (what a linear probe reads)."""
@@ -102,6 +103,18 @@ class ImageTextModel(nn.Module):
     def scaled_logit_scale(self) -> torch.Tensor:
         """exp(logit_scale), clamped to at most `max_logit_scale`."""
         return self.logit_scale.exp().clamp(max=self.max_logit_scale)
+
+    def after_optimizer_step(self) -> None:
+        """Keep the learned logit scale in [0, log(max_logit_scale)] (CLIP's clamp), when the model has one."""
+        if self.logit_scale is not None:
+            with torch.no_grad():
+                self.logit_scale.clamp_(0, math.log(self.max_logit_scale))
+
+    def logged_scalars(self) -> dict[str, float]:
+        """What training logs of the model at a step, read before its optimizer step: the scale its loss used."""
+        if self.logit_scale is None:
+            return {}
+        return {"logit_scale": float(self.scaled_logit_scale().detach())}
 
     def _view_features(self, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Image-tower features of every view, in one batched pass per patch-dropout rate when that cannot change
@@ -144,7 +157,7 @@ class ImageTextModel(nn.Module):
             outputs["text_embed"] = self.project_text(features["text"])
         if outputs:  # an image or text embedding was computed, so the logit scale is needed too
             outputs["logit_scale"] = self.scaled_logit_scale()
-        for view in ("aug1", "aug2"):
+        for view in SSL_VIEWS:
             if view in features:
                 outputs[f"{view}_embed"] = self.image_mlp(features[view])
         return outputs
