@@ -99,10 +99,10 @@ def build_run(cfg: DictConfig, world: WorldInfo, settings: TrainerSettings) -> R
     seed_everything(settings.seed, world)
     objective = build(cfg.loss, "loss")
     model = build(cfg.model, "model", inputs=list(objective.inputs))
-    arch = model.arch
+    spec = model.spec
     transform = build(cfg.augment, "augment")(
-        inputs=objective.inputs, image_size=arch["image_size"], mean=arch["image_mean"], std=arch["image_std"],
-        context_length=arch["context_length"],
+        inputs=objective.inputs, image_size=spec.preprocess.image_size, mean=spec.preprocess.mean,
+        std=spec.preprocess.std, context_length=spec.text.context_length,
     )
     device = resolve_device(settings.device, world)
     data = build_train_data(cfg.data, transform, world, settings.seed, settings.update_freq,
@@ -161,7 +161,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     trainer.monitor.message(f"run dir {run_dir}: {total_steps} steps of global batch {layout.describe()}, "
                             f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
     try:
-        trainer.fit(parts.data.loader, model.arch["image_mean"], model.arch["image_std"], parts.transform.to_device)
+        preprocess = model.spec.preprocess
+        trainer.fit(parts.data.loader, preprocess.mean, preprocess.std, parts.transform.to_device)
     except (TrainingError, DataError) as error:
         if world.is_main:  # the stop is recorded: the results file names the error and the step that is saved
             _write_run_files(run_dir, cfg, _results(cfg, trainer, evaluate, started, overrides, error))

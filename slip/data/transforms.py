@@ -28,6 +28,7 @@ from torchvision.transforms.v2 import functional as TF
 from slip import tokenizer
 from slip.data import tensor_views
 from slip.data.loader import batch_to_device
+from slip.models.spec import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 __all__ = [
     "CLIP_MEAN",
@@ -42,8 +43,7 @@ __all__ = [
     "ssl_view",
 ]
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN, CLIP_STD = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # defined with the model spec's Preprocess
 INPUT_NAMES = ("image", "text", "aug1", "aug2")
 BACKENDS = ("tensor", "pil", "device")
 

@@ -1,7 +1,7 @@
 """The image-text model: an image tower, an optional text tower, projections, logit scale and SSL head."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch import nn
@@ -9,6 +9,9 @@ from torch import nn
 from slip.models.heads import CLIP_INITIAL_LOGIT_SCALE, SSLHead, projection
 from slip.models.text import TextTransformer
 from slip.models.vision import has_batch_statistics, patch_dropout_rate
+
+if TYPE_CHECKING:
+    from slip.models.spec import ModelSpec
 
 IMAGE_VIEWS = ("image", "aug1", "aug2")
 ALL_INPUTS = ("image", "text", "aug1", "aug2")
@@ -31,7 +34,7 @@ class ImageTextModel(nn.Module):
         logit_scale_init: float = CLIP_INITIAL_LOGIT_SCALE,
         max_logit_scale: float = 100.0,
         batch_views: bool = True,
-        arch: Mapping[str, Any] | None = None,
+        spec: ModelSpec | None = None,
         view_patch_dropout: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
@@ -43,7 +46,7 @@ class ImageTextModel(nn.Module):
         self.embed_dim = embed_dim
         self.max_logit_scale = max_logit_scale
         self.batch_views = batch_views
-        self.arch = dict(arch or {})
+        self.spec = spec  # what built this model (slip.models.build_model); checkpoints keep it
         self._visual_has_batch_statistics = has_batch_statistics(visual)
         if text is None:
             self.register_parameter("image_projection", None)
@@ -61,6 +64,11 @@ class ImageTextModel(nn.Module):
                 self.register_parameter("image_projection", None)
             self.text_projection = projection(text.num_features, embed_dim)
             self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
+
+    @property
+    def arch(self) -> dict[str, Any]:
+        """The spec's fields by builder keyword (read-only; kept for earlier callers, prefer `spec`)."""
+        return {} if self.spec is None else self.spec.builder_kwargs()
 
     @property
     def inputs(self) -> tuple[str, ...]:
