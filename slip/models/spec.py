@@ -269,10 +269,6 @@ class ModelSpec:
         """Whether the inputs need the SSL head ("aug1" or "aug2")."""
         return "aug1" in self.inputs or "aug2" in self.inputs
 
-    def replace(self, **changes: Any) -> ModelSpec:
-        """A copy with some top-level parts changed (validated again)."""
-        return dataclasses.replace(self, **changes)
-
     def builder_kwargs(self) -> dict[str, Any]:
         """Every field by its builder keyword: `vit_spec(**spec.builder_kwargs())` (or resnet_spec) == spec."""
         kwargs = {"inputs": self.inputs}
