@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slip.checkpoint import CheckpointError
-from slip.models import ARCH_FAMILIES, MODEL_BUILDERS, ImageTextModel
+from slip.models import FAMILY_BUILDERS, ImageTextModel, ModelSpec, build_model, list_models, model_spec
 from slip.pretrained import load_pretrained
 from slip.prompts import DEFAULT_TEMPLATES
 from slip.tokenizer import DEFAULT_CONTEXT_LENGTH, Tokenizer, default_tokenizer
@@ -26,59 +26,55 @@ from slip.tokenizer import DEFAULT_CONTEXT_LENGTH, Tokenizer, default_tokenizer
 __all__ = ["ContextTokenizer", "ZeroShotClassifier", "create_model", "create_model_and_transforms",
            "get_tokenizer", "model_names", "zero_shot_classifier"]
 
-# Arch entries that say which parts were built or how they were initialised, not what the weights compute with.
-_NOT_SIZES = frozenset({"inputs", "logit_scale_init", "drop_path_rate", "channels_last", "ssl_head_norm",
-                        "ssl_mlp_dim", "ssl_embed_dim", "patch_dropout", "ssl_patch_dropout"})
-
 
 def model_names() -> list[str]:
-    """Every name `create_model` takes: the presets (conf/model/*.yaml) and the builders of each tower family."""
-    return sorted([*MODEL_BUILDERS, *(f"build_{family}_model" for family in ARCH_FAMILIES)])
+    """Every name `create_model` takes: the registered presets (`list_models`) and the keyword builders."""
+    return sorted([*list_models(), *FAMILY_BUILDERS])
 
 
-def _builder(name: str) -> Callable[..., ImageTextModel]:
-    if name in MODEL_BUILDERS:
-        return MODEL_BUILDERS[name]
-    families = {f"build_{family}_model": builder for family, builder in ARCH_FAMILIES.items()}
-    if name in families:
-        return families[name]
-    raise ValueError(f"unknown model name {name!r}; known: {', '.join(model_names())}")
-
-
-def _first_size_difference(named: dict[str, Any], loaded: dict[str, Any]) -> str | None:
-    for key in sorted(set(named) & set(loaded) - _NOT_SIZES):
-        a, b = named[key], loaded[key]
-        if (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
-            return f"{key}={b!r} where the named model has {a!r}"
+def _first_size_difference(named: ModelSpec, loaded: ModelSpec) -> str | None:
+    """The first architecture size (by builder keyword) where `loaded` is not `named`; None where none is."""
+    if type(named.vision) is not type(loaded.vision):
+        return f"a {loaded.vision.tower_name} image tower where the named model has a {named.vision.tower_name}"
+    named_sizes, loaded_sizes = named.sizes(), loaded.sizes()
+    for key in sorted(named_sizes):
+        if named_sizes[key] != loaded_sizes[key]:
+            return f"{key}={loaded_sizes[key]!r} where the named model has {named_sizes[key]!r}"
     return None
 
 
-def create_model(name: str, pretrained: str | os.PathLike | None = None, **overrides: Any) -> ImageTextModel:
-    """The model `name` (see `model_names`) with `overrides` of its builder's arguments, in training mode; or,
-    with `pretrained` (any file or directory `slip.load_pretrained` reads), those weights in eval mode, after
-    checking that their architecture is the named one (parts the weights lack, e.g. an SSL head, are not built)."""
-    builder = _builder(name)
+def create_model(name: str | ModelSpec, pretrained: str | os.PathLike | None = None,
+                 **overrides: Any) -> ImageTextModel:
+    """The model `name` (see `model_names`; or a `ModelSpec`) with `overrides` of its builder's arguments, in
+    training mode; or, with `pretrained` (any file or directory `slip.load_pretrained` reads), those weights in
+    eval mode, after checking that their architecture is the named one (parts the weights lack, e.g. an SSL head,
+    are not built)."""
+    if isinstance(name, ModelSpec):
+        if overrides:
+            raise ValueError(f"create_model: overrides {sorted(overrides)} need a model name, not a spec "
+                             "(change the spec instead)")
+        spec = name
+    else:
+        spec = model_spec(name, **overrides)
     if pretrained is None:
-        return builder(**overrides)
+        return build_model(spec)
     loaded = load_pretrained(pretrained)
-    with torch.device("meta"):
-        parts = {"inputs": loaded.arch["inputs"]} if "inputs" in loaded.arch else {}
-        named = builder(**{**parts, **overrides}).arch
-    difference = _first_size_difference(named, loaded.arch)
+    difference = _first_size_difference(spec, loaded.spec)
     if difference is not None:
-        raise CheckpointError(f"{pretrained}: not a {name} model: {difference}")
+        label = name if isinstance(name, str) else "the given spec's"
+        raise CheckpointError(f"{pretrained}: not a {label} model: {difference}")
     return loaded
 
 
 def create_model_and_transforms(name: str, pretrained: str | os.PathLike | None = None,
                                 **overrides: Any) -> tuple[ImageTextModel, nn.Module, nn.Module]:
-    """`create_model`, plus the image transforms its arch implies (PIL image -> normalised tensor): the training
+    """`create_model`, plus the image transforms its spec implies (PIL image -> normalised tensor): the training
     view (random resized crop 0.5-1, SLIP's CLIP view) and the evaluation view (resize, centre crop)."""
     from slip.data.transforms import clip_view, eval_view
 
     model = create_model(name, pretrained, **overrides)
-    arch = model.arch
-    size, mean, std = arch["image_size"], arch["image_mean"], arch["image_std"]
+    preprocess = model.spec.preprocess
+    size, mean, std = preprocess.image_size, preprocess.mean, preprocess.std
     return model, clip_view(size, mean, std), eval_view(size, mean, std)
 
 
@@ -102,10 +98,9 @@ def get_tokenizer(model: ImageTextModel | str | None = None) -> ContextTokenizer
     """The tokenizer for `model` (a model or a name; its text context length), else for CLIP's 77 tokens."""
     context_length = DEFAULT_CONTEXT_LENGTH
     if isinstance(model, str):
-        with torch.device("meta"):
-            model = _builder(model)()
-    if model is not None:
-        context_length = model.arch.get("context_length", DEFAULT_CONTEXT_LENGTH)
+        context_length = model_spec(model).text.context_length
+    elif model is not None and model.spec is not None:
+        context_length = model.spec.text.context_length
     return ContextTokenizer(default_tokenizer(), context_length)
 
 

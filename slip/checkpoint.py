@@ -20,10 +20,10 @@ import torch
 import yaml
 
 from slip.error_text import first_line, named_one_line
-from slip.models import ImageTextModel
+from slip.models import ImageTextModel, ModelSpec, spec_from_legacy_arch
 
 FORMAT_NAME = "slip"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the model spec under "spec" (ModelSpec.to_dict); 1: the flat record under "arch"
 
 # Types besides tensors and containers that the supported formats pickle: SLIP keeps argparse args.
 SAFE_GLOBALS = [argparse.Namespace]
@@ -71,17 +71,30 @@ def objective_from_config(config_text: str | None) -> str | None:
 
 
 def model_checkpoint(model: ImageTextModel, objective: torch.nn.Module | None = None) -> dict[str, Any]:
-    """The dict that stores a model in this toolkit's format: architecture record plus weights, and with
+    """The dict that stores a model in this toolkit's format: its spec (plain data) plus weights, and with
     `objective` its state dict under "objective" as training checkpoints keep it (SigLIP's learned bias)."""
     content = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "arch": dict(model.arch),
+        "spec": model.spec.to_dict(),
         "model": model.state_dict(),
     }
     if objective is not None:
         content["objective"] = objective.state_dict()
     return content
+
+
+def spec_of(content: Mapping[str, Any], path: str | os.PathLike) -> ModelSpec:
+    """The model spec a checkpoint (or safetensors metadata) keeps: "spec" since format 2, the flat "arch" record
+    of earlier versions otherwise; a one-line CheckpointError naming `path` where it is not a valid spec."""
+    try:
+        if "spec" in content:
+            return ModelSpec.from_dict(content["spec"])
+        if "arch" in content:
+            return spec_from_legacy_arch(content["arch"])
+    except ValueError as error:
+        raise CheckpointError(f"{path}: cannot read its model spec: {first_line(error)}") from None
+    raise CheckpointError(f"{path}: keeps no model spec (\"spec\", or \"arch\" before format 2)")
 
 
 def atomic_save(obj: Any, path: str | os.PathLike, remove_stale: bool = False) -> Path:
@@ -163,4 +176,4 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 __all__ = ["LOGIT_BIAS", "CheckpointError", "CheckpointInfo", "atomic_save", "atomic_write", "find_logit_bias",
            "is_torchscript_archive", "logit_bias_value", "model_checkpoint", "objective_from_config",
-           "read_checkpoint", "read_safely", "save_model"]
+           "read_checkpoint", "read_safely", "save_model", "spec_of"]

@@ -15,14 +15,14 @@ from typing import Any
 import torch
 
 from slip.checkpoint import (FORMAT_NAME, CheckpointError, CheckpointInfo, is_torchscript_archive,
-                             logit_bias_value, objective_from_config, read_safely)
+                             logit_bias_value, objective_from_config, read_safely, spec_of)
 from slip.interop.common import Converted
 from slip.interop.hf import read_hf
 from slip.interop.open_clip import read_open_clip
 from slip.interop.openai import from_openai, is_openai_state, read_torchscript_tensors
 from slip.interop.safetensors_io import read_safetensors
 from slip.interop.slip_original import from_original_slip, is_original_slip
-from slip.models import ImageTextModel, build_from_arch
+from slip.models import ImageTextModel, build_model
 
 __all__ = ["build_converted", "load_pretrained", "load_pretrained_with_info", "read_pretrained"]
 
@@ -38,7 +38,7 @@ def _from_pickle(content: Any, path: Path) -> Converted:
             raise CheckpointError(f"{path}: its \"objective\" entry is not a state dict of tensors")
         info = CheckpointInfo(FORMAT_NAME, objective_from_config(config), step, config,
                               logit_bias_value(objective_state))
-        return Converted(dict(content["arch"]), content["model"], info, dict(objective_state))
+        return Converted(spec_of(content, path), content["model"], info, dict(objective_state))
     if is_original_slip(content):
         return from_original_slip(content, path)
     if is_openai_state(content):
@@ -50,7 +50,7 @@ def _from_pickle(content: Any, path: Path) -> Converted:
 
 
 def read_pretrained(path: str | os.PathLike) -> Converted:
-    """The arch record, state dict and provenance of the model at `path`, in our terms, without building it."""
+    """The model spec, state dict and provenance of the model at `path`, in our terms, without building it."""
     path = Path(path)
     if path.is_dir():
         for reader in (read_hf, read_open_clip):
@@ -81,9 +81,9 @@ def _describe_mismatch(missing: list[str], unexpected: list[str]) -> str:
 def build_converted(converted: Converted, path: Path) -> ImageTextModel:
     """The model a converted checkpoint describes, its weights loaded strictly, in eval mode."""
     try:
-        model = build_from_arch(converted.arch)
+        model = build_model(converted.spec)
     except (TypeError, ValueError, KeyError) as error:
-        raise CheckpointError(f"{path}: cannot build its architecture {converted.arch}: {error}") from None
+        raise CheckpointError(f"{path}: cannot build its architecture {converted.spec}: {error}") from None
     try:
         missing, unexpected = model.load_state_dict(converted.state, strict=False)
     except RuntimeError as error:

@@ -40,7 +40,7 @@ def tiny_task(tower: str, objective: str, seed: int = 0, dtype: torch.dtype = to
 
 def image_size(task: TrainTask) -> int:
     """The image side the task's model takes."""
-    return task.model.arch["image_size"]
+    return task.model.spec.preprocess.image_size
 
 
 def make_batch(task: TrainTask, rows: int, seed: int = 1, dtype: torch.dtype = torch.float64) -> dict[str, Tensor]:

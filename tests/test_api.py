@@ -25,7 +25,7 @@ def test_every_model_config_is_a_name_that_builds_the_same_architecture(name: st
     with torch.device("meta"):
         from_config = build(cfg.model, "model")
         from_name = slip.create_model(name, **{k: v for k, v in cfg.model.items() if k != "_target_"})
-    assert name in slip.model_names() and from_name.arch == from_config.arch
+    assert name in slip.model_names() and from_name.spec == from_config.spec
 
 
 def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -53,7 +53,7 @@ def test_a_pretrained_model_by_name_has_the_saved_weights_and_the_name_is_checke
 def test_the_transforms_are_those_the_model_config_implies() -> None:
     model, train_transform, eval_transform = slip.create_model_and_transforms("rn50", image_size=64)
     image = photo_like(120, 90, seed=3)
-    mean, std = model.arch["image_mean"], model.arch["image_std"]
+    mean, std = model.spec.preprocess.mean, model.spec.preprocess.std
     reference = v2.Compose([v2.Resize(64, antialias=True), v2.CenterCrop(64), v2.PILToTensor(),
                             v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
     torch.testing.assert_close(eval_transform(image), reference(image), atol=1e-6, rtol=0)
@@ -95,7 +95,7 @@ def test_safetensors_keep_every_tensor_and_the_arch_without_pickle(tmp_path: Pat
     with safetensors.safe_open(str(path), "pt") as handle:
         assert handle.metadata()["format"] == "slip-safetensors" and "image_mlp.layer1.weight" in handle.keys()
     loaded = slip.load_pretrained(path)
-    assert tuple(loaded.arch["inputs"]) == model.arch["inputs"]
+    assert loaded.spec == model.spec
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     foreign = tmp_path / "foreign.safetensors"

@@ -79,8 +79,8 @@ def test_own_format_round_trip(tmp_path: pathlib.Path, build) -> None:
     path = save_model(model, tmp_path / "model.pt")
     loaded = load_pretrained(path)
     assert not loaded.training
-    assert loaded.arch == model.arch
-    size = model.arch["image_size"]
+    assert loaded.spec == model.spec
+    size = model.spec.preprocess.image_size
     batch = {k: images(size, seed=i) for i, k in enumerate(("image", "aug1", "aug2")) if k in model.inputs}
     if "text" in model.inputs:
         batch["text"] = tokens(TINY_TEXT["vocab_size"], TINY_TEXT["context_length"])
@@ -121,14 +121,14 @@ def test_save_model_without_an_objective_writes_what_it_did_and_reports_no_bias(
     model = build_vit_model(image_size=32, patch_size=16, vision_width=64, vision_layers=2, vision_heads=2,
                             embed_dim=32, inputs=("image", "text"), **TINY_TEXT)
     path = save_model(model, tmp_path / "clip.pt")
-    assert set(read_checkpoint(path)) == {"format", "format_version", "arch", "model"}
+    assert set(read_checkpoint(path)) == {"format", "format_version", "spec", "model"}
     assert load_pretrained_with_info(path)[1].logit_bias is None
 
 
 def test_an_objective_entry_that_is_not_tensors_is_refused_in_one_line(tmp_path: pathlib.Path) -> None:
     model = build_vit_model(image_size=32, patch_size=16, vision_width=64, vision_layers=2, vision_heads=2,
                             embed_dim=32, inputs=("image", "text"), **TINY_TEXT)
-    content = {"format": "slip", "format_version": 1, "arch": model.arch, "model": model.state_dict(),
+    content = {"format": "slip", "format_version": 2, "spec": model.spec.to_dict(), "model": model.state_dict(),
                "objective": {"logit_bias": [1.0]}}
     atomic_save(content, tmp_path / "odd.pt")
     with pytest.raises(CheckpointError) as error:
@@ -176,8 +176,8 @@ def test_openai_state_dict(tmp_path: pathlib.Path, openai_clip, make, resolution
     torch.save(state, tmp_path / "openai.pt")
     loaded, info = load_pretrained_with_info(tmp_path / "openai.pt")
     assert info == CheckpointInfo("openai-clip", "CLIPLoss")
-    assert loaded.arch["image_size"] == resolution and loaded.arch["text_width"] == 128
-    assert loaded.arch["image_mean"] == OPENAI_CLIP_MEAN and loaded.arch["image_std"] == OPENAI_CLIP_STD
+    assert loaded.spec.preprocess.image_size == resolution and loaded.spec.text.width == 128
+    assert loaded.spec.preprocess.mean == OPENAI_CLIP_MEAN and loaded.spec.preprocess.std == OPENAI_CLIP_STD
     check_against_openai(loaded, reference, openai_clip, resolution)
 
 
@@ -263,8 +263,8 @@ def test_original_slip_checkpoint(tmp_path: pathlib.Path, openai_clip, objective
     loaded, info = load_pretrained_with_info(tmp_path / "checkpoint_best.pt")
     expected_objective = {"SLIP": "SLIPLoss", "CLIP": "CLIPLoss", "SIMCLR": "SimCLRLoss"}[objective]
     assert info == CheckpointInfo("slip-original", expected_objective)
-    assert loaded.arch["vision_heads"] == 12 and loaded.arch["vision_width"] == 384
-    assert loaded.arch["image_mean"] == IMAGENET_MEAN  # SLIP trained with ImageNet statistics
+    assert loaded.spec.vision.heads == 12 and loaded.spec.vision.width == 384
+    assert loaded.spec.preprocess.mean == IMAGENET_MEAN  # SLIP trained with ImageNet statistics
     pixels = images(64)
     with torch.no_grad():
         features = parts["visual"](pixels)

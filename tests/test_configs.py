@@ -36,8 +36,8 @@ def test_every_model_and_loss_builds(model: str, loss: str) -> None:
     assert (built.text is None) == ("text" not in objective.inputs)
     assert (built.image_mlp is None) == ("aug1" not in objective.inputs)
     transform = build(cfg.augment, "augment")(
-        inputs=objective.inputs, image_size=built.arch["image_size"], mean=built.arch["image_mean"],
-        std=built.arch["image_std"], context_length=built.arch["context_length"])
+        inputs=objective.inputs, image_size=built.spec.preprocess.image_size, mean=built.spec.preprocess.mean,
+        std=built.spec.preprocess.std, context_length=built.spec.text.context_length)
     assert set(transform.views) | ({"text"} if "text" in objective.inputs else set()) == set(objective.inputs)
     optimizer = build(cfg.optim, "optim")([torch.nn.Parameter(torch.zeros(2))])
     assert optimizer.defaults["betas"] == (0.9, 0.98) and optimizer.defaults["eps"] == 1e-8
@@ -71,7 +71,7 @@ def test_paper_recipes_are_the_papers(model: str, loss: str, lr: float, weight_d
     objective = build(cfg.loss, "loss")
     with torch.device("meta"):
         built = build(cfg.model, "model", inputs=list(objective.inputs))
-    assert built.arch["image_size"] == 224 and built.inputs == objective.inputs
+    assert built.spec.preprocess.image_size == 224 and built.inputs == objective.inputs
 
 
 # ---------------------------------------------------------------- each data format on tiny files

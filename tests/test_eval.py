@@ -201,8 +201,8 @@ def test_each_task_reports_the_catalog_entrys_own_metric(trained_runs: Path) -> 
     # The zero-shot record is the evaluator's score matrix scored by the metric.
     model = load_pretrained(run / "checkpoints" / "last.pt")
     dataset = SyntheticClassification(num_samples=48, image_size=64, seed=1)
-    arch = model.arch
-    images = EvalViewDataset(dataset, eval_view(arch["image_size"], arch["image_mean"], arch["image_std"]),
+    preprocess = model.spec.preprocess
+    images = EvalViewDataset(dataset, eval_view(preprocess.image_size, preprocess.mean, preprocess.std),
                              len(dataset.classes))
     classifier = text_classifier(model, dataset.classes, dataset.templates, tokenize)
     scores, labels = zero_shot_scores(model, classifier, torch.utils.data.DataLoader(images, batch_size=32))

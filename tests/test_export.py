@@ -156,5 +156,5 @@ def test_exports_without_an_objective_tensor_are_as_before(run_dir: Path, tmp_pa
     assert result.warnings == [] and load_pretrained_with_info(checkpoint)[1].logit_bias is None
     with safe_open(str(result.files[0]), "pt") as handle:
         assert set(handle.keys()) == set(load_pretrained(checkpoint).state_dict())
-        assert set(handle.metadata()) == {"format", "format_version", "arch", "objective", "step"}
+        assert set(handle.metadata()) == {"format", "format_version", "spec", "objective", "step"}
     assert "logit bias" not in (tmp_path / "out" / "README.md").read_text()

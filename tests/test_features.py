@@ -60,8 +60,8 @@ class PngFolder:
 
 def manual_features(model, dataset, kind):
     """One image at a time through the eval view and the model, in eval mode."""
-    arch = model.arch
-    view = eval_view(arch["image_size"], arch["image_mean"], arch["image_std"])
+    preprocess = model.spec.preprocess
+    view = eval_view(preprocess.image_size, preprocess.mean, preprocess.std)
     encode = model.image_features if kind == "backbone" else model.encode_image
     model.eval()
     rows, labels = [], []

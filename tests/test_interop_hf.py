@@ -22,7 +22,7 @@ from slip.checkpoint import CheckpointError  # noqa: E402
 from slip.interop.common import ExportError  # noqa: E402
 from slip.interop.hf import SSL_HEAD_NOTE, export_hf, read_hf  # noqa: E402
 from slip.models import (  # noqa: E402
-    OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, build_from_arch, build_resnet_model, build_vit_model,
+    OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, build_model, build_resnet_model, build_vit_model,
 )
 from slip.tokenizer import tokenize  # noqa: E402
 
@@ -144,9 +144,9 @@ def test_transformers_directory_reads_with_the_same_encodings(tmp_path, eos_toke
     converted = read_hf(tmp_path)
     assert converted is not None
     assert converted.info.format == "hf-clip" and converted.info.objective == "CLIPLoss"
-    assert converted.arch["vision_heads"] == 4 and converted.arch["text_heads"] == 3
-    assert converted.arch["image_mean"] == (0.1, 0.2, 0.3) and converted.arch["image_std"] == (0.4, 0.5, 0.6)
-    model = build_from_arch(converted.arch)
+    assert converted.spec.vision.heads == 4 and converted.spec.text.heads == 3
+    assert converted.spec.preprocess.mean == (0.1, 0.2, 0.3) and converted.spec.preprocess.std == (0.4, 0.5, 0.6)
+    model = build_model(converted.spec)
     model.load_state_dict(converted.state, strict=True)
     model.eval()
 
@@ -160,22 +160,24 @@ def test_transformers_directory_reads_with_the_same_encodings(tmp_path, eos_toke
 def test_directory_without_preprocessor_gets_openai_normalization(tmp_path):
     randomize(transformers.CLIPModel(hf_config()), seed=21).save_pretrained(tmp_path)
     converted = read_hf(tmp_path)
-    assert converted.arch["image_mean"] == OPENAI_CLIP_MEAN and converted.arch["image_std"] == OPENAI_CLIP_STD
+    assert converted.spec.preprocess.mean == OPENAI_CLIP_MEAN and converted.spec.preprocess.std == OPENAI_CLIP_STD
 
 
 def test_round_trip_is_exact(tmp_path):
     model = tiny_vit(seed=30)
     export_hf(model, tmp_path)
     converted = read_hf(tmp_path)
+    assert type(converted.spec.vision) is type(model.spec.vision)
+    sizes = converted.spec.sizes()
     for key in ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads", "embed_dim",
                 "text_width", "text_layers", "text_heads", "context_length", "vocab_size", "openai_layout",
-                "family", "image_mean", "image_std"):
-        assert converted.arch[key] == model.arch[key], key
+                "image_mean", "image_std"):
+        assert sizes[key] == model.spec.sizes()[key], key
     ours = model.state_dict()
     assert set(converted.state) == set(ours)
     for key, value in ours.items():
         assert torch.equal(converted.state[key], value), key
-    rebuilt = build_from_arch(converted.arch)
+    rebuilt = build_model(converted.spec)
     rebuilt.load_state_dict(converted.state, strict=True)
 
 

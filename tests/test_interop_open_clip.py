@@ -22,7 +22,7 @@ from slip.interop.open_clip import (
 )
 from slip.interop.openai import from_openai
 from slip.losses import SigLIPLoss
-from slip.models import build_from_arch, build_resnet_model, build_vit_model, vit_s16, vit_ti16
+from slip.models import build_model, build_resnet_model, build_vit_model, vit_s16, vit_ti16
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -122,7 +122,7 @@ def test_export_loads_in_open_clip_with_the_same_encodings(exported):
     assert [p.name for p in result.files] == [CONFIG_NAME, "open_clip_model.safetensors"]
     assert all(p.is_file() for p in result.files)
     theirs = open_clip.create_model("local-dir:" + str(out_dir)).eval()  # strict load of the written weights
-    assert_same_encodings(f"slip -> open_clip {family}", model, theirs, model.arch["image_size"])
+    assert_same_encodings(f"slip -> open_clip {family}", model, theirs, model.spec.preprocess.image_size)
     with torch.no_grad():
         assert torch.equal(theirs.logit_scale, model.logit_scale)
     assert tuple(theirs.visual.preprocess_cfg["mean"]) == MEAN
@@ -149,13 +149,13 @@ def test_round_trip_is_exact(exported):
     family, model, out_dir, _ = exported
     converted = read_open_clip(out_dir)
     assert converted is not None and converted.info.format == "open_clip"
-    assert converted.arch["inputs"] == ("image", "text")  # open_clip has no SSL head to read back
-    for key, value in converted.arch.items():  # every other arch field read back is the one we built with
-        if key == "inputs":
-            continue
-        original = model.arch[key]
-        assert (tuple(original) if isinstance(original, (list, tuple)) else original) == value, key
-    rebuilt = build_from_arch(converted.arch)
+    assert converted.spec.inputs == ("image", "text")  # open_clip has no SSL head to read back
+    # every field open_clip records is read back as the one we built with: the tower type, every size, drop path
+    assert type(converted.spec.vision) is type(model.spec.vision)
+    assert converted.spec.sizes() == model.spec.sizes()
+    drop_path = [getattr(spec.vision, "drop_path_rate", None) for spec in (converted.spec, model.spec)]
+    assert drop_path[0] == drop_path[1]
+    rebuilt = build_model(converted.spec)
     rebuilt.load_state_dict(converted.state, strict=True)
     ours = {k: v for k, v in model.state_dict().items() if not k.startswith("image_mlp.")}
     back = rebuilt.state_dict()
@@ -170,7 +170,7 @@ def test_ssl_head_note_for_an_openai_layout_slip_model(tmp_path):
     assert result.notes == [SSL_HEAD_NOTE]
     converted = read_open_clip(tmp_path / "out")
     assert not any(key.startswith("image_mlp.") for key in converted.state)
-    assert converted.arch["inputs"] == ("image", "text")
+    assert converted.spec.inputs == ("image", "text")
 
 
 def test_stochastic_depth_is_noted_not_exported(tmp_path):
@@ -196,7 +196,7 @@ def test_a_siglip_bias_is_open_clips_logit_bias_both_ways(tmp_path, family):
     assert json.loads((tmp_path / "out" / CONFIG_NAME).read_text())["model_cfg"]["init_logit_bias"] == float(bias)
     theirs = open_clip.create_model("local-dir:" + str(tmp_path / "out")).eval()
     assert torch.equal(theirs.logit_bias.detach(), bias)
-    pixels, text = images(model.arch["image_size"], batch=3), tokens()
+    pixels, text = images(model.spec.preprocess.image_size, batch=3), tokens()
     with torch.no_grad():
         their_loss = open_clip.loss.SigLipLoss()(*theirs(pixels, text))
         our_loss = objective(model({"image": pixels, "text": text}))["loss"]
@@ -261,11 +261,11 @@ def test_read_open_clip_model(tmp_path, kind, weights_name):
     assert open_clip.create_model("local-dir:" + str(tmp_path / "hub")) is not None  # open_clip reads it too
 
     converted = read_open_clip(tmp_path / "hub")
-    assert converted.arch["image_mean"] == MEAN and converted.arch["image_std"] == STD
-    assert converted.arch["text_heads"] == 2
-    ours = build_from_arch(converted.arch).eval()
+    assert converted.spec.preprocess.mean == MEAN and converted.spec.preprocess.std == STD
+    assert converted.spec.text.heads == 2
+    ours = build_model(converted.spec).eval()
     ours.load_state_dict(converted.state, strict=True)
-    assert_same_encodings(f"open_clip -> slip {kind}", ours, theirs, converted.arch["image_size"])
+    assert_same_encodings(f"open_clip -> slip {kind}", ours, theirs, converted.spec.preprocess.image_size)
 
 
 @pytest.mark.parametrize("kind", ["vit", "resnet"])
@@ -276,7 +276,7 @@ def test_from_openai_reads_an_open_clip_state_dict(kind):
     text_cfg = dict(context_length=CONTEXT, vocab_size=VOCAB, width=64, heads=1, layers=2)
     theirs = randomise(open_clip.model.CLIP(24, vision_cfg, text_cfg, quick_gelu=True), seed=3)
     converted = from_openai(theirs.state_dict())
-    ours = build_from_arch(converted.arch).eval()
+    ours = build_model(converted.spec).eval()
     ours.load_state_dict(converted.state, strict=True)
     assert_same_encodings(f"open_clip state dict -> from_openai {kind}", ours, theirs, 32)
 

@@ -204,8 +204,8 @@ def test_retrieval_scores_equal_scoring_each_image_and_caption_alone(tmp_path, b
     assert model.training  # restored after evaluation
 
     model.eval()
-    arch = model.arch
-    view = eval_view(arch["image_size"], arch["image_mean"], arch["image_std"])
+    preprocess = model.spec.preprocess
+    view = eval_view(preprocess.image_size, preprocess.mean, preprocess.std)
     names = ["a.png", "b.png", "c.png", "d.png"]  # order of first appearance in the CSV
     with torch.no_grad():
         image_embed = torch.cat([

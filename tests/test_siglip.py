@@ -27,9 +27,9 @@ def assert_siglip_start(overrides: list[str]) -> None:
     assert cfg.model.logit_scale_init == SIGLIP_LOGIT_SCALE and cfg.loss.init_logit_bias == SIGLIP_LOGIT_BIAS
     objective = build(cfg.loss, "loss")
     assert objective.logit_bias.item() == SIGLIP_LOGIT_BIAS
-    with torch.device("meta"):  # structure only: the arch record says what the builder was given
+    with torch.device("meta"):  # structure only: the spec says what the builder was given
         model = build(cfg.model, "model", inputs=list(objective.inputs))
-    assert model.arch["logit_scale_init"] == SIGLIP_LOGIT_SCALE
+    assert model.spec.head.logit_scale_init == SIGLIP_LOGIT_SCALE
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -158,7 +158,7 @@ class Trainer:
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "processes": self.world.world_size,
-            "arch": dict(self.task.model.arch),
+            "spec": self.task.model.spec.to_dict(),
             "model": self.task.model.state_dict(),
             "objective": self.task.objective.state_dict(),
             "optimizer": self.optimizer.state_dict(),

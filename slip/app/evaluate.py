@@ -63,7 +63,7 @@ class EvalContext:
         """Frozen backbone features and labels of a catalog split, from the cache when present."""
         spec = OmegaConf.to_container(self.cfg.catalog[name][split], resolve=True)
         key = {"checkpoint": self.fingerprint, "dataset": name, "split": split, "spec": spec,
-               "image_size": self.model.arch["image_size"], "kind": "backbone"}
+               "image_size": self.model.spec.preprocess.image_size, "kind": "backbone"}
         features, labels = self.cache.load_or_compute(key, lambda: extract_features(
             self.model, self.dataset(name, split), batch_size=self.settings.batch_size, num_workers=self.settings.num_workers))
         device = next(self.model.parameters()).device

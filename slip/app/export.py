@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from slip.checkpoint import CheckpointError, CheckpointInfo, find_logit_bias
 from slip.interop.common import Converted, Exported, ExportError
-from slip.models import ImageTextModel
+from slip.models import ImageTextModel, ModelSpec
 from slip.pretrained import build_converted, read_pretrained
 from slip.app.report import read_run
 from slip.app.run_layout import CHECKPOINT_IN_RUN
@@ -71,21 +71,15 @@ TARGETS: dict[str, Callable[[ImageTextModel, Path, Converted], Exported]] = {
 }
 
 
-def _architecture(arch: dict) -> str:
+def _architecture(spec: ModelSpec) -> str:
     """One line describing the towers and the joint space."""
-    if arch.get("family") == "resnet":
-        image = (f"ModifiedResNet, stages {tuple(arch['vision_layers'])}, width {arch['vision_width']}, "
-                 f"{arch['image_size']} px")
-    else:
-        layout = "OpenAI CLIP layout" if arch.get("openai_layout") else "SLIP's timm layout"
-        image = (f"ViT ({layout}), {arch['image_size']} px, patch {arch['patch_size']}, width {arch['vision_width']}, "
-                 f"{arch['vision_layers']} layers, {arch['vision_heads']} heads")
-    parts = [f"image tower: {image}"]
-    if "text_width" in arch and "text" in arch.get("inputs", ("text",)):
-        parts.append(f"text tower: width {arch['text_width']}, {arch['text_layers']} layers, {arch['text_heads']} "
-                     f"heads, context {arch['context_length']}, vocabulary {arch['vocab_size']}")
-        parts.append(f"joint space: {arch['embed_dim']}")
-    parts.append(f"normalisation: mean {tuple(arch['image_mean'])}, std {tuple(arch['image_std'])}")
+    parts = [f"image tower: {spec.vision.describe(spec.preprocess.image_size)}"]
+    if "text" in spec.inputs:
+        text = spec.text
+        parts.append(f"text tower: width {text.width}, {text.layers} layers, {text.heads} "
+                     f"heads, context {text.context_length}, vocabulary {text.vocab_size}")
+        parts.append(f"joint space: {spec.head.embed_dim}")
+    parts.append(f"normalisation: mean {spec.preprocess.mean}, std {spec.preprocess.std}")
     return "; ".join(parts)
 
 
@@ -101,12 +95,12 @@ def _training_data(config_text: str | None) -> str | None:
     return f"{node.get('_target_', '?')} ({settings})"
 
 
-def model_card(checkpoint: Path, target: str, arch: dict, info: CheckpointInfo, exported: Exported) -> str:
+def model_card(checkpoint: Path, target: str, spec: ModelSpec, info: CheckpointInfo, exported: Exported) -> str:
     """The README.md written beside exported weights."""
     lines = [f"# {checkpoint.stem}: exported by slip to {target}", "",
              f"- Source: `{checkpoint}` ({info.format} format)",
              f"- Files: {', '.join(f'`{path.name}`' for path in exported.files)}",
-             f"- Architecture: {_architecture(arch)}",
+             f"- Architecture: {_architecture(spec)}",
              f"- Objective: {info.objective or 'not recorded'}; steps trained: "
              f"{info.step if info.step is not None else 'not recorded'}"]
     if info.logit_bias is not None:
@@ -138,7 +132,7 @@ def export(checkpoint: str | Path, target: str, out_dir: str | Path) -> Exported
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         written = TARGETS[target](model, staging, converted)
-        card = model_card(checkpoint, target, converted.arch, converted.info, written)
+        card = model_card(checkpoint, target, converted.spec, converted.info, written)
         (staging / "README.md").write_text(card)
         if out_dir.exists():
             out_dir.rmdir()

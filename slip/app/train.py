@@ -102,10 +102,10 @@ def build_run(cfg: DictConfig, world: WorldInfo, settings: TrainerSettings) -> R
     seed_everything(settings.seed, world)
     objective = build(cfg.loss, "loss")
     model = build(cfg.model, "model", inputs=list(objective.inputs))
-    arch = model.arch
+    spec = model.spec
     transform = build(cfg.augment, "augment")(
-        inputs=objective.inputs, image_size=arch["image_size"], mean=arch["image_mean"], std=arch["image_std"],
-        context_length=arch["context_length"],
+        inputs=objective.inputs, image_size=spec.preprocess.image_size, mean=spec.preprocess.mean,
+        std=spec.preprocess.std, context_length=spec.text.context_length,
     )
     try:
         device = resolve_device(settings.device, world.local_rank)
@@ -156,7 +156,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
         convert_sync_batchnorm(model.image_mlp)
     if settings.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    task = TrainTask(model, objective, model.arch["image_mean"], model.arch["image_std"])
+    task = TrainTask(model, objective, model.spec.preprocess.mean, model.spec.preprocess.std)
     trainer = Trainer(task, parts.optimizer, parts.schedule, settings, world, run_dir,
                       total_steps, parts.data.steps_per_epoch, OmegaConf.to_yaml(cfg, resolve=True), evaluate)
     if checkpoint is not None:

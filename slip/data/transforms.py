@@ -30,6 +30,7 @@ from slip.checks import positive_int
 from slip.data import tensor_views
 from slip.data.loader import batch_to_device
 from slip.inputs import ALL_INPUTS, SSL_VIEWS
+from slip.models.spec import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 __all__ = [
     "CLIP_MEAN",
@@ -43,8 +44,7 @@ __all__ = [
     "ssl_view",
 ]
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN, CLIP_STD = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # defined with the model spec's Preprocess
 BACKENDS = ("tensor", "pil", "device")
 
 View = Callable[[Image.Image], Tensor]

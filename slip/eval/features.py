@@ -128,7 +128,7 @@ def extract_features(
     """Float32 features [N, D] and int64 labels [N] (targets [N, C] for a multi-label dataset), both on the CPU, of
     every item of `dataset`.
 
-    Images get the model's evaluation view (`eval_view` with `model.arch` size, mean and std). `kind` is
+    Images get the model's evaluation view (`eval_view` with `model.spec.preprocess` size, mean and std). `kind` is
     "backbone" (`model.image_features`: the image tower's output, what probes read) or "embedding"
     (`model.encode_image`: projected into the joint space). The model runs in eval mode under no_grad on
     the device of its parameters; every submodule's train/eval mode is restored afterwards.
@@ -140,12 +140,11 @@ def extract_features(
     positive_int("batch_size", batch_size)
     if len(dataset) == 0:
         raise ValueError(f"cannot extract features of an empty dataset ({type(dataset).__name__})")
-    arch = model.arch
-    missing = [name for name in ("image_size", "image_mean", "image_std") if name not in arch]
-    if missing:
-        raise ValueError(f"model.arch lacks {missing[0]!r}, needed for the evaluation view")
+    if model.spec is None:
+        raise ValueError("the model has no spec (slip.models.build_model sets it), needed for the evaluation view")
+    preprocess = model.spec.preprocess
     classes = getattr(dataset, "classes", None)
-    transform = eval_view(arch["image_size"], arch["image_mean"], arch["image_std"])
+    transform = eval_view(preprocess.image_size, preprocess.mean, preprocess.std)
     loader = torch.utils.data.DataLoader(
         EvalViewDataset(dataset, transform, len(classes) if classes else None),
         batch_size=batch_size, num_workers=num_workers,

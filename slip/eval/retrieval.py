@@ -176,7 +176,7 @@ def retrieval_scores(
 ) -> dict[str, float]:
     """Recall@K both ways of `model` on every image and caption of `source` (see `recall_at_k`).
 
-    Images get the eval view of the model's arch; captions are tokenized to its context length. A bad image
+    Images get the eval view of the model's spec; captions are tokenized to its context length. A bad image
     or caption is an error (naming the file), never skipped: skipping would change the benchmark.
     """
     from slip.data.transforms import eval_view
@@ -188,8 +188,8 @@ def retrieval_scores(
     images = CaptionedImages(source)
     if len(images) == 0:
         raise ValueError(f"retrieval needs at least one image, but the {type(source).__name__} has no records")
-    arch = model.arch
-    transform = eval_view(arch["image_size"], arch["image_mean"], arch["image_std"])
+    preprocess = model.spec.preprocess
+    transform = eval_view(preprocess.image_size, preprocess.mean, preprocess.std)
     loader = torch.utils.data.DataLoader(_EvalItems(images, transform), batch_size=batch_size,
                                          num_workers=num_workers, collate_fn=_as_list)
     device = next(model.parameters()).device
@@ -207,7 +207,7 @@ def retrieval_scores(
                 text_to_image.extend([index] * len(texts))
             pixels = torch.stack([item[1] for item in batch]).to(device)
             image_embeds.append(model.encode_image(pixels).float())
-        tokens = tokenize(captions, arch["context_length"])
+        tokens = tokenize(captions, model.spec.text.context_length)
         text_embeds = [model.encode_text(chunk.to(device)).float() for chunk in tokens.split(batch_size)]
     finally:
         model.train(was_training)

@@ -138,8 +138,8 @@ class ZeroShotEvaluator:
         from slip.data.transforms import eval_view
         from slip.tokenizer import tokenize
 
-        arch = model.arch
-        transform = eval_view(arch["image_size"], arch["image_mean"], arch["image_std"])
+        preprocess = model.spec.preprocess
+        transform = eval_view(preprocess.image_size, preprocess.mean, preprocess.std)
         images = EvalViewDataset(self.dataset, transform, len(self.class_names))
         if len(self) < len(self.dataset):  # evenly spaced, so class-sorted datasets keep every class
             images = torch.utils.data.Subset(images, [i * len(self.dataset) // len(self) for i in range(len(self))])

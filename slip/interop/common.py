@@ -10,9 +10,10 @@ from typing import Any
 import torch
 
 from slip.checkpoint import CheckpointInfo
+from slip.models import ModelSpec
 
 __all__ = ["SLIP_TEXT_PREFIXES", "Converted", "ExportError", "Exported", "count_blocks", "is_positive_int",
-           "prefix_text_keys", "square_side", "text_arch", "unprefix_text_keys"]
+           "prefix_text_keys", "square_side", "text_kwargs", "unprefix_text_keys"]
 
 # Our text tower's parameters live under "text."; OpenAI CLIP, original SLIP and open_clip keep them at the top.
 SLIP_TEXT_PREFIXES = ("transformer.", "token_embedding.", "positional_embedding", "ln_final.")
@@ -24,10 +25,10 @@ class ExportError(ValueError):
 
 @dataclass(frozen=True)
 class Converted:
-    """A foreign checkpoint in our terms: the arch record `build_from_arch` takes, our state dict, what it says,
+    """A checkpoint in our terms: the model spec `build_model` takes, our state dict, what it says,
     and the training objective's tensors where the file keeps them (SigLIP's `logit_bias`), for exports to carry."""
 
-    arch: dict[str, Any]
+    spec: ModelSpec
     state: Mapping[str, torch.Tensor]
     info: CheckpointInfo
     objective_state: Mapping[str, torch.Tensor] = field(default_factory=dict)
@@ -63,8 +64,9 @@ def count_blocks(state: Mapping[str, torch.Tensor], prefix: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def text_arch(state: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, Any]:
-    """Text-tower hyperparameters read off the tensor shapes of a CLIP-layout text tower (heads are width / 64)."""
+def text_kwargs(state: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, Any]:
+    """The text tower's builder keywords read off the tensor shapes of a CLIP-layout text tower (heads are
+    width / 64)."""
     width = state[f"{prefix}ln_final.weight"].shape[0]
     return dict(
         text_width=width,

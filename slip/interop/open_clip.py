@@ -29,7 +29,8 @@ from slip.interop.common import (Converted, ExportError, Exported, is_positive_i
                                  square_side, unprefix_text_keys)
 from slip.interop.openai import from_openai, openai_vit_key_to_ours, to_openai
 from slip.interop.timm_trunks import first_difference, structure, timm_name_for, timm_trunk
-from slip.models import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTextModel, build_from_arch
+from slip.models import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTextModel, ModelSpec, ResNetSpec, ViTSpec,
+                         build_model, resnet_spec, vit_spec)
 from slip.models.vision import vit_tower
 
 __all__ = ["CONFIG_NAME", "SSL_HEAD_NOTE", "TEXT_CFG_DEFAULTS", "VISION_CFG_DEFAULTS", "WEIGHT_NAMES",
@@ -160,35 +161,34 @@ def export_open_clip(model: ImageTextModel, out_dir: Path, logit_bias: torch.Ten
     ExportError (writing nothing) for a model open_clip cannot express exactly.
     """
     out_dir = Path(out_dir)
-    arch = model.arch
+    spec = model.spec
+    vision, text, image_size = spec.vision, spec.text, spec.preprocess.image_size
     if model.text is None:
         raise ExportError("the model has no text tower (an SSL-only objective): an open_clip model needs one")
-    family = arch.get("family")
     notes: list[str] = []
-    if family == "resnet":
-        width, heads = arch["vision_width"], arch["vision_heads"]
+    if isinstance(vision, ResNetSpec):
+        width, heads = vision.width, vision.heads
         if (width * 32) % heads:
             raise ExportError(f"open_clip's ModifiedResNet cannot have {heads} attention-pool heads at width "
                               f"{width * 32} (it builds width*32 // head_width heads)")
-        vision_cfg: dict[str, Any] = dict(image_size=arch["image_size"], layers=list(arch["vision_layers"]),
+        vision_cfg: dict[str, Any] = dict(image_size=image_size, layers=list(vision.layers),
                                           width=width, head_width=width * 32 // heads)
         state = to_openai(model)
-    elif family == "vit" and arch.get("openai_layout"):
-        width, heads = arch["vision_width"], arch["vision_heads"]
-        vision_cfg = dict(image_size=arch["image_size"], layers=arch["vision_layers"], width=width,
-                          head_width=width // heads, patch_size=arch["patch_size"], mlp_ratio=4.0)
+    elif isinstance(vision, ViTSpec) and vision.openai_layout:
+        width, heads = vision.width, vision.heads
+        vision_cfg = dict(image_size=image_size, layers=vision.layers, width=width,
+                          head_width=width // heads, patch_size=vision.patch_size, mlp_ratio=4.0)
         state = to_openai(model)
-        if arch.get("drop_path_rate"):
-            notes.append(f"drop_path_rate={arch['drop_path_rate']} (training-time stochastic depth) has no place "
+        if vision.drop_path_rate:
+            notes.append(f"drop_path_rate={vision.drop_path_rate} (training-time stochastic depth) has no place "
                          "in open_clip's VisionTransformer and was left out")
-    elif family == "vit":
-        image_size, patch_size = arch["image_size"], arch["patch_size"]
-        drop_path_rate = float(arch.get("drop_path_rate") or 0.0)
+    elif isinstance(vision, ViTSpec):
+        patch_size, drop_path_rate = vision.patch_size, vision.drop_path_rate
         name, closest = timm_name_for(model.visual, image_size, patch_size, drop_path_rate)
         if name is None:
             raise ExportError(
                 f"open_clip builds timm towers by registered name only, and no timm name builds this SLIP-layout "
-                f"ViT (width {arch['vision_width']}, {arch['vision_layers']} layers, {arch['vision_heads']} heads, "
+                f"ViT (width {vision.width}, {vision.layers} layers, {vision.heads} heads, "
                 f"patch {patch_size}, {image_size} px){closest}")
         vision_cfg = dict(timm_model_name=name, timm_model_pretrained=False, timm_pool="token",
                           timm_proj="linear", timm_proj_bias=False, image_size=image_size)
@@ -205,16 +205,16 @@ def export_open_clip(model: ImageTextModel, out_dir: Path, logit_bias: torch.Ten
             else:
                 state[unprefix_text_keys(key)] = value
     else:
-        raise ExportError(f"model family {family!r} has no open_clip counterpart")
+        raise ExportError(f"a {type(vision).__name__} image tower has no open_clip counterpart")
     if model.image_mlp is not None:
         notes.append(SSL_HEAD_NOTE)
 
     model_cfg: dict[str, Any] = {
-        "embed_dim": arch["embed_dim"],
+        "embed_dim": spec.head.embed_dim,
         "quick_gelu": True,
         "vision_cfg": vision_cfg,
-        "text_cfg": dict(context_length=arch["context_length"], vocab_size=arch["vocab_size"],
-                         width=arch["text_width"], heads=arch["text_heads"], layers=arch["text_layers"]),
+        "text_cfg": dict(context_length=text.context_length, vocab_size=text.vocab_size,
+                         width=text.width, heads=text.heads, layers=text.layers),
     }
     if logit_bias is not None:
         if logit_bias.numel() != 1:
@@ -222,7 +222,7 @@ def export_open_clip(model: ImageTextModel, out_dir: Path, logit_bias: torch.Ten
         model_cfg["init_logit_bias"] = float(logit_bias)
         state = {**state, LOGIT_BIAS_KEY: logit_bias.reshape(())}
     config = {"model_cfg": model_cfg,
-              "preprocess_cfg": {"mean": list(arch["image_mean"]), "std": list(arch["image_std"])}}
+              "preprocess_cfg": {"mean": list(spec.preprocess.mean), "std": list(spec.preprocess.std)}}
     from safetensors.torch import save_file
 
     tensors = {key: value.detach().cpu().clone().contiguous() for key, value in state.items()}
@@ -255,8 +255,17 @@ def _check_section(section: str, given: Mapping[str, Any], defaults: Mapping[str
     return merged
 
 
-def _arch_from_config(config: Mapping[str, Any], config_path: Path) -> tuple[dict[str, Any], str, dict[str, Any]]:
-    """Our arch record for an open_clip config, the tower kind ("openai" or "timm"), and the merged model cfg."""
+def _spec_from_config(config: Mapping[str, Any], config_path: Path) -> tuple[ModelSpec, str, dict[str, Any]]:
+    """Our model spec for an open_clip config, the weights' layout ("openai" or "timm"), and the merged model cfg."""
+    try:
+        return _read_config(config, config_path)
+    except ValueError as error:  # a spec's own check: CheckpointError is a ValueError too, and passes as it is
+        if isinstance(error, CheckpointError):
+            raise
+        raise CheckpointError(f"{config_path}: not a model our builders can make ({first_line(error)})") from None
+
+
+def _read_config(config: Mapping[str, Any], config_path: Path) -> tuple[ModelSpec, str, dict[str, Any]]:
     model_cfg = config.get("model_cfg", config)
     model_cfg = _check_section("model_cfg", model_cfg, _MODEL_CFG_DEFAULTS, _MODEL_RULES, config_path)
     for section in ("embed_dim", "vision_cfg", "text_cfg"):
@@ -274,7 +283,7 @@ def _arch_from_config(config: Mapping[str, Any], config_path: Path) -> tuple[dic
 
     preprocess = config.get("preprocess_cfg") or {}
     mean, std = preprocess.get("mean", OPENAI_CLIP_MEAN), preprocess.get("std", OPENAI_CLIP_STD)
-    arch: dict[str, Any] = dict(
+    common: dict[str, Any] = dict(
         embed_dim=model_cfg["embed_dim"], text_width=text["width"], text_layers=text["layers"],
         text_heads=text["heads"], context_length=text["context_length"], vocab_size=text["vocab_size"],
         inputs=("image", "text"), image_mean=tuple(float(m) for m in mean), image_std=tuple(float(s) for s in std),
@@ -282,14 +291,14 @@ def _arch_from_config(config: Mapping[str, Any], config_path: Path) -> tuple[dic
     image_size = square_side(vision["image_size"])
     if kind == "resnet":
         width = vision["width"]
-        arch.update(family="resnet", image_size=image_size, vision_layers=tuple(vision["layers"]),
-                    vision_width=width, vision_heads=width * 32 // vision["head_width"])
-        return arch, "openai", model_cfg
+        spec = resnet_spec(**common, image_size=image_size, vision_layers=tuple(vision["layers"]),
+                           vision_width=width, vision_heads=width * 32 // vision["head_width"])
+        return spec, "openai", model_cfg
     if kind == "vit":
-        arch.update(family="vit", openai_layout=True, image_size=image_size, patch_size=square_side(vision["patch_size"]),
-                    vision_width=vision["width"], vision_layers=vision["layers"],
-                    vision_heads=vision["width"] // vision["head_width"])
-        return arch, "openai", model_cfg
+        spec = vit_spec(**common, openai_layout=True, image_size=image_size,
+                        patch_size=square_side(vision["patch_size"]), vision_width=vision["width"],
+                        vision_layers=vision["layers"], vision_heads=vision["width"] // vision["head_width"])
+        return spec, "openai", model_cfg
 
     # timm: the trunk is whatever the registered name builds; it must be exactly our SLIP-layout ViT.
     name = vision["timm_model_name"]
@@ -311,10 +320,10 @@ def _arch_from_config(config: Mapping[str, Any], config_path: Path) -> tuple[dic
     if image_size != dims["image_size"]:
         raise CheckpointError(f"{config_path}: model_cfg.vision_cfg.image_size={image_size} is not supported "
                               f"({name} takes {dims['image_size']} px and open_clip does not resize it)")
-    arch.update(family="vit", openai_layout=False, image_size=dims["image_size"], patch_size=dims["patch_size"],
-                vision_width=dims["width"], vision_layers=dims["depth"], vision_heads=dims["heads"],
-                drop_path_rate=drop_path_rate)
-    return arch, "timm", model_cfg
+    spec = vit_spec(**common, openai_layout=False, image_size=dims["image_size"], patch_size=dims["patch_size"],
+                    vision_width=dims["width"], vision_layers=dims["depth"], vision_heads=dims["heads"],
+                    drop_path_rate=drop_path_rate)
+    return spec, "timm", model_cfg
 
 
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -336,7 +345,7 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     return dict(content)
 
 
-def _to_slip_state(raw: Mapping[str, torch.Tensor], arch: Mapping[str, Any], kind: str,
+def _to_slip_state(raw: Mapping[str, torch.Tensor], spec: ModelSpec, kind: str,
                    weights_path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Our state dict, and for each of our keys the open_clip key it came from."""
     raw = dict(raw)
@@ -358,10 +367,11 @@ def _to_slip_state(raw: Mapping[str, torch.Tensor], arch: Mapping[str, Any], kin
         converted = from_openai(raw, OPEN_CLIP_INFO)
     except (KeyError, IndexError) as error:
         raise CheckpointError(f"{weights_path}: weights do not fit {CONFIG_NAME}: no {first_line(error)}") from None
-    if converted.arch["family"] != arch["family"]:
+    if type(converted.spec.vision) is not type(spec.vision):
         raise CheckpointError(f"{weights_path}: weights do not fit {CONFIG_NAME}: they hold a "
-                              f"{converted.arch['family']} image tower where the config has a {arch['family']}")
-    vit = arch["family"] == "vit"
+                              f"{converted.spec.vision.tower_name} image tower where the config has a "
+                              f"{spec.vision.tower_name}")
+    vit = isinstance(spec.vision, ViTSpec)
     sources = {prefix_text_keys(openai_vit_key_to_ours(key) if vit and key.startswith("visual.") else key): key
                for key in raw}
     # from_openai makes every tensor float; BatchNorm's step counters stay integers.
@@ -370,12 +380,12 @@ def _to_slip_state(raw: Mapping[str, torch.Tensor], arch: Mapping[str, Any], kin
     return state, sources
 
 
-def _check_fit(arch: Mapping[str, Any], state: Mapping[str, torch.Tensor], sources: Mapping[str, str],
+def _check_fit(spec: ModelSpec, state: Mapping[str, torch.Tensor], sources: Mapping[str, str],
                config_path: Path, weights_path: Path) -> None:
     """CheckpointError naming the first key where the weights and the model the config describes differ."""
     try:
         with torch.device("meta"):
-            expected = build_from_arch(arch).state_dict()
+            expected = build_model(spec).state_dict()
     except (ValueError, ZeroDivisionError) as error:
         raise CheckpointError(f"{config_path}: not a model our builders can make ({first_line(error)})") from None
     prefix = f"{weights_path}: weights do not fit {CONFIG_NAME}:"
@@ -412,7 +422,7 @@ def read_open_clip(path: Path) -> Converted | None:
         raise CheckpointError(f"{config_path}: unreadable JSON ({first_line(error)})") from None
     if not isinstance(config, Mapping):
         raise CheckpointError(f"{config_path}: not a JSON object")
-    arch, kind, model_cfg = _arch_from_config(config, config_path)
+    spec, kind, model_cfg = _spec_from_config(config, config_path)
     raw = _load_weights(weights_path)
     objective_state: dict[str, torch.Tensor] = {}
     if model_cfg["init_logit_bias"] is not None:
@@ -425,10 +435,10 @@ def read_open_clip(path: Path) -> Converted | None:
     if model_cfg.get("custom_text"):  # CustomTextCLIP keeps CLIP's text tower under "text."
         raw = {("text_projection" if key == "text.text_projection" else unprefix_text_keys(key)): value
                for key, value in raw.items()}
-    state, sources = _to_slip_state(raw, arch, kind, weights_path)
-    _check_fit(arch, state, sources, config_path, weights_path)
+    state, sources = _to_slip_state(raw, spec, kind, weights_path)
+    _check_fit(spec, state, sources, config_path, weights_path)
     if not objective_state:
-        return Converted(arch, state, OPEN_CLIP_INFO)
+        return Converted(spec, state, OPEN_CLIP_INFO)
     # A learned sigmoid bias: the model was trained as SigLIP is.
     info = CheckpointInfo("open_clip", "SigLIPLoss", logit_bias=float(objective_state[LOGIT_BIAS_KEY]))
-    return Converted(arch, state, info, objective_state)
+    return Converted(spec, state, info, objective_state)

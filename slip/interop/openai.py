@@ -14,8 +14,9 @@ import torch
 
 from slip.checkpoint import CheckpointError, CheckpointInfo
 from slip.error_text import first_line
-from slip.interop.common import Converted, ExportError, count_blocks, prefix_text_keys, text_arch, unprefix_text_keys
-from slip.models import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTextModel
+from slip.interop.common import (Converted, ExportError, count_blocks, prefix_text_keys, text_kwargs,
+                                 unprefix_text_keys)
+from slip.models import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTextModel, ViTSpec, resnet_spec, vit_spec
 
 __all__ = ["OPENAI_METADATA_KEYS", "from_openai", "is_openai_state", "openai_vit_key_to_ours", "read_torchscript_tensors",
            "to_openai"]
@@ -64,15 +65,15 @@ def is_openai_state(content: Any) -> bool:
 def from_openai(state: Mapping[str, torch.Tensor], info: CheckpointInfo | None = None) -> Converted:
     """An OpenAI CLIP state dict (ViT or ModifiedResNet) in our terms (text heads: width / 64, CLIP's rule)."""
     state = {k: v.float() for k, v in state.items() if k not in OPENAI_METADATA_KEYS}
-    arch: dict[str, Any] = dict(text_arch(state), embed_dim=state["text_projection"].shape[1],
+    common: dict[str, Any] = dict(text_kwargs(state), embed_dim=state["text_projection"].shape[1],
                                 inputs=("image", "text"), image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
     if "visual.proj" in state:
         width = state["visual.conv1.weight"].shape[0]
         patch = state["visual.conv1.weight"].shape[-1]
         grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-        arch.update(family="vit", openai_layout=True, patch_size=patch, image_size=patch * grid,
-                    vision_width=width, vision_heads=width // 64,
-                    vision_layers=count_blocks(state, "visual.transformer.resblocks."))
+        spec = vit_spec(**common, openai_layout=True, patch_size=patch, image_size=patch * grid,
+                        vision_width=width, vision_heads=width // 64,
+                        vision_layers=count_blocks(state, "visual.transformer.resblocks."))
         converted = {}
         for key, value in state.items():
             new_key = prefix_text_keys(_renamed(key, to_ours=True) if key.startswith("visual.") else key)
@@ -82,10 +83,10 @@ def from_openai(state: Mapping[str, torch.Tensor], info: CheckpointInfo | None =
     else:
         width = state["visual.layer1.0.conv1.weight"].shape[0]
         grid = round((state["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
-        arch.update(family="resnet", image_size=grid * 32, vision_width=width, vision_heads=width * 32 // 64,
-                    vision_layers=tuple(count_blocks(state, f"visual.layer{i}.") for i in range(1, 5)))
+        spec = resnet_spec(**common, image_size=grid * 32, vision_width=width, vision_heads=width * 32 // 64,
+                           vision_layers=tuple(count_blocks(state, f"visual.layer{i}.") for i in range(1, 5)))
         converted = {prefix_text_keys(key): value for key, value in state.items()}
-    return Converted(arch, converted, info or CheckpointInfo("openai-clip", "CLIPLoss"))
+    return Converted(spec, converted, info or CheckpointInfo("openai-clip", "CLIPLoss"))
 
 
 def to_openai(model: ImageTextModel) -> dict[str, torch.Tensor]:
@@ -94,16 +95,16 @@ def to_openai(model: ImageTextModel) -> dict[str, torch.Tensor]:
     Needs a text tower, and a ViT in `openai_layout` or a ModifiedResNet; the SSL head has no place there and is
     left out (the caller says so). Raises ExportError naming the missing piece otherwise.
     """
-    arch = model.arch
+    vision = model.spec.vision
     if model.text is None:
         raise ExportError("the model has no text tower (an SSL-only objective): CLIP layouts need one")
-    if arch.get("family") == "vit" and not arch.get("openai_layout"):
+    if isinstance(vision, ViTSpec) and not vision.openai_layout:
         raise ExportError("a SLIP-layout timm ViT (no LayerNorm before the blocks, patch bias, GELU) has no "
                           "OpenAI CLIP layout; export it with its timm tower instead")
     state = {key: value.detach().clone() for key, value in model.state_dict().items()
              if not key.startswith("image_mlp.")}
-    if arch.get("family") == "vit":
-        width = arch["vision_width"]
+    if isinstance(vision, ViTSpec):
+        width = vision.width
         converted = {}
         for key, value in state.items():
             new_key = _renamed(key, to_ours=False) if key.startswith(("visual.", "image_projection")) else key

@@ -2,7 +2,8 @@
 
 Our `.pt` checkpoints keep the training state; this file keeps only what `load_pretrained` needs: every tensor of
 the model (the SSL head included), the training objective's tensors under "objective." (SigLIP's learned
-`objective.logit_bias`; no model key starts so) and, in the header's metadata, the arch record (JSON) and what the
+`objective.logit_bias`; no model key starts so) and, in the header's metadata, the model spec (JSON; "arch", the
+flat record, in files of earlier versions) and what the
 run says about itself (objective, step).
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from slip.checkpoint import FORMAT_VERSION, CheckpointError, CheckpointInfo, atomic_write, logit_bias_value
+from slip.checkpoint import FORMAT_VERSION, CheckpointError, CheckpointInfo, atomic_write, logit_bias_value, spec_of
 from slip.interop.common import Converted
 from slip.models import ImageTextModel
 
@@ -33,13 +34,13 @@ def _library():
 
 def save_safetensors(model: ImageTextModel, path: str | Path, info: CheckpointInfo | None = None,
                      objective_state: Mapping[str, torch.Tensor] | None = None) -> Path:
-    """Write `model`'s tensors, the objective's (`objective_state`, e.g. SigLIP's logit bias) and the arch record
+    """Write `model`'s tensors, the objective's (`objective_state`, e.g. SigLIP's logit bias) and the model spec
     to `path` atomically, in safetensors format."""
     library = _library()
     state = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
     state.update({OBJECTIVE_PREFIX + key: value.detach().contiguous().cpu()
                   for key, value in (objective_state or {}).items()})
-    metadata = {"format": _FORMAT, "format_version": str(FORMAT_VERSION), "arch": json.dumps(model.arch)}
+    metadata = {"format": _FORMAT, "format_version": str(FORMAT_VERSION), "spec": json.dumps(model.spec.to_dict())}
     if info is not None:
         metadata.update({key: str(value) for key, value in (("objective", info.objective), ("step", info.step))
                          if value is not None})
@@ -64,15 +65,16 @@ def read_safetensors(path: Path) -> Converted | None:
                               f"{metadata.get('format')!r}); for open_clip or transformers weights pass their "
                               "directory, which holds the config")
     try:
-        arch = json.loads(metadata["arch"])
+        records = {key: json.loads(metadata[key]) for key in ("spec", "arch") if key in metadata}
         state = library.load_file(str(path))
     except (KeyError, ValueError, OSError, RuntimeError) as error:
         raise CheckpointError(f"{path}: unreadable slip safetensors file ({type(error).__name__}: {error})") from None
+    spec = spec_of(records, path)
     objective_state = {key[len(OBJECTIVE_PREFIX):]: value for key, value in state.items()
                        if key.startswith(OBJECTIVE_PREFIX)}
     model_state = {key: value for key, value in state.items() if not key.startswith(OBJECTIVE_PREFIX)}
     step = metadata.get("step")
     info = CheckpointInfo("safetensors", metadata.get("objective"), int(step) if step and step.isdigit() else None,
                           logit_bias=logit_bias_value(objective_state))
-    return Converted(arch, model_state, info, objective_state)
+    return Converted(spec, model_state, info, objective_state)
 

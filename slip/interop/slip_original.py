@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from slip.checkpoint import CheckpointError, CheckpointInfo
-from slip.interop.common import Converted, count_blocks, prefix_text_keys, text_arch
-from slip.models import ALL_INPUTS, IMAGENET_MEAN, IMAGENET_STD
+from slip.interop.common import Converted, count_blocks, prefix_text_keys, text_kwargs
+from slip.models import ALL_INPUTS, IMAGENET_MEAN, IMAGENET_STD, vit_spec
 
 __all__ = ["from_original_slip", "is_original_slip"]
 
@@ -41,14 +41,18 @@ def from_original_slip(checkpoint: Mapping[str, Any], path: Path) -> Converted:
     width = state["visual.patch_embed.proj.weight"].shape[0]
     patch = state["visual.patch_embed.proj.weight"].shape[-1]
     grid = round((state["visual.pos_embed"].shape[1] - 1) ** 0.5)
-    arch: dict[str, Any] = dict(
-        family="vit", patch_size=patch, image_size=patch * grid, vision_width=width,
+    kwargs: dict[str, Any] = dict(
+        patch_size=patch, image_size=patch * grid, vision_width=width,
         vision_heads=SLIP_VISION_HEADS[vision], vision_layers=count_blocks(state, "visual.blocks."),
         inputs=SLIP_OBJECTIVE_INPUTS[objective], image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
     )
     if "text_projection" in state:
-        arch.update(text_arch(state, "text."), embed_dim=state["text_projection"].shape[1])
+        kwargs.update(text_kwargs(state, "text."), embed_dim=state["text_projection"].shape[1])
     if "image_mlp.layer1.weight" in state:
-        arch.update(ssl_mlp_dim=state["image_mlp.layer1.weight"].shape[0],
+        kwargs.update(ssl_mlp_dim=state["image_mlp.layer1.weight"].shape[0],
                     ssl_embed_dim=state["image_mlp.layer3.weight"].shape[0])
-    return Converted(arch, state, CheckpointInfo("slip-original", SLIP_OBJECTIVE_NAMES.get(objective)))
+    try:
+        spec = vit_spec(**kwargs)
+    except ValueError as error:
+        raise CheckpointError(f"{path}: its weights imply no valid model: {error}") from None
+    return Converted(spec, state, CheckpointInfo("slip-original", SLIP_OBJECTIVE_NAMES.get(objective)))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch import nn
@@ -13,6 +13,9 @@ from slip.models.text import TextTransformer
 from slip.models.vision import has_batch_statistics, patch_dropout_rate
 
 __all__ = ["ALL_INPUTS", "ImageTextModel"]
+
+if TYPE_CHECKING:
+    from slip.models.spec import ModelSpec
 
 
 class ImageTextModel(nn.Module):
@@ -32,7 +35,7 @@ class ImageTextModel(nn.Module):
         logit_scale_init: float = CLIP_INITIAL_LOGIT_SCALE,
         max_logit_scale: float = MAX_LOGIT_SCALE,
         batch_views: bool = True,
-        arch: Mapping[str, Any] | None = None,
+        spec: ModelSpec | None = None,
         view_patch_dropout: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
@@ -44,7 +47,7 @@ class ImageTextModel(nn.Module):
         self.embed_dim = embed_dim
         self.max_logit_scale = max_logit_scale
         self.batch_views = batch_views
-        self.arch = dict(arch or {})
+        self.spec = spec  # what built this model (slip.models.build_model); checkpoints keep it
         self._visual_has_batch_statistics = has_batch_statistics(visual)
         if text is None:
             self.register_parameter("image_projection", None)
@@ -62,6 +65,11 @@ class ImageTextModel(nn.Module):
                 self.register_parameter("image_projection", None)
             self.text_projection = projection(text.num_features, embed_dim)
             self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
+
+    @property
+    def arch(self) -> dict[str, Any]:
+        """The spec's fields by builder keyword (read-only; kept for earlier callers, prefer `spec`)."""
+        return {} if self.spec is None else self.spec.builder_kwargs()
 
     @property
     def inputs(self) -> tuple[str, ...]:
