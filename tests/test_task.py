@@ -12,7 +12,6 @@ from torch import Tensor, nn
 
 from accumulation_helpers import TEXT, TOWERS, make_batch, tiny_task, train_steps
 from slip.losses import CLIPLoss, Objective
-from slip.models import build_vit_model
 from slip.models.heads import MAX_LOGIT_SCALE
 from slip.app.run_layout import LOG_FILE
 from slip.app.task import TrainTask
