@@ -91,6 +91,15 @@ def _check_pair(objective: Objective, a_key: str, a: Tensor, b_key: str, b: Tens
         )
 
 
+def _unit_image_text(objective: Objective, outputs: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """The image and text embeddings of `outputs`, checked as a pair and L2-normalised in float32, and the
+    logit scale."""
+    image, text, scale = objective._read(outputs, "image_embed", "text_embed", "logit_scale")
+    _check_pair(objective, "image_embed", image, "text_embed", text)
+    with torch.autocast(image.device.type, enabled=False):
+        return F.normalize(image, dim=-1), F.normalize(text, dim=-1), scale
+
+
 class CLIPLoss(Objective):
     """Symmetric InfoNCE between image and text embeddings (Radford et al. 2021)."""
 
@@ -99,10 +108,8 @@ class CLIPLoss(Objective):
 
     def forward(self, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
         """Mean of the image->text and text->image cross-entropies over the global batch."""
-        image, text, scale = self._read(outputs, "image_embed", "text_embed", "logit_scale")
-        _check_pair(self, "image_embed", image, "text_embed", text)
+        image, text, scale = _unit_image_text(self, outputs)
         with torch.autocast(image.device.type, enabled=False):
-            image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
             all_image, offset = self._gather(image)
             all_text, _ = self._gather(text)
             labels = offset + torch.arange(image.shape[0], device=image.device)
@@ -165,10 +172,8 @@ class SigLIPLoss(Objective):
 
     def forward(self, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
         """Sum over local images and global texts of -log sigmoid(+-logit), divided by the local batch."""
-        image, text, scale = self._read(outputs, "image_embed", "text_embed", "logit_scale")
-        _check_pair(self, "image_embed", image, "text_embed", text)
+        image, text, scale = _unit_image_text(self, outputs)
         with torch.autocast(image.device.type, enabled=False):
-            image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
             all_text, offset = self._gather(text)
             labels = offset + torch.arange(image.shape[0], device=image.device)
             logits = scale * image @ all_text.T + _full_precision(self.logit_bias)

@@ -10,9 +10,10 @@ from typing import Any
 import torch
 
 from slip.checkpoint import CheckpointInfo
+from slip.checks import is_positive_int
 from slip.models import ModelSpec
 
-__all__ = ["SLIP_TEXT_PREFIXES", "Converted", "ExportError", "Exported", "count_blocks", "is_positive_int",
+__all__ = ["SLIP_TEXT_PREFIXES", "Converted", "ExportError", "Exported", "count_blocks",
            "prefix_text_keys", "square_side", "text_kwargs", "unprefix_text_keys"]
 
 # Our text tower's parameters live under "text."; OpenAI CLIP, original SLIP and open_clip keep them at the top.
@@ -42,11 +43,6 @@ class Exported:
     files: list[Path]
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-
-
-def is_positive_int(value: Any) -> bool:
-    """Whether a config value is an int > 0 (JSON's true/false are not ints here)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def square_side(value: Any) -> int | None:

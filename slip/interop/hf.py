@@ -51,8 +51,9 @@ import torch
 from torch import nn
 
 from slip.checkpoint import CheckpointError, CheckpointInfo
+from slip.checks import is_positive_int
 from slip.error_text import named_one_line, one_line
-from slip.interop.common import Converted, ExportError, Exported, is_positive_int, square_side
+from slip.interop.common import Converted, ExportError, Exported, square_side
 from slip.interop.hf_keys import from_hf_state, links, our_shapes, to_hf_state
 from slip.interop.hf_tokenizer import check_vocabulary, hf_tokenizer_files
 from slip.models import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTextModel, ModelSpec, Preprocess, ViTSpec,

@@ -24,8 +24,9 @@ from typing import Any
 import torch
 
 from slip.checkpoint import CheckpointError, CheckpointInfo
+from slip.checks import is_positive_int
 from slip.error_text import first_line
-from slip.interop.common import (Converted, ExportError, Exported, is_positive_int, prefix_text_keys,
+from slip.interop.common import (Converted, ExportError, Exported, prefix_text_keys,
                                  square_side, unprefix_text_keys)
 from slip.interop.openai import from_openai, openai_vit_key_to_ours, to_openai
 from slip.interop.timm_trunks import first_difference, structure, timm_name_for, timm_trunk

@@ -7,9 +7,9 @@ from typing import Any, Callable, Mapping
 
 from slip.models.image_text import ALL_INPUTS, ImageTextModel
 from slip.models.registry import builder_of, build_model, list_models, register_model, registered_models
+from slip.models.keywords import resnet_spec, spec_from_legacy_arch, vit_spec
 from slip.models.spec import (IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, HeadSpec, ModelSpec,
-                              Preprocess, ResNetSpec, TextSpec, ViTSpec, VisionSpec, resnet_spec,
-                              spec_from_legacy_arch, vit_spec)
+                              Preprocess, ResNetSpec, TextSpec, ViTSpec, VisionSpec)
 
 __all__ = [
     "ALL_INPUTS", "FAMILY_BUILDERS", "IMAGENET_MEAN", "IMAGENET_STD", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD",

@@ -14,13 +14,13 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 from torch import nn
 
+from slip.checks import positive_int
 from slip.models.heads import CLIP_INITIAL_LOGIT_SCALE, SSL_HEAD_NORMS
 from slip.models.image_text import ALL_INPUTS
 from slip.models.vision import ModifiedResNet, check_patch_dropout, vit_tower
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "HeadSpec",
-           "ModelSpec", "Preprocess", "ResNetSpec", "TextSpec", "ViTSpec", "VisionSpec", "resnet_spec",
-           "spec_from_legacy_arch", "vit_spec"]
+           "ModelSpec", "Preprocess", "ResNetSpec", "TextSpec", "ViTSpec", "VisionSpec", "spec_from_kwargs"]
 
 # Pixel normalisation is part of a model: SLIP trained with ImageNet statistics, OpenAI CLIP with its own.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -44,9 +44,7 @@ def _kwarg(spec: Any, name: str) -> str:
 
 def _positive_ints(spec: Any, *names: str) -> None:
     for name in names:
-        value = getattr(spec, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{_kwarg(spec, name)} must be a positive int, got {value!r}")
+        positive_int(_kwarg(spec, name), getattr(spec, name))
 
 
 def _set(spec: Any, name: str, value: Any) -> None:
@@ -59,9 +57,6 @@ def _builder_kwargs(spec: Any) -> dict[str, Any]:
     return {f.metadata["kwarg"]: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.metadata.get("kwarg")}
 
 
-def _from_kwargs(cls: type, kwargs: Mapping[str, Any]) -> Any:
-    """An instance of spec class `cls` from builder keywords (its fields without a keyword keep their defaults)."""
-    return cls(**{f.name: kwargs[f.metadata["kwarg"]] for f in dataclasses.fields(cls) if f.metadata.get("kwarg")})
 
 
 class VisionSpec:
@@ -317,84 +312,13 @@ class ModelSpec:
         return cls(**built, inputs=data.get("inputs"))
 
 
-def _model_spec(vision_type: type, kwargs: Mapping[str, Any]) -> ModelSpec:
+def _from_kwargs(cls: type, kwargs: Mapping[str, Any]) -> Any:
+    """An instance of spec class `cls` from builder keywords (its fields without a keyword keep their defaults)."""
+    return cls(**{f.name: kwargs[f.metadata["kwarg"]] for f in dataclasses.fields(cls) if f.metadata.get("kwarg")})
+
+
+def spec_from_kwargs(vision_type: type, kwargs: Mapping[str, Any]) -> ModelSpec:
+    """The spec of builder keywords `kwargs` (every keyword of the family's spec function) for tower `vision_type`."""
     return ModelSpec(vision=_from_kwargs(vision_type, kwargs), text=_from_kwargs(TextSpec, kwargs),
                      head=_from_kwargs(HeadSpec, kwargs), preprocess=_from_kwargs(Preprocess, kwargs),
                      inputs=kwargs["inputs"])
-
-
-def vit_spec(
-    *,
-    image_size: int = 224,
-    patch_size: int = 16,
-    vision_width: int = 768,
-    vision_layers: int = 12,
-    vision_heads: int = 12,
-    openai_layout: bool = False,
-    drop_path_rate: float = 0.0,
-    patch_dropout: float = 0.0,
-    ssl_patch_dropout: float | None = None,
-    embed_dim: int = 512,
-    text_width: int = 512,
-    text_layers: int = 12,
-    text_heads: int = 8,
-    context_length: int = 77,
-    vocab_size: int = 49408,
-    ssl_mlp_dim: int = 4096,
-    ssl_embed_dim: int = 256,
-    ssl_head_norm: str = "batch",
-    logit_scale_init: float = CLIP_INITIAL_LOGIT_SCALE,
-    image_mean: Sequence[float] = IMAGENET_MEAN,
-    image_std: Sequence[float] = IMAGENET_STD,
-    inputs: Sequence[str] = ALL_INPUTS,
-) -> ModelSpec:
-    """The spec of a model with a timm ViT image tower (`ssl_patch_dropout` None: as `patch_dropout`)."""
-    kwargs = dict(locals())
-    if ssl_patch_dropout is None:
-        kwargs["ssl_patch_dropout"] = patch_dropout
-    return _model_spec(ViTSpec, kwargs)
-
-
-def resnet_spec(
-    *,
-    image_size: int = 224,
-    vision_layers: Sequence[int] = (3, 4, 6, 3),
-    vision_width: int = 64,
-    vision_heads: int | None = None,
-    embed_dim: int = 1024,
-    text_width: int = 512,
-    text_layers: int = 12,
-    text_heads: int = 8,
-    context_length: int = 77,
-    vocab_size: int = 49408,
-    ssl_mlp_dim: int = 4096,
-    ssl_embed_dim: int = 256,
-    ssl_head_norm: str = "batch",
-    logit_scale_init: float = CLIP_INITIAL_LOGIT_SCALE,
-    image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
-    image_std: Sequence[float] = OPENAI_CLIP_STD,
-    inputs: Sequence[str] = ALL_INPUTS,
-    channels_last: bool = True,
-) -> ModelSpec:
-    """The spec of a model with CLIP's ModifiedResNet image tower (`vision_heads` None: width * 32 / 64, CLIP's)."""
-    kwargs = dict(locals())
-    if vision_heads is None:
-        kwargs["vision_heads"] = vision_width * 32 // 64 if isinstance(vision_width, int) else vision_width
-    return _model_spec(ResNetSpec, kwargs)
-
-
-# The keyword functions of each `family` that the flat `arch` records of earlier checkpoints name.
-_LEGACY_FAMILIES = {"vit": vit_spec, "resnet": resnet_spec}
-
-
-def spec_from_legacy_arch(arch: Mapping[str, Any]) -> ModelSpec:
-    """The spec of an earlier version's flat `arch` record (builder keywords plus `family`); keys it lacks (added
-    later) take the builder's defaults."""
-    arch = dict(arch)
-    family = arch.pop("family", None)
-    if family not in _LEGACY_FAMILIES:
-        raise ValueError(f"arch record: family={family!r} is not one of {sorted(_LEGACY_FAMILIES)}")
-    try:
-        return _LEGACY_FAMILIES[family](**arch)
-    except TypeError as error:  # a key no builder takes
-        raise ValueError(f"arch record: {error}") from None
