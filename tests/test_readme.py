@@ -29,3 +29,22 @@ def test_the_experiments_downstream_table_follows_slips_order_and_the_catalogs_m
              "roc_auc": "ROC AUC"}
     for key, metric in rows:
         assert metric.strip() == shown[catalog[key].get("metric") or "top1"], key
+
+
+def test_the_layout_section_names_every_module_under_its_folder() -> None:
+    """Every module of slip/ and slip/app/ (sources/ excepted: named as a folder) is in the README's Layout section,
+    under the bullet list of its floor (library or app)."""
+    text = (REPO_ROOT / "README.md").read_text()
+    layout = text[text.index("**Layout.**"):text.index("`.ci/run` installs everything")]
+    library, app = layout.split("The app, `slip/app/`:")
+    slip_dir = REPO_ROOT / "slip"
+    missing = []
+    for path in sorted(slip_dir.rglob("*.py")):
+        relative = path.relative_to(slip_dir)
+        if path.name == "__init__.py" and relative.parent.name != "models" or "sources" in relative.parts:
+            continue
+        section = app if relative.parts[0] == "app" else library
+        if f"`{path.name}`" not in section and f"`{relative.as_posix()}`" not in section \
+                and f"`slip/{relative.as_posix()}`" not in section:
+            missing.append(str(relative))
+    assert missing == []
