@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slip.distributed import Gather, local_gather
-from slip.inputs import ALL_INPUTS, SSL_VIEWS
+from slip.inputs import ALL_INPUTS, IMAGE_TEXT, SSL_VIEWS
 
 
 class MissingOutputError(KeyError):
@@ -103,7 +103,7 @@ def _unit_image_text(objective: Objective, outputs: Mapping[str, Tensor]) -> tup
 class CLIPLoss(Objective):
     """Symmetric InfoNCE between image and text embeddings (Radford et al. 2021)."""
 
-    inputs = ("image", "text")
+    inputs = IMAGE_TEXT
     metrics = ("clip_acc",)
 
     def forward(self, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -163,7 +163,7 @@ class SigLIPLoss(Objective):
     change it), which training logs beside the logit scale.
     """
 
-    inputs = ("image", "text")
+    inputs = IMAGE_TEXT
     metrics = ("siglip_acc",)
 
     def __init__(self, init_logit_bias: float = -10.0, gather: Gather | None = None) -> None:

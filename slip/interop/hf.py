@@ -53,6 +53,7 @@ from torch import nn
 from slip.checkpoint import CheckpointError, CheckpointInfo
 from slip.checks import is_positive_int
 from slip.error_text import named_one_line, one_line
+from slip.inputs import IMAGE_TEXT
 from slip.interop.common import Converted, ExportError, Exported, square_side
 from slip.interop.hf_keys import from_hf_state, links, our_shapes, to_hf_state
 from slip.interop.hf_tokenizer import check_vocabulary, hf_tokenizer_files
@@ -294,7 +295,7 @@ def _vit_kwargs(config: Mapping[str, Any], source: Path) -> dict[str, Any]:
         text_width=text["hidden_size"], text_layers=integer("text_config", "num_hidden_layers"),
         text_heads=text["num_attention_heads"],
         context_length=integer("text_config", "max_position_embeddings"), vocab_size=vocab_size,
-        inputs=("image", "text"),
+        inputs=IMAGE_TEXT,
     )
 
 

@@ -26,6 +26,7 @@ import torch
 from slip.checkpoint import CheckpointError, CheckpointInfo
 from slip.checks import is_positive_int
 from slip.error_text import first_line
+from slip.inputs import IMAGE_TEXT
 from slip.interop.common import (Converted, ExportError, Exported, prefix_text_keys,
                                  square_side, unprefix_text_keys)
 from slip.interop.openai import from_openai, openai_vit_key_to_ours, to_openai
@@ -287,7 +288,7 @@ def _read_config(config: Mapping[str, Any], config_path: Path) -> tuple[ModelSpe
     common: dict[str, Any] = dict(
         embed_dim=model_cfg["embed_dim"], text_width=text["width"], text_layers=text["layers"],
         text_heads=text["heads"], context_length=text["context_length"], vocab_size=text["vocab_size"],
-        inputs=("image", "text"), image_mean=tuple(float(m) for m in mean), image_std=tuple(float(s) for s in std),
+        inputs=IMAGE_TEXT, image_mean=tuple(float(m) for m in mean), image_std=tuple(float(s) for s in std),
     )
     image_size = square_side(vision["image_size"])
     if kind == "resnet":

@@ -16,6 +16,7 @@ from slip.checkpoint import CheckpointError, CheckpointInfo
 from slip.error_text import first_line
 from slip.interop.common import (Converted, ExportError, count_blocks, prefix_text_keys, text_kwargs,
                                  unprefix_text_keys)
+from slip.inputs import IMAGE_TEXT
 from slip.models import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTextModel, ViTSpec, resnet_spec, vit_spec
 
 __all__ = ["OPENAI_METADATA_KEYS", "from_openai", "is_openai_state", "openai_vit_key_to_ours", "read_torchscript_tensors",
@@ -66,7 +67,7 @@ def from_openai(state: Mapping[str, torch.Tensor], info: CheckpointInfo | None =
     """An OpenAI CLIP state dict (ViT or ModifiedResNet) in our terms (text heads: width / 64, CLIP's rule)."""
     state = {k: v.float() for k, v in state.items() if k not in OPENAI_METADATA_KEYS}
     common: dict[str, Any] = dict(text_kwargs(state), embed_dim=state["text_projection"].shape[1],
-                                inputs=("image", "text"), image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
+                                inputs=IMAGE_TEXT, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
     if "visual.proj" in state:
         width = state["visual.conv1.weight"].shape[0]
         patch = state["visual.conv1.weight"].shape[-1]

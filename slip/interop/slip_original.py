@@ -8,6 +8,7 @@ from typing import Any
 
 from slip.checkpoint import CheckpointError, CheckpointInfo
 from slip.interop.common import Converted, count_blocks, prefix_text_keys, text_kwargs
+from slip.inputs import IMAGE_TEXT, SSL_VIEWS
 from slip.models import ALL_INPUTS, IMAGENET_MEAN, IMAGENET_STD, vit_spec
 
 __all__ = ["from_original_slip", "is_original_slip"]
@@ -15,8 +16,8 @@ __all__ = ["from_original_slip", "is_original_slip"]
 # The original SLIP code names its models OBJECTIVE_ARCH (e.g. SLIP_VITB16); these tables read that field.
 SLIP_OBJECTIVE_INPUTS: Mapping[str, tuple[str, ...]] = {
     "SLIP": ALL_INPUTS,
-    "CLIP": ("image", "text"),
-    "SIMCLR": ("aug1", "aug2"),
+    "CLIP": IMAGE_TEXT,
+    "SIMCLR": SSL_VIEWS,
 }
 SLIP_OBJECTIVE_NAMES: Mapping[str, str] = {"SLIP": "SLIPLoss", "CLIP": "CLIPLoss", "SIMCLR": "SimCLRLoss"}
 SLIP_VISION_HEADS: Mapping[str, int] = {"VITS16": 12, "VITB16": 12, "VITL16": 16}

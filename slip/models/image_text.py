@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 from torch import nn
 
-from slip.inputs import ALL_INPUTS, IMAGE_VIEWS, SSL_VIEWS
+from slip.inputs import ALL_INPUTS, IMAGE_TEXT, IMAGE_VIEWS, SSL_VIEWS
 from slip.models.heads import CLIP_INITIAL_LOGIT_SCALE, MAX_LOGIT_SCALE, SSLHead, projection
 from slip.models.text import TextTransformer
 from slip.models.vision import has_batch_statistics, patch_dropout_rate
@@ -74,7 +74,7 @@ class ImageTextModel(nn.Module):
     @property
     def inputs(self) -> tuple[str, ...]:
         """The batch keys this model consumes."""
-        keys = ("image", "text") if self.text is not None else ()
+        keys = IMAGE_TEXT if self.text is not None else ()
         return keys + (SSL_VIEWS if self.image_mlp is not None else ())
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from torch import nn
 
 from slip.checks import positive_int
 from slip.models.heads import CLIP_INITIAL_LOGIT_SCALE, SSL_HEAD_NORMS
-from slip.models.image_text import ALL_INPUTS
+from slip.inputs import ALL_INPUTS, SSL_VIEWS
 from slip.models.vision import ModifiedResNet, check_patch_dropout, vit_tower
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "HeadSpec",
@@ -125,7 +125,7 @@ class ViTSpec(VisionSpec):
 
     def view_patch_dropout(self) -> dict[str, float]:
         """FLIP's patch dropout: `patch_dropout` for the CLIP view, `ssl_patch_dropout` for the SSL views."""
-        return {"image": self.patch_dropout, "aug1": self.ssl_patch_dropout, "aug2": self.ssl_patch_dropout}
+        return {"image": self.patch_dropout, **{view: self.ssl_patch_dropout for view in SSL_VIEWS}}
 
     def describe(self, image_size: int) -> str:
         """e.g. "ViT (SLIP's timm layout), 224 px, patch 16, width 384, 12 layers, 12 heads"."""
@@ -262,7 +262,7 @@ class ModelSpec:
     @property
     def with_ssl_head(self) -> bool:
         """Whether the inputs need the SSL head ("aug1" or "aug2")."""
-        return "aug1" in self.inputs or "aug2" in self.inputs
+        return any(view in self.inputs for view in SSL_VIEWS)
 
     def builder_kwargs(self) -> dict[str, Any]:
         """Every field by its builder keyword: `vit_spec(**spec.builder_kwargs())` (or resnet_spec) == spec."""
