@@ -69,3 +69,14 @@ def test_a_bad_val_setting_names_the_key(override: str, message: str) -> None:
     cfg = compose_config("experiment=debug", override)
     with pytest.raises(ConfigError, match=message):
         build(cfg.val, "val", _recursive_=False)
+
+
+def test_the_trainer_nodes_python_defaults_are_the_yamls() -> None:
+    """TrainerSettings keeps Python defaults, because older saved configs that lack a key added since are read with
+    them (slip.app.migrations.fill_added_defaults); they must equal conf/trainer/default.yaml, which sets every key."""
+    from slip.app.engine import TrainerSettings
+
+    shipped = compose_config().trainer
+    fields = {field.name: field.default for field in dataclasses.fields(TrainerSettings)}
+    assert set(shipped) - {"_target_"} == set(fields)
+    assert {name: default for name, default in fields.items() if shipped[name] != default} == {}
