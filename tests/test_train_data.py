@@ -104,7 +104,7 @@ def test_trainer_max_bad_in_a_row_is_the_limit_of_map_style_and_stream_readers(t
     settings = build(compose_config(*FAST, "trainer.max_bad_in_a_row=2").trainer, "trainer")
     table = tmp_path / "pairs.csv"
     table.write_text("filepath,title\n" + "".join(f"missing{i}.png,a caption\n" for i in range(8)))
-    csv_node = {"_target_": "slip.data.DataSettings", "batch_size": 2,
+    csv_node = {"_target_": "slip.app.train_data.DataSettings", "batch_size": 2,
                 "source": {"_target_": "slip.data.sources.CsvSource", "path": str(table)}}
     stream = stream_node([str(write_tar(tmp_path / "empty.tar", []))], 8, 2, 0)
     for node, kind in [(csv_node, "missing"), (stream, "empty_shard")]:
