@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from slip.app.config import ConfigError, build
 from slip.data.dataset import ImageTextDataset, Transform
 from slip.data.decode import MAX_BAD_IN_A_ROW
-from slip.data.loader import check_num_workers, batches_per_epoch, build_train_loader, check_batch_size
+from slip.checks import non_negative_int, positive_int
+from slip.data.loader import batches_per_epoch, build_train_loader
 from slip.distributed import WorldInfo
 
 __all__ = ["DataSettings", "TrainData", "build_train_data"]
@@ -30,8 +31,8 @@ class DataSettings:
     stream: Any = None
 
     def __post_init__(self) -> None:
-        check_batch_size(self.batch_size)
-        check_num_workers(self.num_workers)
+        positive_int("batch_size", self.batch_size)
+        non_negative_int("num_workers", self.num_workers)
         if (self.source is None) == (self.stream is None):
             raise ValueError("set exactly one of source (map-style records) and stream (e.g. WebDataset shards)")
 

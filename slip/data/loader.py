@@ -24,8 +24,7 @@ from slip.data.seeding import derive_seed
 from slip.distributed import WorldInfo
 
 __all__ = ["EpochSampler", "ReaderShare", "StreamPlan", "batch_rows", "batch_to_device", "batches_per_epoch",
-           "build_eval_loader", "build_train_loader", "check_batch_size", "check_num_workers", "collate",
-           "shard_order"]
+           "build_eval_loader", "build_train_loader", "collate", "shard_order"]
 
 
 def _is_named_tuple(value: Any) -> bool:
@@ -123,16 +122,6 @@ class EpochSampler(Sampler[int]):
         size = self.world.world_size
         mine = order[: self.per_rank * size][self.world.rank :: size]
         return iter(mine[self.start_index :].tolist())
-
-
-def check_batch_size(batch_size: int) -> None:
-    """Raise a one-line ValueError unless `batch_size` is a positive integer."""
-    positive_int("batch_size", batch_size)
-
-
-def check_num_workers(num_workers: int) -> None:
-    """Raise a one-line ValueError unless `num_workers` is a non-negative integer."""
-    non_negative_int("num_workers", num_workers)
 
 
 @dataclass(frozen=True)
@@ -245,7 +234,7 @@ def shard_order(shards: int, share: ReaderShare, plan: StreamPlan, resample: boo
 def batches_per_epoch(dataset: Dataset | IterableDataset, batch_size: int, world: WorldInfo,
                       num_workers: int = 0) -> int:
     """Batches each rank gets in a whole epoch of `dataset` (a stream needs its samples_per_epoch)."""
-    check_batch_size(batch_size)
+    positive_int("batch_size", batch_size)
     if isinstance(dataset, IterableDataset):
         return StreamPlan(world, num_workers, batch_size, 0, getattr(dataset, "samples_per_epoch", None)).batches()
     return len(dataset) // world.world_size // batch_size
@@ -269,8 +258,8 @@ def build_train_loader(
     The loader skips the first `start_batch` batches of the epoch. `persistent_workers` keeps workers (and
     their copy of the dataset) alive between iterations, so only use it to iterate the same epoch again.
     """
-    check_batch_size(batch_size)
-    check_num_workers(num_workers)
+    positive_int("batch_size", batch_size)
+    non_negative_int("num_workers", num_workers)
     if start_batch < 0:
         raise ValueError(f"start_batch must be >= 0, got {start_batch}")
     if hasattr(dataset, "set_epoch"):
@@ -319,6 +308,6 @@ def build_eval_loader(
     dataset: Dataset | IterableDataset, batch_size: int, num_workers: int = 0, pin_memory: bool = False
 ) -> DataLoader:
     """A plain evaluation DataLoader: every sample once, in order, last batch kept even if smaller."""
-    check_batch_size(batch_size)
-    check_num_workers(num_workers)
+    positive_int("batch_size", batch_size)
+    non_negative_int("num_workers", num_workers)
     return _data_loader(dataset, batch_size, num_workers, pin_memory, 0, shuffle=False, drop_last=False)
