@@ -53,6 +53,7 @@ def test_every_shipped_val_preset_builds(preset: str) -> None:
     ("linear_probe.max_iter=lots", r"^linear_probe\.max_iter: expected int, got 'lots'$"),
     ("+linear_probe.tolerance=1", r"^linear_probe\.tolerance: unknown key"),
     ("knn.k=1.5", r"^knn\.k: expected int, got 1\.5$"),
+    ("device=gpu0", r"^device: 'gpu0' is not a device \(auto, cpu, cuda, cuda:N\)$"),
 ])
 def test_a_bad_eval_setting_stops_before_any_work_naming_the_key(override: str, message: str,
                                                                   tmp_path: Path) -> None:
@@ -80,3 +81,9 @@ def test_the_trainer_nodes_python_defaults_are_the_yamls() -> None:
     fields = {field.name: field.default for field in dataclasses.fields(TrainerSettings)}
     assert set(shipped) - {"_target_"} == set(fields)
     assert {name: default for name, default in fields.items() if shipped[name] != default} == {}
+
+
+def test_a_device_torch_cannot_read_stops_training_before_any_work_naming_the_key() -> None:
+    cfg = compose_config("experiment=debug", "trainer.device=gpu0")
+    with pytest.raises(ConfigError, match=r"^trainer\.device: 'gpu0' is not a device \(auto, cpu, cuda, cuda:N\)$"):
+        build(cfg.trainer, "trainer")

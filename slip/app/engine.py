@@ -82,6 +82,7 @@ class TrainerSettings:
             raise ValueError(f"trainer.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"trainer.grad_clip must be > 0 or null, got {self.grad_clip}")
+        resolve_device(self.device)  # a one-line ValueError naming a value torch cannot read
         if self.max_bad_in_a_row < 0:
             raise ValueError(f"trainer.max_bad_in_a_row must be >= 0, got {self.max_bad_in_a_row}")
         if not 0 <= self.max_bad_fraction <= 1:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from slip.distributed import resolve_device
+
 __all__ = ["EvalSettings", "KnnSettings", "LinearProbeSettings", "PROBE_METHODS", "ValSettings"]
 
 # lbfgs: CLIP's protocol (regularisation swept on a split of train); sgd: SLIP's.
@@ -54,6 +56,9 @@ class EvalSettings:
     catalog: Any
     linear_probe: Any
     knn: Any
+
+    def __post_init__(self) -> None:
+        resolve_device(self.device)  # a one-line ValueError naming a value torch cannot read
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,8 @@ class EvalContext:
         key = {"checkpoint": self.fingerprint, "dataset": name, "split": split, "spec": spec,
                "image_size": self.model.spec.preprocess.image_size, "kind": "backbone"}
         features, labels = self.cache.load_or_compute(key, lambda: extract_features(
-            self.model, self.dataset(name, split), batch_size=self.settings.batch_size, num_workers=self.settings.num_workers))
+            self.model, self.dataset(name, split), batch_size=self.settings.batch_size,
+            num_workers=self.settings.num_workers))
         device = next(self.model.parameters()).device
         return features.to(device), labels.to(device)
 
@@ -181,13 +182,6 @@ def default_output_dir(checkpoint: Path) -> Path:
     return checkpoint.with_name(checkpoint.name + ".eval")
 
 
-def _device(setting: str) -> torch.device:
-    try:
-        return resolve_device(setting)
-    except ValueError as error:
-        raise ConfigError(f"device: {error}") from None
-
-
 def _check_tasks(cfg: DictConfig) -> None:
     for task, names in cfg.tasks.items():
         if task not in TASKS:
@@ -220,19 +214,18 @@ def stored_results(path: Path, fingerprint: str) -> dict[str, tuple[dict[str, An
         return {}
 
 
-def evaluate_checkpoint(cfg: DictConfig, settings: EvalSettings, checkpoint: Path,
-                        output_dir: Path | None = None) -> dict[str, Path]:
+def evaluate_checkpoint(cfg: DictConfig, settings: EvalSettings, probe: LinearProbeSettings, knn: KnnSettings,
+                        checkpoint: Path, output_dir: Path | None = None) -> dict[str, Path]:
     """Run every configured task on one checkpoint; returns {task: results file}.
 
     A dataset whose results file already holds its records for this checkpoint (by content hash) and these
     settings (`task_settings`) is skipped, saying so, unless `overwrite` is true."""
     model, info = load_pretrained_with_info(checkpoint)
-    model.to(_device(settings.device))
+    model.to(resolve_device(settings.device))
     output_dir = output_dir or default_output_dir(checkpoint)
     cache_dir = Path(settings.feature_cache) if settings.feature_cache else output_dir / "feature_cache"
     cache = FeatureCache(str(cache_dir))
-    context = EvalContext(model, info, checkpoint, cfg, settings, build(cfg.linear_probe, "linear_probe"),
-                          build(cfg.knn, "knn"), cache, cache.fingerprint(checkpoint))
+    context = EvalContext(model, info, checkpoint, cfg, settings, probe, knn, cache, cache.fingerprint(checkpoint))
     written = {}
     config = OmegaConf.to_container(cfg, resolve=True)
     config.pop("catalog", None)
@@ -273,7 +266,8 @@ def evaluate_checkpoint(cfg: DictConfig, settings: EvalSettings, checkpoint: Pat
 def evaluate(cfg: DictConfig) -> dict[Path, dict[str, Path]]:
     """Evaluate the checkpoint(s) that `cfg.checkpoint` points at; returns {checkpoint: {task: file}}."""
     settings: EvalSettings = build(cfg, "", _recursive_=False)
-    build(cfg.linear_probe, "linear_probe"), build(cfg.knn, "knn")  # checked before any work
+    probe: LinearProbeSettings = build(cfg.linear_probe, "linear_probe")
+    knn: KnnSettings = build(cfg.knn, "knn")
     _check_tasks(cfg)
     if settings.retain_freed_memory:
         retain_freed_memory()
@@ -282,4 +276,5 @@ def evaluate(cfg: DictConfig) -> dict[Path, dict[str, Path]]:
         raise ConfigError(f"output_dir: {settings.checkpoint} holds {len(checkpoints)} runs; leave output_dir unset "
                           "so that each run gets its own eval/ folder")
     output_dir = Path(settings.output_dir) if settings.output_dir else None
-    return {checkpoint: evaluate_checkpoint(cfg, settings, checkpoint, output_dir) for checkpoint in checkpoints}
+    return {checkpoint: evaluate_checkpoint(cfg, settings, probe, knn, checkpoint, output_dir)
+            for checkpoint in checkpoints}

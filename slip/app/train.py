@@ -107,10 +107,7 @@ def build_run(cfg: DictConfig, world: WorldInfo, settings: TrainerSettings) -> R
         inputs=objective.inputs, image_size=spec.preprocess.image_size, mean=spec.preprocess.mean,
         std=spec.preprocess.std, context_length=spec.text.context_length,
     )
-    try:
-        device = resolve_device(settings.device, world.local_rank)
-    except ValueError as error:
-        raise ConfigError(f"trainer.device: {error}") from None
+    device = resolve_device(settings.device, world.local_rank)
     data = build_train_data(cfg.data, transform, world, settings.seed, settings.update_freq,
                             pin_memory=device.type == "cuda",  # page-locked batches: asynchronous copies
                             max_bad_in_a_row=settings.max_bad_in_a_row)
