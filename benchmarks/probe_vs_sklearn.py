@@ -119,11 +119,12 @@ def sklearn_fit(tol: Callable[[float], float], max_iter: int) -> Callable[..., t
 
 def sklearn_probe(probe: ModuleType, fit: Callable[..., Any], train: tuple, test: tuple) -> dict[str, float]:
     """`linear_probe`'s protocol with scikit-learn fitting each point."""
+    from slip.eval.l2_sweep import L2Sweep, sweep_l2_and_refit
     from slip.eval.metrics import topk_accuracy
 
     fit_rows, val_rows = probe.stratified_split(train[1], 0.2, 0)
-    logits, best, scores = probe.sweep_l2_and_refit(fit, probe.top1_then_loss, train[0], train[1], fit_rows,
-                                                    val_rows, test[0], probe.DEFAULT_L2_GRID, 4)
+    logits, best, scores = sweep_l2_and_refit(fit, probe.top1_then_loss, train, fit_rows, val_rows, test[0],
+                                              L2Sweep())
     return {"l2": best, "val_top1": scores[best][0], "top1": topk_accuracy(logits, test[1], (1,))["top1"]}
 
 
@@ -162,10 +163,12 @@ def single_fit(module: ModuleType, counter: list[int], x: torch.Tensor,
 def measure(rounds: int, before: ModuleType | None, max_iter: int) -> dict[str, Any]:
     """Single fits and full sweeps in both thread modes."""
     import slip.eval.linear_probe as after
+    from slip.eval.features import standardize
+    from slip.eval.l2_sweep import L2Sweep
 
     train, test = mixture(TRAIN_ROWS, seed=0), mixture(30 * CLASSES, seed=1)
     fit_rows, _ = after.stratified_split(train[1], 0.2, 0)
-    fit_x = after.standardize(train[0][fit_rows])(train[0][fit_rows])
+    fit_x = standardize(train[0][fit_rows])(train[0][fit_rows])
     implementations = {"ours": after, **({BEFORE: before} if before else {})}
     counters = {name: counting_evaluations(module) for name, module in implementations.items()}
     single, sweeps = {}, {}
@@ -175,7 +178,7 @@ def measure(rounds: int, before: ModuleType | None, max_iter: int) -> dict[str, 
                                       for name, module in implementations.items()}, rounds)
             runs: dict[str, Callable[[], dict[str, Any]]] = {
                 "ours": lambda: {key: value for key, value in after.linear_probe(
-                    *train, *test, CLASSES, max_iter=max_iter).items() if key in ("l2", "val_top1", "top1")}}
+                    *train, *test, CLASSES, L2Sweep(max_iter=max_iter)).items() if key in ("l2", "val_top1", "top1")}}
             if before and mode == "1":
                 runs[BEFORE] = lambda: {key: value for key, value in before.linear_probe(
                     *train, *test, CLASSES, max_iter=max_iter).items() if key in ("l2", "val_top1", "top1")}

@@ -53,6 +53,10 @@ def test_every_shipped_val_preset_builds(preset: str) -> None:
     ("linear_probe.max_iter=lots", r"^linear_probe\.max_iter: expected int, got 'lots'$"),
     ("+linear_probe.tolerance=1", r"^linear_probe\.tolerance: unknown key"),
     ("knn.k=1.5", r"^knn\.k: expected int, got 1\.5$"),
+    ("linear_probe.val_fraction=1.0", r"^linear_probe\.val_fraction: val_fraction must be in \(0, 1\), got 1\.0$"),
+    ("linear_probe.refinements=-1", r"^linear_probe\.refinements: refinements must be >= 0, got -1$"),
+    ("knn.k=0", r"^knn\.k: k must be a positive integer, got 0$"),
+    ("knn.temperature=0", r"^knn\.temperature: temperature must be a finite number > 0, got 0$"),
     ("device=gpu0", r"^device: 'gpu0' is not a device \(auto, cpu, cuda, cuda:N\)$"),
 ])
 def test_a_bad_eval_setting_stops_before_any_work_naming_the_key(override: str, message: str,

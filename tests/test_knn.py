@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from slip.eval.knn import knn_accuracy, knn_predict
+from slip.eval.knn import KnnVote, knn_accuracy, knn_predict
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,7 +43,7 @@ def clusters(seed, n, dims=6, classes=4, spread=0.6):
 def test_scores_equal_a_naive_loop(k, temperature, chunk_size):
     train_x, train_y = clusters(0, 40)
     test_x, _ = clusters(1, 17)
-    scores = knn_predict(train_x, train_y, test_x, 4, k=k, temperature=temperature, chunk_size=chunk_size)
+    scores = knn_predict(train_x, train_y, test_x, 4, KnnVote(k, temperature, chunk_size))
     expected = naive_knn_scores(train_x, train_y, test_x, 4, k, temperature)
     assert scores.dtype == torch.float32 and scores.shape == (17, 4)
     assert torch.allclose(scores.double(), expected, atol=1e-5)
@@ -52,14 +52,14 @@ def test_scores_equal_a_naive_loop(k, temperature, chunk_size):
 def test_low_temperature_does_not_overflow():
     train_x, train_y = clusters(0, 30)
     test_x, _ = clusters(1, 5)
-    scores = knn_predict(train_x, train_y, test_x, 4, k=10, temperature=1e-3)
+    scores = knn_predict(train_x, train_y, test_x, 4, KnnVote(k=10, temperature=1e-3))
     assert torch.isfinite(scores).all() and torch.allclose(scores.sum(dim=1), torch.ones(5))
 
 
 def test_accuracy_matches_the_naive_ranking():
     train_x, train_y = clusters(2, 60, classes=6)
     test_x, test_y = clusters(3, 25, classes=6)
-    result = knn_accuracy(train_x, train_y, test_x, test_y, 6, k=7)
+    result = knn_accuracy(train_x, train_y, test_x, test_y, 6, KnnVote(k=7))
     expected = naive_knn_scores(train_x, train_y, test_x, 6, 7, 0.07)
     for k in (1, 5):
         hits = sum(int(test_y[i]) in expected[i].argsort(descending=True)[:k].tolist() for i in range(25))
@@ -69,18 +69,18 @@ def test_accuracy_matches_the_naive_ranking():
 
 def test_exact_copies_are_their_own_nearest_neighbour():
     train_x, train_y = clusters(4, 30)
-    scores = knn_predict(train_x, train_y, train_x * 3.0, 4, k=1)  # scale does not change cosine
+    scores = knn_predict(train_x, train_y, train_x * 3.0, 4, KnnVote(k=1))  # scale does not change cosine
     assert torch.equal(scores.argmax(dim=1), train_y)
-    assert knn_accuracy(train_x, train_y, train_x, train_y, 4, k=1) == {"top1": 100.0}
+    assert knn_accuracy(train_x, train_y, train_x, train_y, 4, KnnVote(k=1)) == {"top1": 100.0}
 
 
 def test_bad_arguments_are_named():
     train_x, train_y = clusters(0, 10)
     with pytest.raises(ValueError, match=r"k must be an int in \[1, 10\]"):
-        knn_predict(train_x, train_y, train_x, 4, k=11)
+        knn_predict(train_x, train_y, train_x, 4, KnnVote(k=11))
     with pytest.raises(ValueError, match="temperature"):
-        knn_predict(train_x, train_y, train_x, 4, temperature=0.0, k=3)
+        KnnVote(temperature=0.0, k=3)
     with pytest.raises(ValueError, match="6 dims but test features 5"):
-        knn_predict(train_x, train_y, train_x[:, :5], 4, k=3)
+        knn_predict(train_x, train_y, train_x[:, :5], 4, KnnVote(k=3))
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
-        knn_predict(train_x, train_y, train_x, 3, k=3)
+        knn_predict(train_x, train_y, train_x, 3, KnnVote(k=3))

@@ -51,14 +51,15 @@ LIBRARY_USES = {
     """,
     "eval metrics and probes": """
         import torch
-        from slip.eval.knn import knn_accuracy
+        from slip.eval.knn import KnnVote, knn_accuracy
+        from slip.eval.l2_sweep import L2Sweep
         from slip.eval.linear_probe import linear_probe
         from slip.eval.metrics import topk_accuracy
         generator = torch.Generator().manual_seed(0)
         train, test = torch.randn(60, 8, generator=generator), torch.randn(30, 8, generator=generator)
         train_labels, test_labels = torch.arange(60) % 3, torch.arange(30) % 3
-        linear_probe(train, train_labels, test, test_labels, 3, l2_grid=[1e-2])
-        knn_accuracy(train, train_labels, test, test_labels, 3, k=3)
+        linear_probe(train, train_labels, test, test_labels, 3, L2Sweep(l2_grid=(1e-2,)))
+        knn_accuracy(train, train_labels, test, test_labels, 3, KnnVote(k=3))
         topk_accuracy(torch.randn(30, 3, generator=generator), test_labels, (1,))
     """,
     "a DataLoader worker of the training data": """

@@ -8,17 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from slip.eval.linear_probe import (
-    DEFAULT_L2_GRID,
     MULTIPLY_ADDS_PER_THREAD,
     fit_logistic_regression,
     linear_probe,
-    log_grid_search,
     minimise_lbfgs,
     sgd_linear_probe,
-    standardize,
     stratified_split,
     threads_for_work,
 )
+from slip.eval.features import standardize
+from slip.eval.l2_sweep import DEFAULT_L2_GRID, L2Sweep, log_grid_search
 from slip.eval.metrics import topk_accuracy
 
 
@@ -223,12 +222,12 @@ def test_log_grid_search_finds_the_peak_by_bisection():
         calls.append(value)
         return (-(math.log10(value) - 0.37) ** 2,)
 
-    best, scores = log_grid_search(score, DEFAULT_L2_GRID, refinements=4)
+    best, scores = log_grid_search(score, L2Sweep(refinements=4))
     assert abs(math.log10(best) - 0.37) <= 1 / 16
     assert len(calls) == len(DEFAULT_L2_GRID) + 2 * 4 and set(calls) == set(scores)
     assert best == max(scores, key=scores.get)
     # Ties keep the value found first.
-    first, _ = log_grid_search(lambda value: (1.0,), [1.0, 10.0, 0.1], refinements=2)
+    first, _ = log_grid_search(lambda value: (1.0,), L2Sweep(l2_grid=(1.0, 10.0, 0.1), refinements=2))
     assert first == 1.0
 
 
@@ -261,7 +260,7 @@ def val_accuracy(train_x, train_y, l2, val_fraction, seed):
 def test_linear_probe_picks_the_best_validation_l2():
     train_x, train_y = nuisance_problem(0, 320)
     test_x, test_y = nuisance_problem(1, 200)
-    result = linear_probe(train_x, train_y, test_x, test_y, 4, val_fraction=0.5, seed=0)
+    result = linear_probe(train_x, train_y, test_x, test_y, 4, L2Sweep(val_fraction=0.5, seed=0))
     sweep = dict((l2, top1) for l2, top1 in result["sweep"])
     assert [l2 for l2, _ in result["sweep"]] == sorted(sweep)
     assert set(DEFAULT_L2_GRID) <= set(sweep) and len(sweep) == len(DEFAULT_L2_GRID) + 8
@@ -282,7 +281,7 @@ def test_linear_probe_picks_the_best_validation_l2():
 
 def test_linear_probe_reports_top5_with_five_classes_and_checks_inputs():
     x, y = blobs(3, 100, dims=4, classes=5, spread=0.3)
-    result = linear_probe(x[:70], y[:70], x[70:], y[70:], 5, l2_grid=[1e-2, 1e-4], refinements=1)
+    result = linear_probe(x[:70], y[:70], x[70:], y[70:], 5, L2Sweep(l2_grid=(1e-2, 1e-4), refinements=1))
     assert result["top1"] >= 90.0 and result["top5"] == 100.0 and len(result["sweep"]) == 4
     with pytest.raises(ValueError, match="4 dims but test features 3"):
         linear_probe(x, y, x[:, :3], y, 5)
@@ -303,3 +302,21 @@ def test_sgd_probe_learns_and_is_seeded():
     assert frozen["top1"] < 60.0
     with pytest.raises(ValueError, match="momentum"):
         sgd_linear_probe(x, y, x, y, 5, momentum=-0.5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"l2_grid": ()}, r"^l2_grid must be non-empty positive finite numbers, got \[\]$"),
+    ({"l2_grid": (1.0, -1.0)}, r"^l2_grid must be non-empty positive finite numbers"),
+    ({"val_fraction": 0}, r"^val_fraction must be in \(0, 1\), got 0$"),
+    ({"refinements": -1}, r"^refinements must be >= 0, got -1$"),
+    ({"max_iter": 0}, r"^max_iter must be a positive integer, got 0$"),
+    ({"seed": True}, r"^seed must be >= 0, got True$"),
+])
+def test_a_bad_sweep_setting_fails_on_construction_naming_it(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        L2Sweep(**kwargs)
+
+
+def test_the_sweep_holds_its_grid_as_floats_in_the_order_given():
+    assert L2Sweep(l2_grid=[1, 0.1]).l2_grid == (1.0, 0.1)
+    assert L2Sweep().l2_grid == DEFAULT_L2_GRID

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from slip.eval.l2_sweep import L2Sweep
 from slip.eval.metrics import eleven_point_map
 from slip.eval.multilabel_probe import fit_one_vs_rest, multilabel_linear_probe, one_vs_rest_loss, random_split
 
@@ -73,15 +74,15 @@ def test_a_class_nobody_is_counted_for_adds_nothing() -> None:
 def test_the_probe_learns_chooses_its_l2_by_validation_map_and_is_seeded() -> None:
     train_x, train_targets = multilabel_blobs(3, 200)
     test_x, test_targets = multilabel_blobs(4, 100)
-    result = multilabel_linear_probe(train_x, train_targets, test_x, test_targets, refinements=1, max_iter=200)
+    result = multilabel_linear_probe(train_x, train_targets, test_x, test_targets, L2Sweep(refinements=1, max_iter=200))
     assert set(result) == {"11point_map", "l2", "val_11point_map", "sweep"}
     sweep = dict((l2, value) for l2, value in result["sweep"])
     assert result["val_11point_map"] == sweep[result["l2"]] == max(sweep.values())
     chance = eleven_point_map(torch.rand(100, 4, generator=torch.Generator().manual_seed(5)),
                               test_targets)["11point_map"]
     assert result["11point_map"] > chance + 20
-    assert multilabel_linear_probe(train_x, train_targets, test_x, test_targets, refinements=1,
-                                   max_iter=200) == result
+    assert multilabel_linear_probe(train_x, train_targets, test_x, test_targets,
+                                   L2Sweep(refinements=1, max_iter=200)) == result
 
 
 def test_the_random_split_is_seeded_disjoint_and_complete() -> None:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from slip.distributed import resolve_device
+from slip.eval.knn import KnnVote
+from slip.eval.l2_sweep import L2Sweep
 
 __all__ = ["EvalSettings", "KnnSettings", "LinearProbeSettings", "PROBE_METHODS", "ValSettings"]
 
@@ -16,7 +18,7 @@ PROBE_METHODS = ("lbfgs", "sgd")
 
 @dataclass(frozen=True)
 class LinearProbeSettings:
-    """conf/eval.yaml's `linear_probe` section; the probe functions check the ranges of the numbers."""
+    """conf/eval.yaml's `linear_probe` section: the method, and the L-BFGS probe's sweep (`sweep`, checked here)."""
 
     method: str
     val_fraction: float
@@ -27,14 +29,29 @@ class LinearProbeSettings:
     def __post_init__(self) -> None:
         if self.method not in PROBE_METHODS:
             raise ValueError(f"method must be one of {list(PROBE_METHODS)}, got {self.method!r}")
+        self.sweep  # built here so that a bad number fails as this node is built
+
+    @property
+    def sweep(self) -> L2Sweep:
+        """The L-BFGS probe's l2 sweep on the default grid."""
+        return L2Sweep(val_fraction=self.val_fraction, refinements=self.refinements, max_iter=self.max_iter,
+                       seed=self.seed)
 
 
 @dataclass(frozen=True)
 class KnnSettings:
-    """conf/eval.yaml's `knn` section; `knn_accuracy` checks the values."""
+    """conf/eval.yaml's `knn` section; checked where the node is built."""
 
     k: int
     temperature: float
+
+    def __post_init__(self) -> None:
+        self.vote  # built here so that a bad number fails as this node is built
+
+    @property
+    def vote(self) -> KnnVote:
+        """The kNN vote with these settings."""
+        return KnnVote(k=self.k, temperature=self.temperature)
 
 
 @dataclass(frozen=True)

@@ -120,13 +120,10 @@ def linear_probe_task(context: EvalContext, name: str) -> dict[str, float]:
     train_x, train_y = context.features(name, "train")
     test_x, test_y = context.features(name, "test")
     if multi_label:
-        result = multilabel_linear_probe(train_x, train_y, test_x, test_y, val_fraction=settings.val_fraction,
-                                         seed=settings.seed, refinements=settings.refinements,
-                                         max_iter=settings.max_iter)
+        result = multilabel_linear_probe(train_x, train_y, test_x, test_y, settings.sweep)
     elif settings.method == "lbfgs":
         result = linear_probe(train_x, train_y, test_x, test_y, len(context.dataset(name, "test").classes),
-                              val_fraction=settings.val_fraction, seed=settings.seed,
-                              refinements=settings.refinements, max_iter=settings.max_iter, metric=metric)
+                              settings.sweep, metric=metric)
     else:
         result = sgd_linear_probe(train_x, train_y, test_x, test_y, len(context.dataset(name, "test").classes),
                                   seed=settings.seed, metric=metric)
@@ -139,8 +136,8 @@ def knn_task(context: EvalContext, name: str) -> dict[str, float]:
     train_x, train_y = context.features(name, "train")
     test_x, test_y = context.features(name, "test")
     num_classes = len(context.dataset(name, "test").classes)
-    return knn_accuracy(train_x, train_y, test_x, test_y, num_classes, k=context.knn.k,
-                        temperature=context.knn.temperature, metric=dataset_metric(context, name))
+    return knn_accuracy(train_x, train_y, test_x, test_y, num_classes, context.knn.vote,
+                        metric=dataset_metric(context, name))
 
 
 def retrieval_task(context: EvalContext, name: str) -> dict[str, float]:

@@ -42,6 +42,7 @@ __all__ = [
     "dataset_identity",
     "extract_features",
     "feature_key",
+    "standardize",
 ]
 
 FEATURE_KINDS = ("backbone", "embedding")
@@ -288,3 +289,13 @@ class FeatureCache:
         features, labels = _as_cached_pair(compute(), "compute()")
         atomic_save({"key": canonical, "features": features, "labels": labels}, path)
         return features, labels
+
+
+def standardize(reference: Tensor) -> Callable[[Tensor], Tensor]:
+    """The map x -> (x - mean) / std with the per-dimension statistics of `reference` (constant dims: std 1)."""
+    mean = reference.mean(dim=0)
+    std = reference.std(dim=0, unbiased=False)
+    # A dimension that is constant up to rounding would otherwise turn rounding noise into unit-scale noise.
+    floor = 1e-6 * float(std.max()) if std.numel() else 0.0
+    std = torch.where(std > floor, std, torch.ones_like(std))
+    return lambda x: (x - mean) / std

@@ -9,6 +9,7 @@ chunk_size x N_train similarities.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,30 +19,30 @@ from slip.checks import positive_int
 from slip.eval.features import check_features
 from slip.eval.metrics import report
 
-__all__ = ["knn_accuracy", "knn_predict"]
+__all__ = ["KnnVote", "knn_accuracy", "knn_predict"]
 
 
-def _check_knn_args(k: int, temperature: float, chunk_size: int, num_train: int) -> None:
-    """k in [1, num_train], a positive finite temperature, a positive chunk size."""
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_train:
-        raise ValueError(f"k must be an int in [1, {num_train}] (the number of training rows), got {k!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-        math.isfinite(temperature) and temperature > 0
-    ):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    positive_int("chunk_size", chunk_size)
+@dataclass(frozen=True)
+class KnnVote:
+    """How the k nearest training rows vote: k neighbours, each weighted exp(cosine / temperature), test rows
+    scored `chunk_size` at a time; checked on construction (k against the training rows when used)."""
+
+    k: int = 20
+    temperature: float = 0.07
+    chunk_size: int = 1024
+
+    def __post_init__(self) -> None:
+        positive_int("k", self.k)
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or not (
+            math.isfinite(self.temperature) and self.temperature > 0
+        ):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        positive_int("chunk_size", self.chunk_size)
 
 
 @torch.no_grad()
-def knn_predict(
-    train_x: Tensor,
-    train_y: Tensor,
-    test_x: Tensor,
-    num_classes: int,
-    k: int = 20,
-    temperature: float = 0.07,
-    chunk_size: int = 1024,
-) -> Tensor:
+def knn_predict(train_x: Tensor, train_y: Tensor, test_x: Tensor, num_classes: int,
+                vote: KnnVote = KnnVote()) -> Tensor:
     """Class scores [N_test, C]: the exp(cosine / temperature)-weighted votes of the k nearest training rows.
 
     Each row sums to 1. Runs in float32 on the features' device.
@@ -52,31 +53,23 @@ def knn_predict(
     check_features("test", test_x)
     if train_x.shape[1] != test_x.shape[1]:
         raise ValueError(f"train features have {train_x.shape[1]} dims but test features {test_x.shape[1]}")
-    _check_knn_args(k, temperature, chunk_size, train_x.shape[0])
+    if vote.k > train_x.shape[0]:
+        raise ValueError(f"k must be an int in [1, {train_x.shape[0]}] (the number of training rows), got {vote.k!r}")
     train = F.normalize(train_x.float(), dim=1)
     train_y = train_y.long()
     chunks = []
-    for rows in F.normalize(test_x.float(), dim=1).split(chunk_size):
-        similarity, neighbours = (rows @ train.T).topk(k, dim=1)
-        weights = (similarity / temperature).softmax(dim=1)
+    for rows in F.normalize(test_x.float(), dim=1).split(vote.chunk_size):
+        similarity, neighbours = (rows @ train.T).topk(vote.k, dim=1)
+        weights = (similarity / vote.temperature).softmax(dim=1)
         scores = rows.new_zeros(rows.shape[0], num_classes)
         chunks.append(scores.scatter_add_(1, train_y[neighbours], weights))
     return torch.cat(chunks)
 
 
-def knn_accuracy(
-    train_x: Tensor,
-    train_y: Tensor,
-    test_x: Tensor,
-    test_y: Tensor,
-    num_classes: int,
-    k: int = 20,
-    temperature: float = 0.07,
-    chunk_size: int = 1024,
-    metric: str = "top1",
-) -> dict[str, float]:
+def knn_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, num_classes: int,
+                 vote: KnnVote = KnnVote(), metric: str = "top1") -> dict[str, float]:
     """Percent {"top1", "top5" (with >= 5 classes)} of `knn_predict` on labelled test features, plus the dataset's
     own `metric` when it is another one."""
     check_features("test", test_x, test_y, num_classes if isinstance(num_classes, int) else None)
-    scores = knn_predict(train_x, train_y, test_x, num_classes, k, temperature, chunk_size)
+    scores = knn_predict(train_x, train_y, test_x, num_classes, vote)
     return report(metric, scores, test_y.to(scores.device).long())

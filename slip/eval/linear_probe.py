@@ -24,7 +24,7 @@ same inputs, which is cheaper and usually scores a little lower than SLIP's numb
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -32,30 +32,25 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from slip.checks import positive_int
-from slip.eval.features import check_features
+from slip.eval.features import check_features, standardize
+from slip.eval.l2_sweep import L2Sweep, check_val_fraction, sweep_l2_and_refit, sweep_summary
 from slip.eval.metrics import report, topk_accuracy
 
 __all__ = [
-    "DEFAULT_L2_GRID",
     "MULTIPLY_ADDS_PER_THREAD",
     "SLIP_SGD_BATCH_SIZE",
     "SLIP_SGD_EPOCHS",
     "SLIP_SGD_LR",
-    "check_val_fraction",
     "fit_logistic_regression",
     "lbfgs_start",
     "linear_probe",
-    "log_grid_search",
     "minimise_lbfgs",
     "sgd_linear_probe",
-    "standardize",
     "stratified_split",
-    "sweep_l2_and_refit",
     "threads_for_work",
     "top1_then_loss",
 ]
 
-DEFAULT_L2_GRID = tuple(10.0 ** e for e in range(2, -7, -1))  # 1e2 .. 1e-6, strongest first
 # SLIP's main_linear.py on one 8-GPU node: 128 images per GPU (global batch 1024), 90 epochs, momentum 0.9,
 # no weight decay, and a learning rate of 0.1 * int(128 / 8) / 256 = 0.00625 (it scales its base rate by
 # int(per-GPU batch / world size) / 256).
@@ -90,12 +85,6 @@ def _check_train_test(
         raise ValueError("train and test features and labels must be on one device")
 
 
-def check_val_fraction(val_fraction: float) -> None:
-    """Raise ValueError unless the share of train held out for validation is a number in (0, 1)."""
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
-
-
 def stratified_split(labels: Tensor, val_fraction: float, seed: int = 0) -> tuple[Tensor, Tensor]:
     """Sorted indices (fit, val): per class, a seeded random share `val_fraction` of its rows goes to val.
 
@@ -118,16 +107,6 @@ def stratified_split(labels: Tensor, val_fraction: float, seed: int = 0) -> tupl
     if len(val_idx) == 0:
         raise ValueError("the validation split is empty: every class has a single training row")
     return torch.cat(fit).sort().values.to(labels.device), val_idx.to(labels.device)
-
-
-def standardize(reference: Tensor) -> Callable[[Tensor], Tensor]:
-    """The map x -> (x - mean) / std with the per-dimension statistics of `reference` (constant dims: std 1)."""
-    mean = reference.mean(dim=0)
-    std = reference.std(dim=0, unbiased=False)
-    # A dimension that is constant up to rounding would otherwise turn rounding noise into unit-scale noise.
-    floor = 1e-6 * float(std.max()) if std.numel() else 0.0
-    std = torch.where(std > floor, std, torch.ones_like(std))
-    return lambda x: (x - mean) / std
 
 
 def _regularised_loss(x: Tensor, y: Tensor, weight: Tensor, bias: Tensor, l2: float) -> Tensor:
@@ -271,81 +250,6 @@ def _whitened_lbfgs(loss: Callable[[Tensor, Tensor], Tensor], weight: Tensor, bi
     return to_weight_and_bias()
 
 
-def log_grid_search(
-    score: Callable[[float], tuple[float, ...]], grid: Sequence[float], refinements: int = 4
-) -> tuple[float, dict[float, tuple[float, ...]]]:
-    """Maximise `score(v)` over positive v: a coarse grid, then bisection in log10 space around the best.
-
-    The grid is evaluated in the order given. Each refinement halves the log step (starting from the grid's
-    median log spacing) and scores the two points one step either side of the current best. Returns the best
-    value and every score computed, by value; ties keep the value found first.
-    """
-    values = [float(v) for v in grid]
-    if not values or any(not (math.isfinite(v) and v > 0) for v in values):
-        raise ValueError(f"the l2 grid must be non-empty positive finite numbers, got {list(grid)}")
-    if isinstance(refinements, bool) or not isinstance(refinements, int) or refinements < 0:
-        raise ValueError(f"refinements must be an int >= 0, got {refinements!r}")
-    scores: dict[float, tuple[float, ...]] = {}
-    best = values[0]
-    for value in values:
-        if value not in scores:
-            scores[value] = score(value)
-            if scores[value] > scores[best]:
-                best = value
-    logs = sorted({math.log10(v) for v in values})
-    gaps = sorted(b - a for a, b in zip(logs, logs[1:]))
-    step = gaps[len(gaps) // 2] if gaps else 1.0
-    for _ in range(refinements):
-        step /= 2
-        centre = math.log10(best)
-        for candidate in (10.0 ** (centre + step), 10.0 ** (centre - step)):
-            if candidate not in scores:
-                scores[candidate] = score(candidate)
-            if scores[candidate] > scores[best]:
-                best = candidate
-    return best, scores
-
-
-# fit(x, labels, l2, init or None) -> (weight, bias)
-LinearFit = Callable[[Tensor, Tensor, float, "tuple[Tensor, Tensor] | None"], tuple[Tensor, Tensor]]
-
-
-def sweep_l2_and_refit(
-    fit: LinearFit,
-    validation_score: Callable[[Tensor, Tensor], tuple[float, ...]],
-    train_x: Tensor,
-    train_labels: Tensor,
-    fit_rows: Tensor,
-    val_rows: Tensor,
-    test_x: Tensor,
-    grid: Sequence[float],
-    refinements: int,
-) -> tuple[Tensor, float, dict[float, tuple[float, ...]]]:
-    """CLIP's protocol around a linear fit: choose l2 on the validation rows, refit on all of train, score test.
-
-    `fit(x, labels, l2, init)` returns (weight, bias); each sweep point starts from the solution at the nearest
-    l2 already fitted. `validation_score(logits, labels)` ranks the sweep points (`log_grid_search`: higher
-    wins, ties keep the first). Features are standardised with the statistics of the rows being fitted: the
-    fit rows during the sweep, all of train for the refit. Returns (test logits, the chosen l2, every score).
-    """
-    to_fit_space = standardize(train_x[fit_rows])
-    fit_x, fit_labels = to_fit_space(train_x[fit_rows]), train_labels[fit_rows]
-    val_x, val_labels = to_fit_space(train_x[val_rows]), train_labels[val_rows]
-    solutions: dict[float, tuple[Tensor, Tensor]] = {}
-
-    def score(l2: float) -> tuple[float, ...]:
-        nearest = min(solutions, key=lambda v: abs(math.log10(v) - math.log10(l2)), default=None)
-        solutions[l2] = fit(fit_x, fit_labels, l2, None if nearest is None else solutions[nearest])
-        with torch.no_grad():
-            return validation_score(val_x @ solutions[l2][0].T + solutions[l2][1], val_labels)
-
-    best, scores = log_grid_search(score, grid, refinements)
-    to_train_space = standardize(train_x)
-    weight, bias = fit(to_train_space(train_x), train_labels, best, solutions[best])
-    with torch.no_grad():
-        return to_train_space(test_x) @ weight.T + bias, best, scores
-
-
 def top1_then_loss(logits: Tensor, labels: Tensor) -> tuple[float, float]:
     """How `linear_probe` ranks the points of its l2 sweep: validation top-1, then the lower cross-entropy."""
     return topk_accuracy(logits, labels, (1,))["top1"], -F.cross_entropy(logits, labels).item()
@@ -357,31 +261,24 @@ def linear_probe(
     test_x: Tensor,
     test_y: Tensor,
     num_classes: int,
-    l2_grid: Sequence[float] | None = None,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    refinements: int = 4,
-    max_iter: int = 1000,
+    sweep: L2Sweep = L2Sweep(),
     metric: str = "top1",
 ) -> dict[str, object]:
-    """CLIP's linear probe: sweep l2 on a stratified validation split, refit on all of train, score test
-    (top-1/top-5, plus the dataset's own `metric` from `slip.eval.metrics.DATASET_METRICS`).
+    """CLIP's linear probe: choose l2 by `sweep` on a stratified validation split, refit on all of train, score
+    test (top-1/top-5, plus the dataset's own `metric` from `slip.eval.metrics.DATASET_METRICS`).
 
     Returns {"top1", "top5" (with >= 5 classes), "l2", "val_top1", "sweep": [[l2, val_top1], ...]}
     (accuracies in percent; the sweep sorted by l2). The best l2 has the highest validation accuracy;
     ties go to the lower validation cross-entropy. All work runs in float32 on the features' device.
     """
     _check_train_test(train_x, train_y, test_x, test_y, num_classes)
-    grid = DEFAULT_L2_GRID if l2_grid is None else tuple(l2_grid)
     train_x, test_x = train_x.float(), test_x.float()
     train_y, test_y = train_y.long(), test_y.long()
-    fit_rows, val_rows = stratified_split(train_y, val_fraction, seed)
+    fit_rows, val_rows = stratified_split(train_y, sweep.val_fraction, sweep.seed)
     test_logits, best, scores = sweep_l2_and_refit(
-        lambda x, y, l2, init: fit_logistic_regression(x, y, num_classes, l2, max_iter, init=init),
-        top1_then_loss, train_x, train_y, fit_rows, val_rows, test_x, grid, refinements)
-    result: dict[str, object] = report(metric, test_logits, test_y)
-    result.update(l2=best, val_top1=scores[best][0], sweep=[[l2, scores[l2][0]] for l2 in sorted(scores)])
-    return result
+        lambda x, y, l2, init: fit_logistic_regression(x, y, num_classes, l2, sweep.max_iter, init=init),
+        top1_then_loss, (train_x, train_y), fit_rows, val_rows, test_x, sweep)
+    return {**report(metric, test_logits, test_y), **sweep_summary(best, scores, "top1")}
 
 
 def sgd_linear_probe(

@@ -14,15 +14,13 @@ validation loss. Test images are scored with the 11-point mAP (`slip.eval.metric
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from slip.eval.features import check_targets
-from slip.eval.linear_probe import (DEFAULT_L2_GRID, check_val_fraction, lbfgs_start, minimise_lbfgs,
-                                    sweep_l2_and_refit)
+from slip.eval.l2_sweep import L2Sweep, check_val_fraction, sweep_l2_and_refit, sweep_summary
+from slip.eval.linear_probe import lbfgs_start, minimise_lbfgs
 from slip.eval.metrics import eleven_point_map
 
 __all__ = ["fit_one_vs_rest", "multilabel_linear_probe", "one_vs_rest_data_loss", "one_vs_rest_loss",
@@ -43,14 +41,8 @@ def one_vs_rest_loss(x: Tensor, targets: Tensor, weight: Tensor, bias: Tensor, l
     return one_vs_rest_data_loss(x @ weight.T + bias, targets) + 0.5 * l2 * weight.double().square().sum()
 
 
-def fit_one_vs_rest(
-    x: Tensor,
-    targets: Tensor,
-    l2: float,
-    max_iter: int = 1000,
-    init: tuple[Tensor, Tensor] | None = None,
-    tol: float = 1e-4,
-) -> tuple[Tensor, Tensor]:
+def fit_one_vs_rest(x: Tensor, targets: Tensor, l2: float, max_iter: int = 1000,
+                    init: tuple[Tensor, Tensor] | None = None, tol: float = 1e-4) -> tuple[Tensor, Tensor]:
     """(weight [C, D], bias [C]) minimising `one_vs_rest_loss` with full-batch L-BFGS (the stopping rule of
     `slip.eval.linear_probe.fit_logistic_regression`), in the dtype and on the device of `x`."""
     check_targets("fit", x, targets)
@@ -75,14 +67,10 @@ def multilabel_linear_probe(
     train_targets: Tensor,
     test_x: Tensor,
     test_targets: Tensor,
-    l2_grid: Sequence[float] | None = None,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    refinements: int = 4,
-    max_iter: int = 1000,
+    sweep: L2Sweep = L2Sweep(),
 ) -> dict[str, object]:
-    """One-vs-rest logistic regressions: sweep l2 on a held-out share of train by 11-point mAP, refit on all of
-    train, score test.
+    """One-vs-rest logistic regressions: choose l2 by `sweep` on a held-out share of train by 11-point mAP, refit on
+    all of train, score test.
 
     Returns {"11point_map", "l2", "val_11point_map", "sweep": [[l2, val_11point_map], ...]} (percent; the sweep
     sorted by l2). All work runs in float32 on the features' device.
@@ -92,16 +80,14 @@ def multilabel_linear_probe(
     if train_x.shape[1] != test_x.shape[1] or train_targets.shape[1] != test_targets.shape[1]:
         raise ValueError(f"train is {train_x.shape[1]} dims x {train_targets.shape[1]} classes but test "
                          f"{test_x.shape[1]} x {test_targets.shape[1]}")
-    grid = DEFAULT_L2_GRID if l2_grid is None else tuple(l2_grid)
     train_x, test_x = train_x.float(), test_x.float()
-    fit_rows, val_rows = (rows.to(train_x.device) for rows in random_split(train_x.shape[0], val_fraction, seed))
+    fit_rows, val_rows = (rows.to(train_x.device) for rows in random_split(train_x.shape[0], sweep.val_fraction,
+                                                                            sweep.seed))
     if not bool((train_targets[val_rows] > 0).any()):
         raise ValueError("the validation split holds no positive target: too few training images to choose l2")
     test_logits, best, scores = sweep_l2_and_refit(
-        lambda x, targets, l2, init: fit_one_vs_rest(x, targets, l2, max_iter, init=init),
+        lambda x, targets, l2, init: fit_one_vs_rest(x, targets, l2, sweep.max_iter, init=init),
         lambda logits, targets: (eleven_point_map(logits, targets)["11point_map"],
                                  -one_vs_rest_data_loss(logits, targets).item()),
-        train_x, train_targets, fit_rows, val_rows, test_x, grid, refinements)
-    result: dict[str, object] = eleven_point_map(test_logits, test_targets)
-    result.update(l2=best, val_11point_map=scores[best][0], sweep=[[l2, scores[l2][0]] for l2 in sorted(scores)])
-    return result
+        (train_x, train_targets), fit_rows, val_rows, test_x, sweep)
+    return {**eleven_point_map(test_logits, test_targets), **sweep_summary(best, scores, "11point_map")}
