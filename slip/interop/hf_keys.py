@@ -30,14 +30,23 @@ _THEIR_BLOCK = {"norm1": "layer_norm1", "out": "self_attn.out_proj", "norm2": "l
                 "fc2": "mlp.fc2"}
 
 
+def _weight_and_bias(ours: str, theirs: str) -> list[Link]:
+    """The links of one layer's weight and bias, kept as they are."""
+    return [(f"{ours}.{kind}", [f"{theirs}.{kind}"], "same") for kind in ("weight", "bias")]
+
+
 def _block_links(ours: str, theirs: str, names: Mapping[str, str]) -> list[Link]:
     """The links of one Transformer block whose parameters are named `names` on our side."""
     found = [(f"{ours}.{names['qkv_weight']}", _qkv(theirs, "weight"), "split3"),
              (f"{ours}.{names['qkv_bias']}", _qkv(theirs, "bias"), "split3")]
     for role, their_name in _THEIR_BLOCK.items():
-        found += [(f"{ours}.{names[role]}.{kind}", [f"{theirs}.{their_name}.{kind}"], "same")
-                  for kind in ("weight", "bias")]
+        found += _weight_and_bias(f"{ours}.{names[role]}", f"{theirs}.{their_name}")
     return found
+
+
+def _blocks_links(ours: str, theirs: str, layers: int, names: Mapping[str, str]) -> list[Link]:
+    """The links of a tower's `layers` Transformer blocks, our `{ours}.{i}` to their `{theirs}.{i}`."""
+    return [link for i in range(layers) for link in _block_links(f"{ours}.{i}", f"{theirs}.{i}", names)]
 
 
 def links(spec: ModelSpec) -> list[Link]:
@@ -48,22 +57,17 @@ def links(spec: ModelSpec) -> list[Link]:
         ("text.token_embedding.weight", ["text_model.embeddings.token_embedding.weight"], "same"),
         ("text.positional_embedding", ["text_model.embeddings.position_embedding.weight"], "same"),
     ]
-    for i in range(spec.text.layers):
-        found += _block_links(f"text.transformer.resblocks.{i}", f"text_model.encoder.layers.{i}", _TEXT_BLOCK)
+    found += _blocks_links("text.transformer.resblocks", "text_model.encoder.layers", spec.text.layers, _TEXT_BLOCK)
+    found += _weight_and_bias("text.ln_final", "text_model.final_layer_norm")
     found += [
-        ("text.ln_final.weight", ["text_model.final_layer_norm.weight"], "same"),
-        ("text.ln_final.bias", ["text_model.final_layer_norm.bias"], "same"),
         ("visual.cls_token", ["vision_model.embeddings.class_embedding"], "vector"),
         ("visual.patch_embed.proj.weight", ["vision_model.embeddings.patch_embedding.weight"], "same"),
         ("visual.pos_embed", ["vision_model.embeddings.position_embedding.weight"], "matrix"),
-        ("visual.norm_pre.weight", ["vision_model.pre_layrnorm.weight"], "same"),
-        ("visual.norm_pre.bias", ["vision_model.pre_layrnorm.bias"], "same"),
     ]
-    for i in range(spec.vision.layers):
-        found += _block_links(f"visual.blocks.{i}", f"vision_model.encoder.layers.{i}", _VISION_BLOCK)
+    found += _weight_and_bias("visual.norm_pre", "vision_model.pre_layrnorm")
+    found += _blocks_links("visual.blocks", "vision_model.encoder.layers", spec.vision.layers, _VISION_BLOCK)
+    found += _weight_and_bias("visual.norm", "vision_model.post_layernorm")
     found += [
-        ("visual.norm.weight", ["vision_model.post_layernorm.weight"], "same"),
-        ("visual.norm.bias", ["vision_model.post_layernorm.bias"], "same"),
         ("image_projection", ["visual_projection.weight"], "transpose"),
         ("text_projection", ["text_projection.weight"], "transpose"),
     ]

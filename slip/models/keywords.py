@@ -21,18 +21,14 @@ __all__ = ["resnet_spec", "spec_from_legacy_arch", "vit_spec"]
 
 def _shared_keywords(
     *,
-    embed_dim: int = 512,
-    text_width: int = 512,
-    text_layers: int = 12,
-    text_heads: int = 8,
-    context_length: int = 77,
+    # the text tower
+    text_width: int = 512, text_layers: int = 12, text_heads: int = 8, context_length: int = 77,
     vocab_size: int = 49408,
-    ssl_mlp_dim: int = 4096,
-    ssl_embed_dim: int = 256,
-    ssl_head_norm: str = "batch",
-    logit_scale_init: float = CLIP_INITIAL_LOGIT_SCALE,
-    image_mean: Sequence[float] = IMAGENET_MEAN,
-    image_std: Sequence[float] = IMAGENET_STD,
+    # the joint space and the SSL head
+    embed_dim: int = 512, logit_scale_init: float = CLIP_INITIAL_LOGIT_SCALE,
+    ssl_mlp_dim: int = 4096, ssl_embed_dim: int = 256, ssl_head_norm: str = "batch",
+    # preprocessing, and which inputs the model takes
+    image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD,
     inputs: Sequence[str] = ALL_INPUTS,
 ) -> dict[str, Any]:
     """The keywords of every tower family, with their values."""

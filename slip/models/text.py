@@ -81,17 +81,11 @@ class Transformer(nn.Module):
 
 
 class TextTransformer(nn.Module):
-    """Token + positional embeddings, causal Transformer, final LayerNorm; features at the EOT token."""
+    """Token + positional embeddings, causal Transformer, final LayerNorm; features at the EOT token (the sizes are
+    checked by the `TextSpec` that builds it)."""
 
-    def __init__(
-        self,
-        vocab_size: int = 49408,
-        context_length: int = 77,
-        width: int = 512,
-        layers: int = 12,
-        heads: int = 8,
-        trim: bool = True,
-    ) -> None:
+    def __init__(self, vocab_size: int, context_length: int, width: int, layers: int, heads: int,
+                 trim: bool = True) -> None:
         super().__init__()
         self.context_length = context_length
         self.num_features = width

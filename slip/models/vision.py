@@ -15,18 +15,10 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 
-def vit_tower(
-    image_size: int = 224,
-    patch_size: int = 16,
-    width: int = 768,
-    depth: int = 12,
-    heads: int = 12,
-    mlp_ratio: float = 4.0,
-    openai_layout: bool = False,
-    drop_path_rate: float = 0.0,
-    patch_dropout: float = 0.0,
-) -> VisionTransformer:
-    """A timm ViT without classifier head whose output is the class-token feature of size `width`.
+def vit_tower(*, image_size: int, patch_size: int, width: int, depth: int, heads: int, openai_layout: bool,
+              drop_path_rate: float = 0.0, patch_dropout: float = 0.0) -> VisionTransformer:
+    """A timm ViT without classifier head whose output is the class-token feature of size `width` (the sizes are
+    checked by the `ViTSpec` that builds it).
 
     `patch_dropout` > 0 adds timm's PatchDropout after the positional embeddings (FLIP): in training each image
     keeps a uniformly random subset of its patch tokens (and the class token); `set_patch_dropout` changes the
@@ -36,11 +28,6 @@ def vit_tower(
     `openai_layout=True` is the layout of OpenAI CLIP's ViTs (LayerNorm before the blocks, QuickGELU,
     LayerNorm eps 1e-5, no patch-embedding bias).
     """
-    if image_size % patch_size:
-        raise ValueError(f"image_size={image_size} is not a multiple of patch_size={patch_size}")
-    if width % heads:
-        raise ValueError(f"vision width={width} is not divisible by heads={heads}")
-    check_patch_dropout("patch_dropout", patch_dropout)
     layout: dict = {}
     if openai_layout:
         layout = dict(pre_norm=True, norm_layer=partial(nn.LayerNorm, eps=1e-5), act_layer="quick_gelu")
@@ -50,7 +37,7 @@ def vit_tower(
         embed_dim=width,
         depth=depth,
         num_heads=heads,
-        mlp_ratio=mlp_ratio,
+        mlp_ratio=4.0,
         num_classes=0,
         global_pool="token",
         drop_path_rate=drop_path_rate,
@@ -189,23 +176,13 @@ class ModifiedResNet(nn.Module):
     """CLIP's ResNet: a 3-conv stem with average pooling, anti-aliased bottlenecks and attention pooling.
 
     `channels_last` keeps the convolution weights and activations in NHWC layout, which oneDNN on CPU and
-    cuDNN on GPU convolve without reordering (the same function of the same weights, to float rounding).
+    cuDNN on GPU convolve without reordering (the same function of the same weights, to float rounding). The sizes
+    are checked by the `ResNetSpec` that builds it.
     """
 
-    def __init__(
-        self,
-        layers: Sequence[int] = (3, 4, 6, 3),
-        output_dim: int = 1024,
-        heads: int = 32,
-        image_size: int = 224,
-        width: int = 64,
-        channels_last: bool = False,
-    ) -> None:
+    def __init__(self, layers: Sequence[int], output_dim: int, heads: int, image_size: int, width: int,
+                 channels_last: bool = False) -> None:
         super().__init__()
-        if len(layers) != 4:
-            raise ValueError(f"ModifiedResNet needs 4 stage depths, got layers={list(layers)}")
-        if image_size % 32:
-            raise ValueError(f"ModifiedResNet image_size={image_size} is not a multiple of 32")
         self.num_features = output_dim
         self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width // 2)
