@@ -40,16 +40,31 @@ def _top1(logits: Tensor, labels: Tensor) -> Tensor:
 class Objective(nn.Module):
     """Base class: maps a model's outputs dict to a dict holding `loss` plus named terms and metrics.
 
-    `inputs` names the batch keys it needs, `metrics` the result keys that training shows beside the loss on the
-    console (every result key is logged); `after_optimizer_step` is its hook for state kept between steps.
+    `inputs` names the batch keys it needs. Its result keys other than `loss` start with its `name` (the class's
+    `default_name` unless given, e.g. the name of its term in a composed objective): `{name}_loss`, and
+    `{name}_{suffix}` for each of `metric_suffixes`, the metrics training shows beside the loss on the console (every
+    result key is logged). `after_optimizer_step` is its hook for state kept between steps.
     """
 
     inputs: tuple[str, ...] = ()
-    metrics: tuple[str, ...] = ()
+    default_name: str = "objective"
+    metric_suffixes: tuple[str, ...] = ()
 
-    def __init__(self, gather: Gather | None = None) -> None:
+    def __init__(self, gather: Gather | None = None, name: str | None = None) -> None:
         super().__init__()
         self._gather: Gather = gather if gather is not None else local_gather
+        self.name = self.default_name if name is None else name
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise ValueError(f"{type(self).__name__} name must be an identifier, got {self.name!r}")
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The result keys shown on the console beside the loss."""
+        return tuple(self.key(suffix) for suffix in self.metric_suffixes)
+
+    def key(self, suffix: str) -> str:
+        """The result key `{name}_{suffix}`."""
+        return f"{self.name}_{suffix}"
 
     def set_gather(self, gather: Gather) -> None:
         """Use `gather` to collect the global batch (e.g. `make_gather(world)` once distributed is up)."""
@@ -104,7 +119,8 @@ class CLIPLoss(Objective):
     """Symmetric InfoNCE between image and text embeddings (Radford et al. 2021)."""
 
     inputs = IMAGE_TEXT
-    metrics = ("clip_acc",)
+    default_name = "clip"
+    metric_suffixes = ("acc",)
 
     def forward(self, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
         """Mean of the image->text and text->image cross-entropies over the global batch."""
@@ -116,17 +132,18 @@ class CLIPLoss(Objective):
             logits_per_image, logits_per_text = _both_directions(image, all_image, text, all_text,
                                                                  lambda rows, columns: scale * rows @ columns.T)
             loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
-        return {"loss": loss, "clip_loss": loss.detach(), "clip_acc": _top1(logits_per_image, labels)}
+        return {"loss": loss, self.key("loss"): loss.detach(), self.key("acc"): _top1(logits_per_image, labels)}
 
 
 class SimCLRLoss(Objective):
     """NT-Xent between two augmented views (Chen et al. 2020), with each row's own view-mate excluded."""
 
     inputs = SSL_VIEWS
-    metrics = ("ssl_acc",)
+    default_name = "ssl"
+    metric_suffixes = ("acc",)
 
-    def __init__(self, temperature: float = 0.1, gather: Gather | None = None) -> None:
-        super().__init__(gather)
+    def __init__(self, temperature: float = 0.1, gather: Gather | None = None, name: str | None = None) -> None:
+        super().__init__(gather, name)
         if not (math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"SimCLRLoss temperature must be a finite number > 0, got {temperature}")
         self.temperature = float(temperature)
@@ -153,7 +170,7 @@ class SimCLRLoss(Objective):
             logits_a = torch.cat([logits_ab, logits_aa], dim=1)
             logits_b = torch.cat([logits_ba, logits_bb], dim=1)
             loss = (F.cross_entropy(logits_a, labels) + F.cross_entropy(logits_b, labels)) / 2
-        return {"loss": loss, "ssl_loss": loss.detach(), "ssl_acc": _top1(logits_a, labels)}
+        return {"loss": loss, self.key("loss"): loss.detach(), self.key("acc"): _top1(logits_a, labels)}
 
 
 class SigLIPLoss(Objective):
@@ -164,10 +181,11 @@ class SigLIPLoss(Objective):
     """
 
     inputs = IMAGE_TEXT
-    metrics = ("siglip_acc",)
+    default_name = "siglip"
+    metric_suffixes = ("acc",)
 
-    def __init__(self, init_logit_bias: float = -10.0, gather: Gather | None = None) -> None:
-        super().__init__(gather)
+    def __init__(self, init_logit_bias: float = -10.0, gather: Gather | None = None, name: str | None = None) -> None:
+        super().__init__(gather, name)
         self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))
 
     def forward(self, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -180,7 +198,7 @@ class SigLIPLoss(Objective):
             is_match = labels[:, None] == torch.arange(all_text.shape[0], device=image.device)
             signs = is_match.to(logits.dtype) * 2 - 1
             loss = -F.logsigmoid(signs * logits).sum() / image.shape[0]
-        return {"loss": loss, "siglip_loss": loss.detach(), "siglip_acc": _top1(logits, labels),
+        return {"loss": loss, self.key("loss"): loss.detach(), self.key("acc"): _top1(logits, labels),
                 "logit_bias": _full_precision(self.logit_bias).detach().clone()}
 
 
@@ -206,10 +224,14 @@ class WeightedObjectives(Objective):
         self.objectives = nn.ModuleDict(objectives)
         self.weights = {name: float(weights[name]) for name in objectives}
         self.inputs = _union_inputs(child.inputs for child in self.objectives.values())
-        self.metrics = tuple(dict.fromkeys(key for child in self.objectives.values() for key in child.metrics))
         # With gather=None the children keep whatever gather they were built with (local by default).
         if gather is not None:
             self.set_gather(gather)
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """Every child's console metrics, in order."""
+        return tuple(dict.fromkeys(key for child in self.objectives.values() for key in child.metrics))
 
     def set_gather(self, gather: Gather) -> None:
         """Use `gather` here and in every child objective."""
