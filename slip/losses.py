@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +67,10 @@ class Objective(nn.Module):
     def key(self, suffix: str) -> str:
         """The result key `{name}_{suffix}`."""
         return f"{self.name}_{suffix}"
+
+    def label(self) -> str:
+        """What results and reports call this objective: its class name."""
+        return type(self).__name__
 
     def set_gather(self, gather: Gather) -> None:
         """Use `gather` to collect the global batch (e.g. `make_gather(world)` once distributed is up)."""
@@ -202,39 +208,53 @@ class SigLIPLoss(Objective):
                 "logit_bias": _full_precision(self.logit_bias).detach().clone()}
 
 
-class WeightedObjectives(Objective):
-    """Weighted sum of named objectives; their metrics are merged into one result dict."""
+@dataclass(frozen=True)
+class Term:
+    """One term of a `ComposedObjective`: an objective and its weight in the sum."""
 
-    def __init__(
-        self,
-        objectives: Mapping[str, Objective],
-        weights: Mapping[str, float],
-        gather: Gather | None = None,
-    ) -> None:
-        super().__init__(gather)
-        if not objectives:
-            raise ValueError("WeightedObjectives needs at least one objective")
-        if set(weights) != set(objectives):
-            raise ValueError(
-                f"WeightedObjectives weights keys {sorted(weights)} must match objectives keys {sorted(objectives)}"
-            )
-        for name, weight in weights.items():
-            if not math.isfinite(weight):
-                raise ValueError(f"WeightedObjectives weight {name!r} must be finite, got {weight}")
-        self.objectives = nn.ModuleDict(objectives)
-        self.weights = {name: float(weights[name]) for name in objectives}
+    objective: Objective
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.objective, Objective):
+            raise ValueError(f"a term's objective must be an Objective, got {type(self.objective).__name__}")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not math.isfinite(self.weight):
+            raise ValueError(f"a term's weight must be a finite number, got {self.weight!r}")
+
+
+class ComposedObjective(Objective):
+    """A weighted sum of named terms: it needs the union of their inputs, and each term, renamed to its key,
+    reports its loss and metrics under that name (so one kind of objective can be a term twice).
+
+    `terms` maps names to `Term`s, or to mappings {"objective": ..., "weight": ...} as a config writes them.
+    """
+
+    def __init__(self, terms: Mapping[str, Term | Mapping[str, Any]], gather: Gather | None = None,
+                 name: str | None = None) -> None:
+        super().__init__(gather, name)
+        if not terms:
+            raise ValueError("ComposedObjective needs at least one term")
+        built = {key: _as_term(key, term) for key, term in terms.items()}
+        for key, term in built.items():
+            term.objective.name = key
+        self.objectives = nn.ModuleDict({key: term.objective for key, term in built.items()})
+        self.weights = {key: float(term.weight) for key, term in built.items()}
         self.inputs = _union_inputs(child.inputs for child in self.objectives.values())
-        # With gather=None the children keep whatever gather they were built with (local by default).
+        # With gather=None the terms keep whatever gather they were built with (local by default).
         if gather is not None:
             self.set_gather(gather)
 
     @property
     def metrics(self) -> tuple[str, ...]:
-        """Every child's console metrics, in order."""
+        """Every term's console metrics, in order."""
         return tuple(dict.fromkeys(key for child in self.objectives.values() for key in child.metrics))
 
+    def label(self) -> str:
+        """The terms' names joined by "+", e.g. "clip+ssl"."""
+        return "+".join(self.objectives)
+
     def set_gather(self, gather: Gather) -> None:
-        """Use `gather` here and in every child objective."""
+        """Use `gather` here and in every term."""
         super().set_gather(gather)
         for child in self.objectives.values():
             child.set_gather(gather)
@@ -244,12 +264,12 @@ class WeightedObjectives(Objective):
         return f"weights={self.weights}"
 
     def after_optimizer_step(self) -> None:
-        """Every child's hook, in order."""
+        """Every term's hook, in order."""
         for child in self.objectives.values():
             child.after_optimizer_step()
 
     def forward(self, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
-        """loss = sum of weight * child loss, plus every child's terms and metrics."""
+        """loss = sum of weight * term loss, plus every term's results."""
         result: dict[str, Tensor] = {}
         total: Tensor | None = None
         for name, child in self.objectives.items():
@@ -260,20 +280,31 @@ class WeightedObjectives(Objective):
                 if key == "loss":
                     continue
                 if key in result:
-                    raise ValueError(f"WeightedObjectives: objective {name!r} returns {key!r}, already set by another")
+                    raise ValueError(f"ComposedObjective: term {name!r} returns {key!r}, already set by another")
                 result[key] = value
         assert total is not None  # guaranteed by the non-empty check in __init__
         return {"loss": total, **result}
 
 
-class SLIPLoss(WeightedObjectives):
+def _as_term(key: str, term: Term | Mapping[str, Any]) -> Term:
+    """`term` as a Term; a one-line ValueError naming `key` for anything else."""
+    if not isinstance(key, str) or not key.isidentifier():
+        raise ValueError(f"ComposedObjective term names must be identifiers, got {key!r}")
+    if isinstance(term, Term):
+        return term
+    if not isinstance(term, Mapping) or "objective" not in term or set(term) - {"objective", "weight"}:
+        raise ValueError(f"term {key!r} must be a Term or a mapping with 'objective' and optionally 'weight', "
+                         f"got {term!r}")
+    try:
+        return Term(**term)
+    except ValueError as error:
+        raise ValueError(f"term {key!r}: {error}") from None
+
+
+class SLIPLoss(ComposedObjective):
     """SLIP (Mu et al. 2021): CLIP loss + ssl_scale * SimCLR loss."""
 
     def __init__(self, ssl_scale: float = 1.0, ssl_temperature: float = 0.1, gather: Gather | None = None) -> None:
         if not (math.isfinite(ssl_scale) and ssl_scale >= 0):
             raise ValueError(f"SLIPLoss ssl_scale must be a finite number >= 0, got {ssl_scale}")
-        super().__init__(
-            {"clip": CLIPLoss(), "ssl": SimCLRLoss(ssl_temperature)},
-            {"clip": 1.0, "ssl": ssl_scale},
-            gather,
-        )
+        super().__init__({"clip": Term(CLIPLoss(), 1.0), "ssl": Term(SimCLRLoss(ssl_temperature), ssl_scale)}, gather)

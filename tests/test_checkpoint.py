@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from slip.checkpoint import CheckpointError, CheckpointInfo, atomic_save, read_checkpoint, save_model
-from slip.losses import SigLIPLoss, SimCLRLoss, WeightedObjectives
+from slip.losses import ComposedObjective, SigLIPLoss, SimCLRLoss, Term
 from slip.pretrained import load_pretrained, load_pretrained_with_info
 from slip.models import (IMAGENET_MEAN, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, build_resnet_model,
                          build_vit_model)
@@ -101,7 +101,7 @@ def siglip_objective(bias: float) -> SigLIPLoss:
 
 @pytest.mark.parametrize("make_objective, key", [
     (lambda: siglip_objective(-9.8765432), "logit_bias"),
-    (lambda: WeightedObjectives({"sig": siglip_objective(-2.3456789), "ssl": SimCLRLoss()}, {"sig": 1.0, "ssl": 0.5}),
+    (lambda: ComposedObjective({"sig": Term(siglip_objective(-2.3456789)), "ssl": Term(SimCLRLoss(), 0.5)}),
      "objectives.sig.logit_bias"),
 ], ids=["siglip", "siglip-in-a-weighted-sum"])
 def test_save_model_keeps_the_objectives_bias_bit_equal(tmp_path: pathlib.Path, make_objective, key: str) -> None:

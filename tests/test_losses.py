@@ -9,12 +9,13 @@ from torch import Tensor
 
 from slip.losses import (
     CLIPLoss,
+    ComposedObjective,
     MissingOutputError,
     Objective,
     SigLIPLoss,
     SimCLRLoss,
     SLIPLoss,
-    WeightedObjectives,
+    Term,
 )
 
 BATCH_SIZES = [1, 2, 3, 17, 128, 512]
@@ -291,26 +292,21 @@ def test_inputs_of_leaves() -> None:
     assert SimCLRLoss.inputs == ("aug1", "aug2")
 
 
-def test_weighted_objectives_with_a_third_objective() -> None:
+def test_a_composition_with_a_third_objective() -> None:
     out = make_outputs(12, 1 / 0.07)
     parts = {"ssl": SimCLRLoss(0.2), "clip": CLIPLoss(), "sig": SigLIPLoss(-5.0)}
-    combined = WeightedObjectives(parts, {"clip": 1.0, "ssl": 0.5, "sig": 2.0})
+    weights = {"clip": 1.0, "ssl": 0.5, "sig": 2.0}
+    combined = ComposedObjective({name: Term(part, weights[name]) for name, part in parts.items()})
     assert combined.inputs == ("image", "text", "aug1", "aug2")
     assert [p for p in combined.parameters()] == [parts["sig"].logit_bias]
     result = combined(out)
-    assert set(result) == {"loss", "ssl_loss", "ssl_acc", "clip_loss", "clip_acc", "siglip_loss", "siglip_acc",
+    assert set(result) == {"loss", "ssl_loss", "ssl_acc", "clip_loss", "clip_acc", "sig_loss", "sig_acc",
                            "logit_bias"}
     assert torch.equal(result["logit_bias"], parts["sig"].logit_bias.detach())
-    expected = 0.5 * result["ssl_loss"] + 1.0 * result["clip_loss"] + 2.0 * result["siglip_loss"]
+    expected = 0.5 * result["ssl_loss"] + 1.0 * result["clip_loss"] + 2.0 * result["sig_loss"]
     torch.testing.assert_close(result["loss"].detach(), expected, rtol=1e-6, atol=0.0)
     result["loss"].backward()
     assert parts["sig"].logit_bias.grad is not None
-
-
-def test_weighted_objectives_inputs_keep_canonical_order() -> None:
-    assert WeightedObjectives({"s": SimCLRLoss()}, {"s": 1.0}).inputs == ("aug1", "aug2")
-    both = WeightedObjectives({"s": SimCLRLoss(), "c": CLIPLoss()}, {"s": 1.0, "c": 1.0})
-    assert both.inputs == ("image", "text", "aug1", "aug2")
 
 
 def test_set_gather_reaches_children() -> None:
@@ -331,18 +327,10 @@ def test_set_gather_reaches_children() -> None:
     assert len(calls) == 4
 
 
-def test_metric_collisions_raise() -> None:
-    twice = WeightedObjectives({"a": CLIPLoss(), "b": CLIPLoss()}, {"a": 1.0, "b": 1.0})
-    with pytest.raises(ValueError, match="clip_loss"):
+def test_result_key_collisions_raise() -> None:
+    twice = ComposedObjective({"a": Term(SigLIPLoss()), "b": Term(SigLIPLoss())})  # both report logit_bias
+    with pytest.raises(ValueError, match=r"^ComposedObjective: term 'b' returns 'logit_bias', already set"):
         twice(make_outputs(3, 1.0))
-
-
-@pytest.mark.parametrize(
-    "weights", [{"clip": 1.0}, {"clip": 1.0, "ssl": 1.0, "extra": 1.0}, {"clip": 1.0, "sll": 1.0}]
-)
-def test_weight_keys_must_match(weights: dict[str, float]) -> None:
-    with pytest.raises(ValueError, match="weights keys"):
-        WeightedObjectives({"clip": CLIPLoss(), "ssl": SimCLRLoss()}, weights)
 
 
 @pytest.mark.parametrize("bad", [0.0, -0.1, float("nan"), float("inf")])

@@ -93,6 +93,20 @@ def check_node(node: DictConfig, key: str) -> None:
         annotation = hints.get(name, signature.parameters[name].annotation)
         if not isinstance(annotation, str) and not _accepts(value, annotation):
             raise ConfigError(f"{_dotted(key, name)}: expected {_type_name(annotation)}, got {value!r}")
+        _check_nested(node[name], _dotted(key, name))
+
+
+def _check_nested(value: Any, key: str) -> None:
+    """Check every `_target_` node inside `value` (e.g. a composed objective's terms), each named by its key."""
+    if isinstance(value, DictConfig):
+        if "_target_" in value:
+            check_node(value, key)
+            return
+        for name in value:
+            _check_nested(value[name], _dotted(key, name))
+    elif isinstance(value, ListConfig):
+        for index, item in enumerate(value):
+            _check_nested(item, f"{key}[{index}]")
 
 
 def build(node: DictConfig, key: str, **extra: Any) -> Any:

@@ -188,7 +188,7 @@ def _results(cfg: DictConfig, trainer: Trainer, evaluate: Any, started: float, o
     state = trainer.state
     validated = trainer.validated_step == state.step
     results: dict[str, Any] = {
-        "objective": cfg.loss._target_.rsplit(".", 1)[-1],
+        "objective": trainer.task.objective.label(),
         "step": state.step,
         "total_steps": trainer.total_steps,
         "finished": state.step >= trainer.total_steps,
