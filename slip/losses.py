@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from slip.distributed import Gather, local_gather
 from slip.inputs import ALL_INPUTS, IMAGE_TEXT, SSL_VIEWS
+from slip.siglip_exchange import process_group_world, ring_sigmoid_loss
 
 
 class MissingOutputError(KeyError):
@@ -184,28 +185,49 @@ class SigLIPLoss(Objective):
 
     Its result holds `logit_bias`, the bias this forward used (a detached copy, so a later optimizer step does not
     change it), which training logs beside the logit scale.
+
+    `exchange` says how a rank meets the other ranks' texts: "gather" all-gathers them (the gather function's
+    global batch) and scores them at once; "bidirectional" passes them between neighbours of torch.distributed's
+    default group, one rank's chunk at a time (`slip.siglip_exchange`), so no rank holds the logits against the
+    whole global batch. Both give the same loss and gradients. "bidirectional" exchanges only when the gather is a
+    global one (not `local_gather`) and that group has several ranks; otherwise it computes as "gather" does.
     """
 
     inputs = IMAGE_TEXT
     default_name = "siglip"
     metric_suffixes = ("acc",)
+    exchanges = ("gather", "bidirectional")
 
-    def __init__(self, init_logit_bias: float = -10.0, gather: Gather | None = None, name: str | None = None) -> None:
+    def __init__(self, init_logit_bias: float = -10.0, exchange: str = "gather", gather: Gather | None = None,
+                 name: str | None = None) -> None:
         super().__init__(gather, name)
+        if exchange not in self.exchanges:
+            raise ValueError(f"SigLIPLoss exchange must be one of {', '.join(self.exchanges)}, got {exchange!r}")
+        self.exchange = exchange
         self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))
 
     def forward(self, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
         """Sum over local images and global texts of -log sigmoid(+-logit), divided by the local batch."""
         image, text, scale = _unit_image_text(self, outputs)
+        world = None if self.exchange == "gather" or self._gather is local_gather else process_group_world()
         with torch.autocast(image.device.type, enabled=False):
-            all_text, offset = self._gather(text)
-            labels = offset + torch.arange(image.shape[0], device=image.device)
-            logits = scale * image @ all_text.T + _full_precision(self.logit_bias)
-            is_match = labels[:, None] == torch.arange(all_text.shape[0], device=image.device)
-            signs = is_match.to(logits.dtype) * 2 - 1
-            loss = -F.logsigmoid(signs * logits).sum() / image.shape[0]
-        return {"loss": loss, self.key("loss"): loss.detach(), self.key("acc"): _top1(logits, labels),
-                "logit_bias": _full_precision(self.logit_bias).detach().clone()}
+            bias = _full_precision(self.logit_bias)
+            if world is None:
+                all_text, offset = self._gather(text)
+                labels = offset + torch.arange(image.shape[0], device=image.device)
+                logits = scale * image @ all_text.T + bias
+                is_match = labels[:, None] == torch.arange(all_text.shape[0], device=image.device)
+                signs = is_match.to(logits.dtype) * 2 - 1
+                loss = -F.logsigmoid(signs * logits).sum() / image.shape[0]
+                acc = _top1(logits, labels)
+            else:
+                rank, world_size = world
+                loss, predicted = ring_sigmoid_loss(image, text, scale, bias, rank, world_size)
+                loss = loss / image.shape[0]
+                labels = rank * image.shape[0] + torch.arange(image.shape[0], device=image.device)
+                acc = (predicted == labels).float().mean() * 100
+        return {"loss": loss, self.key("loss"): loss.detach(), self.key("acc"): acc,
+                "logit_bias": bias.detach().clone()}
 
 
 @dataclass(frozen=True)
