@@ -46,10 +46,13 @@ class Objective(nn.Module):
     `inputs` names the batch keys it needs. Its result keys other than `loss` start with its `name` (the class's
     `default_name` unless given, e.g. the name of its term in a composed objective): `{name}_loss`, and
     `{name}_{suffix}` for each of `metric_suffixes`, the metrics training shows beside the loss on the console (every
-    result key is logged). `after_optimizer_step` is its hook for state kept between steps.
+    result key is logged). `after_optimizer_step` is its hook for state kept between steps. `teacher_views` names
+    the inputs a momentum teacher (`slip.teacher.MomentumTeacher`) must embed for it; the training task then keeps
+    one and adds its outputs, under `slip.teacher.teacher_key` names, to the outputs the objective reads.
     """
 
     inputs: tuple[str, ...] = ()
+    teacher_views: tuple[str, ...] = ()
     default_name: str = "objective"
     metric_suffixes: tuple[str, ...] = ()
 
@@ -72,6 +75,14 @@ class Objective(nn.Module):
     def label(self) -> str:
         """What results and reports call this objective: its class name."""
         return type(self).__name__
+
+    def bind(self, spec: Any) -> None:
+        """Build the parts whose sizes follow the model (`spec`: its `slip.models.ModelSpec`), such as a
+        predictor over the SSL head; nothing by default. Training calls it before building the optimizer."""
+
+    def after_teacher_update(self, momentum: float) -> None:
+        """Called (without autograd) after the momentum teacher's EMA step with `momentum`: the hook for teacher-side
+        parts the objective keeps itself (DINO's prototypes); nothing by default."""
 
     def set_gather(self, gather: Gather) -> None:
         """Use `gather` to collect the global batch (e.g. `make_gather(world)` once distributed is up)."""
@@ -262,6 +273,7 @@ class ComposedObjective(Objective):
         self.objectives = nn.ModuleDict({key: term.objective for key, term in built.items()})
         self.weights = {key: float(term.weight) for key, term in built.items()}
         self.inputs = _union_inputs(child.inputs for child in self.objectives.values())
+        self.teacher_views = _union_inputs(child.teacher_views for child in self.objectives.values())
         # With gather=None the terms keep whatever gather they were built with (local by default).
         if gather is not None:
             self.set_gather(gather)
@@ -274,6 +286,16 @@ class ComposedObjective(Objective):
     def label(self) -> str:
         """The terms' names joined by "+", e.g. "clip+ssl"."""
         return "+".join(self.objectives)
+
+    def bind(self, spec: Any) -> None:
+        """Every term's `bind`."""
+        for child in self.objectives.values():
+            child.bind(spec)
+
+    def after_teacher_update(self, momentum: float) -> None:
+        """Every term's `after_teacher_update`."""
+        for child in self.objectives.values():
+            child.after_teacher_update(momentum)
 
     def set_gather(self, gather: Gather) -> None:
         """Use `gather` here and in every term."""

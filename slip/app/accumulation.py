@@ -64,12 +64,15 @@ def exact_backward(
     stateful: nn.Module,
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    replay: Encode | None = None,
 ) -> dict[str, Tensor]:
     """Accumulate into `.grad` the gradients of `finish` over all of `micro_batches`; return its result.
 
     `backward(loss)` starts the backward pass (e.g. through a gradient scaler), `stateful` is the module whose
     buffers `encode` may update (they change once per micro-batch, as without caching), `autocast()` wraps
-    every forward computation. The caller steps the optimizer and, across processes, reduces the gradients.
+    every forward computation. `replay` (default `encode`) encodes the micro-batches again in step 3: the same
+    features, without any work that step 1 did for `finish` alone (e.g. a teacher's outputs, taken once). The
+    caller steps the optimizer and, across processes, reduces the gradients.
     """
     if not micro_batches:
         raise ValueError("exact_backward needs at least one micro-batch")
@@ -90,6 +93,7 @@ def exact_backward(
         result = finish(whole)
     backward(result["loss"])
     after = _capture(device)
+    replay = encode if replay is None else replay
     slices = {key: (leaf.grad.split(rows) if leaf.grad is not None else [None] * len(rows))
               for key, leaf in whole.items()}
     _backward_slice(kept, {key: parts[0] for key, parts in slices.items()})
@@ -97,7 +101,7 @@ def exact_backward(
     for index in range(1, len(micro_batches)):
         states[index].restore()
         with autocast():
-            replayed = encode(micro_batches[index])
+            replayed = replay(micro_batches[index])
         _backward_slice(replayed, {key: parts[index] for key, parts in slices.items()})
     after.restore()
     return result

@@ -162,6 +162,7 @@ class Trainer:
             "spec": self.task.model.spec.to_dict(),
             "model": self.task.model.state_dict(),
             "objective": self.task.objective.state_dict(),
+            "teacher": None if self.task.teacher is None else self.task.teacher.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "state": asdict(self.state),
@@ -208,6 +209,8 @@ class Trainer:
         """Restore a `state_dict` (this rank's RNG included)."""
         self.task.model.load_state_dict(checkpoint["model"])
         self.task.objective.load_state_dict(checkpoint["objective"])
+        if self.task.teacher is not None:
+            self.task.teacher.load_state_dict(checkpoint["teacher"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scaler.load_state_dict(checkpoint["scaler"])
         self.state = TrainState(**checkpoint["state"])
@@ -281,11 +284,22 @@ class Trainer:
         is put on the device, and its deferred image work finished, for its pass and again for its replay, so the
         device holds one micro-batch's inputs at a time.
         """
-        def encode(loader_batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        taught: list[dict[str, torch.Tensor]] = []  # the teacher's outputs, taken once per micro-batch
+
+        def replay(loader_batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
             return self._encode(self._prepare_batch(loader_batch, self.device))
 
-        result = exact_backward(window, encode, self._finish, lambda loss: self.scaler.scale(loss).backward(),
-                                self.task.model, self.device, self._autocast)
+        def encode(loader_batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+            batch = self._prepare_batch(loader_batch, self.device)
+            features = self._encode(batch)
+            taught.append(self.task.teacher_outputs(batch))
+            return features
+
+        def finish(features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return self._finish(features, {key: torch.cat([part[key] for part in taught]) for key in taught[0]})
+
+        result = exact_backward(window, encode, finish, lambda loss: self.scaler.scale(loss).backward(),
+                                self.task.model, self.device, self._autocast, replay=replay)
         if self.world.is_distributed:
             average_gradients(self.task.parameters())
         return {key: value.detach() for key, value in result.items()}

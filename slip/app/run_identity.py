@@ -20,7 +20,7 @@ __all__ = ["BatchLayout", "FREE_SECTIONS", "IDENTITY_SECTIONS", "TRAINER_FREE_KE
            "check_resume", "saved_processes"]
 
 # Config sections compared whole on resume (their batch-layout keys apart, see BatchLayout).
-IDENTITY_SECTIONS = ("model", "loss", "data", "augment", "optim", "schedule")
+IDENTITY_SECTIONS = ("model", "loss", "teacher", "data", "augment", "optim", "schedule")
 # Top-level keys that may change: validation (it reads the weights, it does not change them) and naming.
 FREE_SECTIONS = ("val", "output_root", "run_name")
 

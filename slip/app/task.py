@@ -1,11 +1,14 @@
 """The training task: the model and its objective together, the one module that owns every trainable parameter.
 
 It is what the engine asks about a step: the batch keys it needs, the forward pass (whole, or split at the tower
-features for exact accumulation), the hooks after each optimizer step, what to log and show, and the preview.
+features for exact accumulation), the hooks after each optimizer step, what to log and show, and the preview. Where
+the objective names `teacher_views`, the task also holds a momentum teacher (`slip.teacher.MomentumTeacher`): its
+outputs join the model's before the objective reads them, and it is updated after each optimizer step.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -13,22 +16,47 @@ from torch import nn
 from slip.inputs import IMAGE_VIEWS
 from slip.losses import Objective
 from slip.models import ImageTextModel
+from slip.teacher import MomentumTeacher, check_momentum
 from slip.app.monitor import view_grid
 
-__all__ = ["TrainTask"]
+__all__ = ["TeacherSettings", "TrainTask"]
+
+
+@dataclass(frozen=True)
+class TeacherSettings:
+    """The `teacher` node (conf/teacher/*.yaml): the momentum teacher of objectives that distil from one."""
+
+    momentum: float
+    schedule: str
+
+    def __post_init__(self) -> None:
+        check_momentum(self.momentum, self.schedule)
+
+    def teacher_for(self, model: ImageTextModel, objective: Objective, total_steps: int) -> MomentumTeacher | None:
+        """A teacher of `model` for `objective`'s teacher views over `total_steps` updates; None where it has none."""
+        if not objective.teacher_views:
+            return None
+        return MomentumTeacher(model, objective.teacher_views, self.momentum, total_steps, self.schedule)
 
 
 class TrainTask(nn.Module):
     """Model plus objective: the one module that owns every trainable parameter (what DDP wraps).
 
-    `image_mean` and `image_std` are the normalisation of the image inputs, undone to draw the preview.
+    `image_mean` and `image_std` are the normalisation of the image inputs, undone to draw the preview. `teacher`
+    is required exactly when the objective has `teacher_views`, and must embed them.
     """
 
     def __init__(self, model: ImageTextModel, objective: Objective, image_mean: Sequence[float] = (0.0, 0.0, 0.0),
-                 image_std: Sequence[float] = (1.0, 1.0, 1.0)) -> None:
+                 image_std: Sequence[float] = (1.0, 1.0, 1.0), teacher: MomentumTeacher | None = None) -> None:
         super().__init__()
+        if bool(objective.teacher_views) != (teacher is not None):
+            raise ValueError(f"{objective.label()} needs a momentum teacher for {list(objective.teacher_views)}"
+                             if teacher is None else f"{objective.label()} has no teacher views; drop the teacher")
+        if teacher is not None and not set(objective.teacher_views) <= set(teacher.views):
+            raise ValueError(f"the teacher embeds {list(teacher.views)}, not all of {list(objective.teacher_views)}")
         self.model = model
         self.objective = objective
+        self.teacher = teacher
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
 
     @property
@@ -38,17 +66,26 @@ class TrainTask(nn.Module):
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Batch -> the objective's result dict (loss, terms, accuracies)."""
-        return self.objective(self.model(batch))
+        return self.objective({**self.model(batch), **self.teacher_outputs(batch)})
 
-    def finish(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Tower features (`ImageTextModel.tower_features`) -> the objective's result dict, through the heads."""
-        return self.objective(self.model.heads(features))
+    def teacher_outputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The teacher's outputs on `batch` (none without a teacher); no autograd."""
+        return {} if self.teacher is None else self.teacher(batch)
+
+    def finish(self, features: dict[str, torch.Tensor],
+               taught: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Tower features (`ImageTextModel.tower_features`) and the teacher's outputs on the same samples (none
+        without a teacher) -> the objective's result dict, through the heads."""
+        return self.objective({**self.model.heads(features), **(taught or {})})
 
     def after_optimizer_step(self) -> None:
-        """The model's hook, then the objective's, after an optimizer step that was taken (clamps, EMA updates)."""
+        """The model's hook, the objective's, then the teacher's EMA update, after an optimizer step that was
+        taken."""
         with torch.no_grad():
             self.model.after_optimizer_step()
             self.objective.after_optimizer_step()
+            if self.teacher is not None:
+                self.objective.after_teacher_update(self.teacher.update(self.model))
 
     def logged_scalars(self) -> dict[str, float]:
         """Values to log beside a step's results, read before its optimizer step (the model's logit scale)."""

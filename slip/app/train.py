@@ -103,6 +103,7 @@ def build_run(cfg: DictConfig, world: WorldInfo, settings: TrainerSettings) -> R
     objective = build(cfg.loss, "loss")
     model = build(cfg.model, "model", inputs=list(objective.inputs))
     spec = model.spec
+    objective.bind(spec)
     transform = build(cfg.augment, "augment")(
         inputs=objective.inputs, image_size=spec.preprocess.image_size, mean=spec.preprocess.mean,
         std=spec.preprocess.std, context_length=spec.text.context_length,
@@ -149,11 +150,14 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
 
     init_process_group(world)
     objective.set_gather(make_gather(world))
-    if world.is_distributed and model.image_mlp is not None:
-        convert_sync_batchnorm(model.image_mlp)
+    if world.is_distributed:  # the SSL head's and any predictor's BatchNorm see the global batch
+        for part in (model.image_mlp, objective):
+            if part is not None:
+                convert_sync_batchnorm(part)
     if settings.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    task = TrainTask(model, objective, model.spec.preprocess.mean, model.spec.preprocess.std)
+    teacher = build(cfg.teacher, "teacher").teacher_for(model, objective, total_steps)
+    task = TrainTask(model, objective, model.spec.preprocess.mean, model.spec.preprocess.std, teacher)
     trainer = Trainer(task, parts.optimizer, parts.schedule, settings, world, run_dir,
                       total_steps, parts.data.steps_per_epoch, OmegaConf.to_yaml(cfg, resolve=True), evaluate)
     if checkpoint is not None:
