@@ -3,6 +3,8 @@
 - `clip_view`: the image seen by the image-text objective: a mild random resized crop, nothing else.
 - `ssl_view`: SimCLR's recipe as SLIP uses it: crop, colour jitter, grayscale, Gaussian blur, flip.
 - `eval_view`: resize the shorter side, centre crop.
+- Local crops (`local1` ... `localM`, multi-crop objectives such as DINO): the SSL recipe at their own, smaller
+  size and crop scale (`build_multiview`'s `local_crops`, `local_crop_size`, `local_crop_scale`).
 
 Resizing is bilinear everywhere, as in SLIP's training and evaluation code (CLIP's own preprocessing is
 bicubic; the difference is immaterial for training and bilinear is the cheaper kernel on uint8 tensors).
@@ -29,7 +31,7 @@ from slip import tokenizer
 from slip.checks import positive_int
 from slip.data import tensor_views
 from slip.data.loader import batch_to_device
-from slip.inputs import ALL_INPUTS, SSL_VIEWS
+from slip.inputs import ALL_INPUTS, SSL_VIEWS, is_input, is_local_view, local_views, ordered_inputs
 from slip.models.spec import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 __all__ = [
@@ -242,22 +244,35 @@ def build_multiview(
     blur_p: float = 0.5,
     hflip_p: float = 0.5,
     backend: str = "tensor",
+    local_crops: int = 0,
+    local_crop_size: int = 96,
+    local_crop_scale: Sequence[float] = (0.05, 0.4),
 ) -> MultiView:
-    """The `MultiView` producing exactly `inputs` (a subset of image, text, aug1, aug2; `objective.inputs`).
+    """The `MultiView` producing exactly `inputs` (a subset of image, text, aug1, aug2 and local views
+    local1 ... local{`local_crops`}; `objective.inputs`).
 
-    "image" gets `clip_view`, "aug1" and "aug2" each an independent `ssl_view`, "text" the tokenizer.
-    `jitter_strength` s scales the colour jitter to (0.4 s, 0.4 s, 0.4 s, 0.1 s). `backend` "tensor" computes
-    the views with `slip.data.tensor_views`, "pil" with torchvision's PIL pipelines (same draws), "device"
-    crops and draws in the workers and finishes the views on the training device (`MultiView.to_device`).
+    "image" gets `clip_view`, "aug1" and "aug2" each an independent `ssl_view`, "text" the tokenizer, and each
+    local view an independent `ssl_view` of `local_crop_size` px whose crop covers `local_crop_scale` of the image
+    (DINO's local crops; built only where `inputs` name them). `jitter_strength` s scales the colour jitter to
+    (0.4 s, 0.4 s, 0.4 s, 0.1 s). `backend` "tensor" computes the views with `slip.data.tensor_views`, "pil" with
+    torchvision's PIL pipelines (same draws), "device" crops and draws in the workers and finishes the views on the
+    training device (`MultiView.to_device`).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if isinstance(inputs, str):
         raise ValueError(f"inputs must be a sequence of names such as ('image', 'text'), got {inputs!r}")
     requested = list(inputs)
-    unknown = [name for name in requested if name not in ALL_INPUTS]
+    unknown = [name for name in requested if not is_input(name)]
     if unknown or not requested:
-        raise ValueError(f"inputs must be a non-empty subset of {list(ALL_INPUTS)}, got {list(inputs)}")
+        raise ValueError(f"inputs must be a non-empty subset of {list(ALL_INPUTS)} and local views local1, local2, "
+                         f"..., got {list(inputs)}")
+    if isinstance(local_crops, bool) or not isinstance(local_crops, int) or local_crops < 0:
+        raise ValueError(f"local_crops must be an integer >= 0, got {local_crops!r}")
+    beyond = [name for name in requested if is_local_view(name) and name not in local_views(local_crops)]
+    if beyond:
+        raise ValueError(f"inputs name local view {beyond[0]!r} but augment.local_crops={local_crops} builds "
+                         f"{list(local_views(local_crops)) or 'none'}")
     if isinstance(jitter_strength, bool) or not isinstance(jitter_strength, (int, float)) or not (
         0 <= jitter_strength <= 5
     ):
@@ -270,11 +285,13 @@ def build_multiview(
         raise ValueError(f"context_length must be >= 2 (start + end token), got {context_length}")
     clip_scale = _check_range("clip_scale", clip_scale, 0.0, 1.0)
     ssl_crop_scale = _check_range("ssl_crop_scale", ssl_crop_scale, 0.0, 1.0)
+    positive_int("local_crop_size", local_crop_size)
+    local_crop_scale = _check_range("local_crop_scale", local_crop_scale, 0.0, 1.0)
     for name, value in [("jitter_p", jitter_p), ("grayscale_p", grayscale_p), ("blur_p", blur_p),
                         ("hflip_p", hflip_p)]:
         _check_probability(name, value)
     _check_range("blur_sigma", blur_sigma, 0.0, math.inf)
-    names = [name for name in ALL_INPUTS if name in requested]
+    names = ordered_inputs(requested)
     on_tensors = backend != "pil"
     # Deferred views are finished by MultiView.to_device; only the "device" backend defers.
     deferred = {"deferred": True} if backend == "device" else {}
@@ -283,11 +300,12 @@ def build_multiview(
         if name == "image":
             make_clip = tensor_views.TensorClipView if on_tensors else clip_view
             views[name] = make_clip(image_size, mean, std, scale=clip_scale, **deferred)
-        elif name in SSL_VIEWS:
+        elif name in SSL_VIEWS or is_local_view(name):
+            size, scale = (image_size, ssl_crop_scale) if name in SSL_VIEWS else (local_crop_size, local_crop_scale)
             s = float(jitter_strength)
             make_ssl = tensor_views.TensorSSLView if on_tensors else ssl_view
             views[name] = make_ssl(
-                image_size, mean, std, scale=ssl_crop_scale, jitter=(0.4 * s, 0.4 * s, 0.4 * s, 0.1 * s),
+                size, mean, std, scale=scale, jitter=(0.4 * s, 0.4 * s, 0.4 * s, 0.1 * s),
                 jitter_p=jitter_p, grayscale_p=grayscale_p, blur_sigma=blur_sigma, blur_p=blur_p,
                 hflip_p=hflip_p, **deferred,
             )

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch import nn
 
-from slip.inputs import ALL_INPUTS, IMAGE_TEXT, IMAGE_VIEWS, SSL_VIEWS
+from slip.inputs import ALL_INPUTS, IMAGE_TEXT, IMAGE_VIEWS, SSL_VIEWS, is_image_view, is_local_view, ordered_inputs
 from slip.models.heads import CLIP_INITIAL_LOGIT_SCALE, MAX_LOGIT_SCALE, SSLHead, projection
 from slip.models.text import TextTransformer
 from slip.models.vision import has_batch_statistics, patch_dropout_rate
@@ -22,7 +23,8 @@ class ImageTextModel(nn.Module):
     """Maps a batch dict to named outputs; builds and computes only the parts its objective needs.
 
     Outputs: `image_embed`, `text_embed` (projected, not normalised), `logit_scale` (exponentiated and
-    clamped), `aug1_embed`, `aug2_embed` (after the SSL head).
+    clamped), `aug1_embed`, `aug2_embed` and `localK_embed` for each local view (after the SSL head).
+    `local_views` names the local crops it embeds (None: those of `spec.inputs`).
     """
 
     def __init__(
@@ -37,10 +39,18 @@ class ImageTextModel(nn.Module):
         batch_views: bool = True,
         spec: ModelSpec | None = None,
         view_patch_dropout: Mapping[str, float] | None = None,
+        local_views: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         # The share of patch tokens each image view drops in training (ViT towers; FLIP's patch dropout).
         self.view_patch_dropout = {view: 0.0 for view in IMAGE_VIEWS} | dict(view_patch_dropout or {})
+        if local_views is None:
+            local_views = [] if spec is None else [name for name in spec.inputs if is_local_view(name)]
+        if isinstance(local_views, str) or not all(is_local_view(name) for name in local_views):
+            raise ValueError(f"local_views must name local views (local1, local2, ...), got {local_views!r}")
+        if local_views and ssl_head is None:
+            raise ValueError(f"local views {list(local_views)} are embedded by the SSL head, but ssl_head is None")
+        self.local_views = ordered_inputs(local_views)
         self.visual = visual
         self.text = text
         self.image_mlp = ssl_head
@@ -75,7 +85,7 @@ class ImageTextModel(nn.Module):
     def inputs(self) -> tuple[str, ...]:
         """The batch keys this model consumes."""
         keys = IMAGE_TEXT if self.text is not None else ()
-        return keys + (SSL_VIEWS if self.image_mlp is not None else ())
+        return keys + (SSL_VIEWS + self.local_views if self.image_mlp is not None else ())
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """Image-tower features before any projection (what a linear probe reads)."""
@@ -124,10 +134,16 @@ class ImageTextModel(nn.Module):
             return {}
         return {"logit_scale": float(self.scaled_logit_scale().detach())}
 
+    def _patch_dropout(self, view: str) -> float:
+        """The share of patch tokens `view` drops in training: its own rate, or for a local view the SSL views'."""
+        if view not in self.view_patch_dropout and is_local_view(view):
+            return self.view_patch_dropout[SSL_VIEWS[0]]
+        return self.view_patch_dropout[view]
+
     def _view_features(self, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Image-tower features of every view, in one batched pass per patch-dropout rate when that cannot change
-        the result."""
-        rates = {name: self.view_patch_dropout[name] if self.training else 0.0 for name in views}
+        """Image-tower features of every view, in one batched pass per patch-dropout rate and image size when that
+        cannot change the result."""
+        rates = {name: self._patch_dropout(name) if self.training else 0.0 for name in views}
         features: dict[str, torch.Tensor] = {}
         for rate in dict.fromkeys(rates.values()):
             group = {name: images for name, images in views.items() if rates[name] == rate}
@@ -136,21 +152,32 @@ class ImageTextModel(nn.Module):
         return {name: features[name] for name in views}
 
     def _group_features(self, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        shapes = {tuple(v.shape[1:]) for v in views.values()}
+        """Features of views that share a patch-dropout rate: one tower call per image shape (the global views
+        together, the local crops together) unless batch statistics would mix the views."""
         independent_samples = not (self.training and self._visual_has_batch_statistics)
-        if self.batch_views and len(views) > 1 and len(shapes) == 1 and independent_samples:
-            features = self.visual(torch.cat(list(views.values())))
-            return dict(zip(views, features.split([v.shape[0] for v in views.values()])))
-        return {name: self.visual(images) for name, images in views.items()}
+        if not (self.batch_views and len(views) > 1 and independent_samples):
+            return {name: self.visual(images) for name, images in views.items()}
+        by_shape: dict[tuple[int, ...], list[str]] = {}
+        for name, images in views.items():
+            by_shape.setdefault(tuple(images.shape[1:]), []).append(name)
+        features: dict[str, torch.Tensor] = {}
+        for names in by_shape.values():
+            if len(names) == 1:
+                features[names[0]] = self.visual(views[names[0]])
+                continue
+            joint = self.visual(torch.cat([views[name] for name in names]))
+            features.update(zip(names, joint.split([views[name].shape[0] for name in names])))
+        return features
 
     def tower_features(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Batch -> the towers' features, keyed by input (`image`, `text`, `aug1`, `aug2`), before any head.
+        """Batch -> the towers' features, keyed by input (`image`, `text`, `aug1`, `aug2`, local views), before any
+        head.
 
         Samples only meet in the towers through batch statistics (a ResNet's BatchNorm); the heads and the
         objective see the whole batch, which is where exact accumulation splits the model (`slip.app.accumulation`).
         """
         wanted = self.inputs
-        views = {k: batch[k] for k in IMAGE_VIEWS if k in batch and k in wanted}
+        views = {k: batch[k] for k in wanted if is_image_view(k) and k in batch}
         features = self._view_features(views) if views else {}
         if "text" in batch and "text" in wanted:
             features["text"] = self.text(batch["text"])
@@ -165,11 +192,11 @@ class ImageTextModel(nn.Module):
             outputs["text_embed"] = self.project_text(features["text"])
         if outputs:  # an image or text embedding was computed, so the logit scale is needed too
             outputs["logit_scale"] = self.scaled_logit_scale()
-        for view in SSL_VIEWS:
-            if view in features:
+        for view in SSL_VIEWS + self.local_views:
+            if view in features:  # one head call per view, as BatchNorm in the head normalises per view
                 outputs[f"{view}_embed"] = self.image_mlp(features[view])
         return outputs
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Batch dict (`image`, `text`, `aug1`, `aug2`, any subset) -> outputs dict."""
+        """Batch dict (`image`, `text`, `aug1`, `aug2`, local views, any subset) -> outputs dict."""
         return self.heads(self.tower_features(batch))

@@ -16,7 +16,7 @@ from torch import nn
 
 from slip.checks import positive_int
 from slip.models.heads import CLIP_INITIAL_LOGIT_SCALE, SSL_HEAD_NORMS
-from slip.inputs import ALL_INPUTS, SSL_VIEWS
+from slip.inputs import ALL_INPUTS, SSL_VIEWS, is_input, is_local_view
 from slip.models.vision import ModifiedResNet, check_patch_dropout, vit_tower
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "HeadSpec",
@@ -65,6 +65,7 @@ class VisionSpec:
     tag: ClassVar[str]  # names the class in `to_dict` output; read back only through `_VISION_TYPES`
     tower_name: ClassVar[str]  # for messages
     projects_image: ClassVar[bool]  # whether the model adds an image projection after the tower
+    takes_smaller_crops: ClassVar[bool]  # whether the tower embeds images smaller than its image size (local views)
 
     def build_tower(self, image_size: int, embed_dim: int) -> nn.Module:
         """The image tower for `image_size` px images (`embed_dim`: the joint space, for towers that pool into it)."""
@@ -98,6 +99,7 @@ class ViTSpec(VisionSpec):
     tag: ClassVar[str] = "vit"
     tower_name: ClassVar[str] = "ViT"
     projects_image: ClassVar[bool] = True
+    takes_smaller_crops: ClassVar[bool] = True  # its positional embedding is resampled to the crop's patch grid
 
     def __post_init__(self) -> None:
         _positive_ints(self, "patch_size", "width", "layers", "heads")
@@ -124,7 +126,8 @@ class ViTSpec(VisionSpec):
                          patch_dropout=max(self.patch_dropout, self.ssl_patch_dropout))
 
     def view_patch_dropout(self) -> dict[str, float]:
-        """FLIP's patch dropout: `patch_dropout` for the CLIP view, `ssl_patch_dropout` for the SSL views."""
+        """FLIP's patch dropout: `patch_dropout` for the CLIP view, `ssl_patch_dropout` for the SSL views (and the
+        local views, which `ImageTextModel` gives the SSL views' rate)."""
         return {"image": self.patch_dropout, **{view: self.ssl_patch_dropout for view in SSL_VIEWS}}
 
     def describe(self, image_size: int) -> str:
@@ -146,6 +149,7 @@ class ResNetSpec(VisionSpec):
     tag: ClassVar[str] = "resnet"
     tower_name: ClassVar[str] = "ModifiedResNet"
     projects_image: ClassVar[bool] = False
+    takes_smaller_crops: ClassVar[bool] = False  # its attention pool's positional embedding is for one grid only
 
     def __post_init__(self) -> None:
         layers = self.layers
@@ -249,10 +253,17 @@ class ModelSpec:
             if not isinstance(getattr(self, name), cls):
                 raise ValueError(f"ModelSpec.{name} must be a {cls.__name__}, got {getattr(self, name)!r}")
         inputs = self.inputs
-        if isinstance(inputs, str) or not isinstance(inputs, Sequence) or not inputs or set(inputs) - set(ALL_INPUTS):
-            raise ValueError(f"model inputs must be a non-empty subset of {list(ALL_INPUTS)}, got {inputs!r}")
+        if isinstance(inputs, str) or not isinstance(inputs, Sequence) or not inputs or not all(
+                is_input(name) for name in inputs):
+            raise ValueError(f"model inputs must be a non-empty subset of {list(ALL_INPUTS)} and local views local1, "
+                             f"local2, ..., got {inputs!r}")
         _set(self, "inputs", tuple(inputs))
         self.vision.check_image_size(self.preprocess.image_size)
+        local = [name for name in self.inputs if is_local_view(name)]
+        if local and not self.vision.takes_smaller_crops:
+            raise ValueError(f"local views ({', '.join(local)}) need an image tower that takes crops smaller than its "
+                             f"{self.preprocess.image_size} px images; the {self.vision.tower_name} tower takes "
+                             f"{self.preprocess.image_size} px only")
 
     @property
     def with_text(self) -> bool:
@@ -261,8 +272,8 @@ class ModelSpec:
 
     @property
     def with_ssl_head(self) -> bool:
-        """Whether the inputs need the SSL head ("aug1" or "aug2")."""
-        return any(view in self.inputs for view in SSL_VIEWS)
+        """Whether the inputs need the SSL head ("aug1", "aug2" or a local view)."""
+        return any(view in SSL_VIEWS or is_local_view(view) for view in self.inputs)
 
     def builder_kwargs(self) -> dict[str, Any]:
         """Every field by its builder keyword: `vit_spec(**spec.builder_kwargs())` (or resnet_spec) == spec."""

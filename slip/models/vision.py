@@ -27,6 +27,11 @@ def vit_tower(*, image_size: int, patch_size: int, width: int, depth: int, heads
     `openai_layout=False` is timm's standard ViT as SLIP uses it (GELU, LayerNorm eps 1e-6, patch bias);
     `openai_layout=True` is the layout of OpenAI CLIP's ViTs (LayerNorm before the blocks, QuickGELU,
     LayerNorm eps 1e-5, no patch-embedding bias).
+
+    Images of other sides (a multiple of `patch_size`; local crops) are embedded with the positional embedding
+    resampled to their patch grid, as timm's `dynamic_img_size` does it (`resample_abs_pos_embed`: bicubic,
+    antialiased); at `image_size` the embedding is used as it is, and the output is bit-identical to a tower
+    built without it.
     """
     layout: dict = {}
     if openai_layout:
@@ -42,6 +47,7 @@ def vit_tower(*, image_size: int, patch_size: int, width: int, depth: int, heads
         global_pool="token",
         drop_path_rate=drop_path_rate,
         patch_drop_rate=patch_dropout,
+        dynamic_img_size=True,
         **layout,
     )
 
@@ -205,6 +211,7 @@ class ModifiedResNet(nn.Module):
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.grad_checkpointing = False
+        self.image_size = image_size
         self.attnpool = AttentionPool2d(image_size // 32, width * 32, heads, output_dim)
         self.initialize_parameters()
         self.channels_last = channels_last
@@ -225,7 +232,7 @@ class ModifiedResNet(nn.Module):
                 nn.init.zeros_(block.bn3.weight)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] -> [B, output_dim]."""
+        """[B, 3, H, W] -> [B, output_dim]; the feature map must have the attention pool's grid (`image_size` px)."""
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         x = self.relu1(self.bn1(self.conv1(images)))
@@ -237,6 +244,11 @@ class ModifiedResNet(nn.Module):
                 x = checkpoint_keeping_buffers(stage, x)
             else:
                 x = stage(x)
+        grid = self.image_size // 32
+        if x.shape[-2:] != (grid, grid):
+            raise ValueError(f"the ModifiedResNet tower takes {self.image_size} px images only (its attention pool's "
+                             f"positional embedding is for a {grid}x{grid} grid), got {images.shape[-2]}x"
+                             f"{images.shape[-1]} px")
         return self.attnpool(x)
 
 
