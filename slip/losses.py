@@ -84,6 +84,10 @@ class Objective(nn.Module):
         """Called (without autograd) after the momentum teacher's EMA step with `momentum`: the hook for teacher-side
         parts the objective keeps itself (DINO's prototypes); nothing by default."""
 
+    def after_skipped_step(self) -> None:
+        """Called after a step the engine skipped (non-finite loss, fp16 overflow): drop what its forwards gathered
+        for the step (DINO's centre); nothing by default."""
+
     def set_gather(self, gather: Gather) -> None:
         """Use `gather` to collect the global batch (e.g. `make_gather(world)` once distributed is up)."""
         self._gather = gather
@@ -296,6 +300,11 @@ class ComposedObjective(Objective):
         """Every term's `after_teacher_update`."""
         for child in self.objectives.values():
             child.after_teacher_update(momentum)
+
+    def after_skipped_step(self) -> None:
+        """Every term's `after_skipped_step`."""
+        for child in self.objectives.values():
+            child.after_skipped_step()
 
     def set_gather(self, gather: Gather) -> None:
         """Use `gather` here and in every term."""

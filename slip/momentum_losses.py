@@ -2,7 +2,7 @@
 
 Both read the student's SSL-head outputs of the two views (`aug1_embed`, `aug2_embed`) and the teacher's of the same
 views (`teacher_aug1_embed`, `teacher_aug2_embed`), and both pass the student's through a predictor MLP of their own
-(Linear-BN-ReLU-Linear, as in both papers), whose size follows the model's SSL head: `bind(spec)` builds it where it
+(Linear-BN-ReLU-Linear, as in both papers; without biases for MoCo v3, as in its code), whose size follows the model's SSL head: `bind(spec)` builds it where it
 was not given a `dim`. The predictor's BatchNorm sees the global batch (exact accumulation runs the objective once on
 it; across processes it becomes a SyncBatchNorm1d, as the SSL head's does).
 """
@@ -28,13 +28,14 @@ if TYPE_CHECKING:
 __all__ = ["BYOLLoss", "MoCoV3Loss", "predictor"]
 
 
-def predictor(dim: int, hidden_dim: int) -> nn.Sequential:
-    """BYOL's and MoCo v3's predictor: Linear(dim, hidden)-BN-ReLU-Linear(hidden, dim)."""
+def predictor(dim: int, hidden_dim: int, bias: bool = True) -> nn.Sequential:
+    """BYOL's and MoCo v3's predictor: Linear(dim, hidden)-BN-ReLU-Linear(hidden, dim), with or without the linear
+    layers' biases (BYOL's have them, MoCo v3's code has none)."""
     return nn.Sequential(OrderedDict([
-        ("layer1", nn.Linear(dim, hidden_dim)),
+        ("layer1", nn.Linear(dim, hidden_dim, bias=bias)),
         ("bn1", nn.BatchNorm1d(hidden_dim)),
         ("relu1", nn.ReLU(inplace=True)),
-        ("layer2", nn.Linear(hidden_dim, dim)),
+        ("layer2", nn.Linear(hidden_dim, dim, bias=bias)),
     ]))
 
 
@@ -43,19 +44,20 @@ class _MomentumObjective(Objective):
 
     inputs = SSL_VIEWS
     teacher_views = SSL_VIEWS
+    predictor_bias = True
 
     def __init__(self, hidden_dim: int, dim: int | None, gather: Gather | None, name: str | None) -> None:
         super().__init__(gather, name)
         self.hidden_dim = positive_int(f"{type(self).__name__} hidden_dim", hidden_dim)
         self.predictor: nn.Sequential | None = None
         if dim is not None:
-            self.predictor = predictor(positive_int(f"{type(self).__name__} dim", dim), hidden_dim)
+            self.predictor = predictor(positive_int(f"{type(self).__name__} dim", dim), hidden_dim, self.predictor_bias)
 
     def bind(self, spec: ModelSpec) -> None:
         """Build the predictor for the model's SSL-head width (where no `dim` was given), or check it."""
         dim = spec.head.ssl_embed_dim
         if self.predictor is None:
-            self.predictor = predictor(dim, self.hidden_dim)
+            self.predictor = predictor(dim, self.hidden_dim, self.predictor_bias)
         elif self.predictor.layer1.in_features != dim:
             raise ValueError(f"{type(self).__name__} was built for {self.predictor.layer1.in_features}-d SSL "
                              f"embeddings but the model's SSL head gives {dim}")
@@ -66,6 +68,7 @@ class _MomentumObjective(Objective):
             raise RuntimeError(f"{type(self).__name__} has no predictor yet: pass dim= or call bind(model.spec)")
         students = self._read(outputs, *(f"{view}_embed" for view in SSL_VIEWS))
         teachers = self._read(outputs, *(teacher_key(f"{view}_embed") for view in SSL_VIEWS))
+        _check_pair(self, "aug1_embed", students[0], "aug2_embed", students[1])
         for view, student, teacher in zip(SSL_VIEWS, students, teachers):
             _check_pair(self, f"{view}_embed", student, teacher_key(f"{view}_embed"), teacher)
         # One predictor pass per view, as in both papers: its BatchNorm normalises each view with its own statistics.
@@ -107,6 +110,7 @@ class MoCoV3Loss(_MomentumObjective):
 
     default_name = "mocov3"
     metric_suffixes = ("acc",)
+    predictor_bias = False
 
     def __init__(self, temperature: float = 0.2, hidden_dim: int = 4096, dim: int | None = None,
                  gather: Gather | None = None, name: str | None = None) -> None:

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from slip.app.config import ConfigError, build, check_node
 from slip.data.dataset import ImageTextDataset
+from slip.inputs import is_local_view
 from slip.app.engine import TrainerSettings
 from slip.app.train import train
 from data_helpers import image_bytes, write_image, write_shard
@@ -31,6 +32,12 @@ def test_every_model_and_loss_builds(model: str, loss: str) -> None:
     cfg = compose_config(f"model={model}", f"loss={loss}", "run_name=x")
     objective = build(cfg.loss, "loss")
     with torch.device("meta"):
+        fixed = [name for name in objective.inputs if not is_local_view(name)]
+        tower = build(cfg.model, "model", inputs=fixed).spec.vision
+        if len(fixed) < len(objective.inputs) and not tower.takes_smaller_crops:
+            with pytest.raises(ConfigError, match=r"^model: local views \(local1, .*\) need an image tower that takes "):
+                build(cfg.model, "model", inputs=list(objective.inputs))
+            return
         built = build(cfg.model, "model", inputs=list(objective.inputs))
     assert built.inputs == objective.inputs
     assert (built.text is None) == ("text" not in objective.inputs)

@@ -245,6 +245,7 @@ class Trainer:
             if self.state.nonfinite_in_a_row >= self.settings.max_nonfinite_steps:
                 raise TrainingError(f"non-finite loss in {self.state.nonfinite_in_a_row} steps in a row, "
                                     f"the last at step {self.state.step + 1}; lower the lr or check the data")
+            self.task.after_skipped_step()
             return False
         self.state.nonfinite_in_a_row = 0
         lr = self.schedule(self.state.step)
@@ -260,6 +261,7 @@ class Trainer:
         if self.scaler.is_enabled() and self.scaler.get_scale() < scale:
             self.monitor.message(f"step {self.state.step + 1}: fp16 gradients overflowed, step skipped, "
                                  f"loss scale lowered to {self.scaler.get_scale():g}")
+            self.task.after_skipped_step()
             return False
         self.task.after_optimizer_step()
         return True

@@ -87,6 +87,10 @@ class TrainTask(nn.Module):
             if self.teacher is not None:
                 self.objective.after_teacher_update(self.teacher.update(self.model))
 
+    def after_skipped_step(self) -> None:
+        """The objective's hook after a step that was skipped (non-finite loss, fp16 overflow)."""
+        self.objective.after_skipped_step()
+
     def logged_scalars(self) -> dict[str, float]:
         """Values to log beside a step's results, read before its optimizer step (the model's logit scale)."""
         return self.model.logged_scalars()
