@@ -14,6 +14,7 @@ from slip.app.config import ConfigError, build
 from slip.app.task import TeacherSettings, TrainTask
 from slip.app.train import train
 from slip.checkpoint import read_checkpoint
+from slip.dino import DINOLoss
 from slip.losses import CLIPLoss, ComposedObjective, Term
 from slip.momentum_losses import BYOLLoss, MoCoV3Loss
 from slip.teacher import MomentumTeacher, teacher_key, teacher_momentum
@@ -22,7 +23,8 @@ from train_helpers import CHECKPOINT_IN_RUN, FAST, SMALL_VIT, compose_config, lo
 MICRO, K, STEPS = 8, 4, 2
 EXACT = 1e-10
 OBJECTIVES = {"byol": lambda: BYOLLoss(hidden_dim=24), "mocov3": lambda: MoCoV3Loss(hidden_dim=24),
-              "clip+byol": lambda: ComposedObjective({"clip": Term(CLIPLoss()), "byol": Term(BYOLLoss(hidden_dim=24))})}
+              "clip+byol": lambda: ComposedObjective({"clip": Term(CLIPLoss()), "byol": Term(BYOLLoss(hidden_dim=24))}),
+              "dino": lambda: DINOLoss(out_dim=32, local_crops=2)}
 
 
 def teacher_task(objective: str, momentum: float = 0.9, total_steps: int = STEPS) -> TrainTask:
@@ -99,7 +101,8 @@ def run_steps(objective: str, batches: list[dict], update_freq: int, run_dir: Pa
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
 def test_exact_accumulation_with_a_teacher_equals_one_step_on_the_whole_batch(objective: str, tmp_path: Path) -> None:
     """update_freq=4 at batch 8 against batch 32, two steps: every weight of model, objective (the predictor and
-    its BatchNorm statistics) and teacher agree, and the teacher was updated once per step."""
+    its BatchNorm statistics; DINO's centre, teacher prototypes and step count) and teacher agree, and the teacher
+    was updated once per step."""
     task = teacher_task(objective)
     whole = [make_batch(task, MICRO * K, seed=step) for step in range(STEPS)]
     big = run_steps(objective, whole, 1, tmp_path / "big")
@@ -113,11 +116,16 @@ def test_exact_accumulation_with_a_teacher_equals_one_step_on_the_whole_batch(ob
     assert student.keys() == lagging.keys() and any(not torch.equal(lagging[k], v) for k, v in student.items())
 
 
-@pytest.mark.parametrize("loss", ["clip_byol", "mocov3"])
+SMALLER = {"clip_byol": ["loss.terms.byol.objective.hidden_dim=32"], "mocov3": ["loss.hidden_dim=32"],
+           "dino": ["loss.out_dim=64", "loss.local_crops=2", "augment.local_crop_size=8"]}
+
+
+@pytest.mark.parametrize("loss", list(SMALLER))
 def test_resume_with_a_teacher_is_exact(loss: str, tmp_path: Path) -> None:
+    """Stopped after 2 of 4 steps and resumed: the same losses, and bit-identical model, objective (DINO's centre
+    among it) and teacher."""
     overrides = [*FAST, *SMALL_VIT, f"loss={loss}", "data.source.num_samples=32", "trainer.max_steps=4",
-                 "trainer.save_every=0", "trainer.precision=fp64", "loss.terms.byol.objective.hidden_dim=32"
-                 if loss == "clip_byol" else "loss.hidden_dim=32"]
+                 "trainer.save_every=0", "trainer.precision=fp64", *SMALLER[loss]]
     full = train(compose_config(*overrides), tmp_path / "full")
     train(compose_config(*overrides, "trainer.stop_after=2"), tmp_path / "split")
     resumed = train(compose_config(*overrides), tmp_path / "split")
