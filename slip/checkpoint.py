@@ -44,6 +44,7 @@ class CheckpointInfo:
     # The objective's learned logit bias (SigLIP), exactly as saved: the model's scores are then
     # sigmoid(exp(logit_scale) * cosine + logit_bias). The bias belongs to the objective, not the model.
     logit_bias: float | None = None
+    weights: str = "model"  # "model": the trained weights; "ema": the momentum teacher's average of them
 
 
 LOGIT_BIAS = "logit_bias"

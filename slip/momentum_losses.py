@@ -2,9 +2,10 @@
 
 Both read the student's SSL-head outputs of the two views (`aug1_embed`, `aug2_embed`) and the teacher's of the same
 views (`teacher_aug1_embed`, `teacher_aug2_embed`), and both pass the student's through a predictor MLP of their own
-(Linear-BN-ReLU-Linear, as in both papers; without biases for MoCo v3, as in its code), whose size follows the model's SSL head: `bind(spec)` builds it where it
-was not given a `dim`. The predictor's BatchNorm sees the global batch (exact accumulation runs the objective once on
-it; across processes it becomes a SyncBatchNorm1d, as the SSL head's does).
+(Linear-BN-ReLU-Linear, as in both papers; without biases for MoCo v3, as in its code), whose size follows the
+model's SSL head: `bind(spec)` builds it where it was not given a `dim`. The predictor's BatchNorm sees the global
+batch (exact accumulation runs the objective once on it; across processes it becomes a SyncBatchNorm1d, as the SSL
+head's does).
 """
 from __future__ import annotations
 

@@ -24,10 +24,22 @@ from slip.interop.safetensors_io import read_safetensors
 from slip.interop.slip_original import from_original_slip, is_original_slip
 from slip.models import ImageTextModel, build_model
 
-__all__ = ["build_converted", "load_pretrained", "load_pretrained_with_info", "read_pretrained"]
+__all__ = ["WEIGHTS", "build_converted", "load_pretrained", "load_pretrained_with_info", "read_pretrained"]
+
+# Which weights of a checkpoint to read: the trained model's, or the EMA its momentum teacher kept (`slip.teacher`).
+WEIGHTS = ("model", "ema")
 
 
-def _from_pickle(content: Any, path: Path) -> Converted:
+def _ema_state(content: Mapping[str, Any], path: Path) -> dict[str, torch.Tensor]:
+    """The momentum teacher's copy of the model in one of our checkpoints."""
+    teacher = content.get("teacher")
+    if not isinstance(teacher, Mapping):
+        raise CheckpointError(f"{path}: holds no EMA weights (its run kept no momentum teacher: train with a "
+                              f"distilling objective or teacher.always=true)")
+    return {key.removeprefix("model."): value for key, value in teacher.items() if key.startswith("model.")}
+
+
+def _from_pickle(content: Any, path: Path, weights: str) -> Converted:
     """Recognise the format of an unpickled checkpoint."""
     if isinstance(content, Mapping) and content.get("format") == FORMAT_NAME:
         config = content.get("config")
@@ -37,8 +49,11 @@ def _from_pickle(content: Any, path: Path) -> Converted:
                 and all(isinstance(value, torch.Tensor) for value in objective_state.values())):
             raise CheckpointError(f"{path}: its \"objective\" entry is not a state dict of tensors")
         info = CheckpointInfo(FORMAT_NAME, objective_from_config(config), step, config,
-                              logit_bias_value(objective_state))
-        return Converted(spec_of(content, path), content["model"], info, dict(objective_state))
+                              logit_bias_value(objective_state), weights)
+        state = _ema_state(content, path) if weights == "ema" else content["model"]
+        return Converted(spec_of(content, path), state, info, dict(objective_state))
+    if weights != "model":
+        raise CheckpointError(f"{path}: only slip's own .pt checkpoints keep EMA weights")
     if is_original_slip(content):
         return from_original_slip(content, path)
     if is_openai_state(content):
@@ -49,9 +64,14 @@ def _from_pickle(content: Any, path: Path) -> Converted:
                           f"({kind} with keys: {keys})")
 
 
-def read_pretrained(path: str | os.PathLike) -> Converted:
-    """The model spec, state dict and provenance of the model at `path`, in our terms, without building it."""
+def read_pretrained(path: str | os.PathLike, weights: str = "model") -> Converted:
+    """The model spec, state dict and provenance of the model at `path`, in our terms, without building it;
+    `weights="ema"` reads the momentum teacher's average of the weights instead (our `.pt` checkpoints only)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {list(WEIGHTS)}, got {weights!r}")
     path = Path(path)
+    if weights != "model" and (path.is_dir() or path.suffix == ".safetensors"):
+        raise CheckpointError(f"{path}: only slip's own .pt checkpoints keep EMA weights")
     if path.is_dir():
         for reader in (read_hf, read_open_clip):
             converted = reader(path)
@@ -65,8 +85,10 @@ def read_pretrained(path: str | os.PathLike) -> Converted:
     if path.suffix == ".safetensors":
         return read_safetensors(path)
     if is_torchscript_archive(path):
+        if weights != "model":
+            raise CheckpointError(f"{path}: only slip's own .pt checkpoints keep EMA weights")
         return from_openai(read_torchscript_tensors(path))
-    return _from_pickle(read_safely(path), path)
+    return _from_pickle(read_safely(path), path, weights)
 
 
 def _describe_mismatch(missing: list[str], unexpected: list[str]) -> str:
@@ -95,13 +117,15 @@ def build_converted(converted: Converted, path: Path) -> ImageTextModel:
     return model.eval()
 
 
-def load_pretrained(path: str | os.PathLike) -> ImageTextModel:
-    """A model in eval mode from any format `read_pretrained` recognises."""
-    return load_pretrained_with_info(path)[0]
+def load_pretrained(path: str | os.PathLike, weights: str = "model") -> ImageTextModel:
+    """A model in eval mode from any format `read_pretrained` recognises (`weights="ema"`: the momentum teacher's
+    EMA of the weights that one of our checkpoints keeps)."""
+    return load_pretrained_with_info(path, weights)[0]
 
 
-def load_pretrained_with_info(path: str | os.PathLike) -> tuple[ImageTextModel, CheckpointInfo]:
+def load_pretrained_with_info(path: str | os.PathLike,
+                              weights: str = "model") -> tuple[ImageTextModel, CheckpointInfo]:
     """`load_pretrained`, plus what the checkpoint records about its training (format, objective, step, and
     SigLIP's learned logit bias where the file keeps it)."""
-    converted = read_pretrained(path)
+    converted = read_pretrained(path, weights)
     return build_converted(converted, Path(path)), converted.info

@@ -32,6 +32,12 @@ def openai_clip() -> types.ModuleType:
     return _import_openai_clip()
 
 
+@pytest.fixture(scope="session")
+def lightly_loss() -> types.ModuleType:
+    """lightly's loss package, the reference of the self-supervised terms (imported once: it takes seconds)."""
+    return pytest.importorskip("lightly.loss")
+
+
 @pytest.fixture
 def one_thread():
     """Run tiny models on one thread: on a busy 2-core machine a second one only spins and waits."""

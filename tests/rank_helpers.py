@@ -1,15 +1,20 @@
 """Run a test's worker function in several spawned processes (gloo ranks) and collect what each returns."""
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import socket
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 import torch
+import torch.distributed
+
+from slip.distributed import WorldInfo, init_process_group, leave_process_group
 
 Worker = Callable[[int, int], dict]
 """(rank, rendezvous port) -> the rank's results; a module-level function, so that spawned processes find it."""
@@ -54,3 +59,26 @@ def run_ranks(worker: Worker, world_size: int, out_dir: Path, timeout: float = 1
     codes = [proc.exitcode for proc in procs]
     assert codes == [0] * world_size, f"rank exit codes {codes} (negative: killed by that signal), no traceback"
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(world_size)]
+
+
+@contextlib.contextmanager
+def gloo_world(rank: int, port: int, world_size: int) -> Iterator[WorldInfo]:
+    """This rank's place in a gloo process group of `world_size` ranks on one torch thread; left on exit."""
+    torch.set_num_threads(1)
+    world = WorldInfo(rank=rank, world_size=world_size, local_rank=rank)
+    init_process_group(world, backend="gloo", init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        yield world
+    finally:
+        leave_process_group(world)
+    assert not torch.distributed.is_initialized()
+
+
+def ranks_fixture(worker: Worker, world_size: int, timeout: float = 120) -> Callable[..., list[dict]]:
+    """A module-scoped fixture `rank_results`: what `worker` returns in each of `world_size` spawned processes."""
+
+    @pytest.fixture(scope="module")
+    def rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+        return run_ranks(worker, world_size, tmp_path_factory.mktemp("ranks"), timeout)
+
+    return rank_results

@@ -69,7 +69,8 @@ def test_the_inputs_are_the_union_of_the_terms_in_canonical_order() -> None:
     ({}, r"^ComposedObjective needs at least one term$"),
     ({"clip": CLIPLoss()}, r"^term 'clip' must be a Term or a mapping with 'objective'"),
     ({"clip": {"objective": CLIPLoss(), "wieght": 1.0}}, r"^term 'clip' must be a Term or a mapping"),
-    ({"clip": {"objective": CLIPLoss(), "weight": float("nan")}}, r"^term 'clip': a term's weight must be a finite number, got nan$"),
+    ({"clip": {"objective": CLIPLoss(), "weight": float("nan")}},
+     r"^term 'clip': a term's weight must be a finite number, got nan$"),
     ({"clip": {"objective": "CLIPLoss"}}, r"^term 'clip': a term's objective must be an Objective, got str$"),
     ({"two words": Term(CLIPLoss())}, r"^ComposedObjective term names must be identifiers, got 'two words'$"),
 ])
@@ -94,7 +95,8 @@ def test_a_bad_term_in_the_config_names_its_key(override: str, message: str) -> 
 @pytest.mark.parametrize("loss", LOSSES)
 def test_every_loss_preset_trains_two_steps(loss: str, tmp_path: Path) -> None:
     # Local crops (multi-crop presets) at a size the tiny 32 px model's 4 px patches divide.
-    results = train(compose_config(*FAST, f"loss={loss}", "trainer.max_steps=2", "augment.local_crop_size=16"), tmp_path)
+    overrides = [*FAST, f"loss={loss}", "trainer.max_steps=2", "augment.local_crop_size=16"]
+    results = train(compose_config(*overrides), tmp_path)
     assert results["finished"] and results["step"] == 2
     objective = build(compose_config(f"loss={loss}").loss, "loss")
     assert results["objective"] == objective.label()

@@ -25,16 +25,15 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
 from slip.dino import DINOLoss
-from slip.distributed import WorldInfo, init_process_group, leave_process_group, make_gather
+from slip.distributed import make_gather
 from slip.inputs import SSL_VIEWS
 from slip.losses import MissingOutputError
 from slip.teacher import teacher_key
-from rank_helpers import run_ranks
+from rank_helpers import gloo_world, ranks_fixture
 
 F64 = torch.float64
 DIM, OUT_DIM = 16, 32
@@ -43,12 +42,6 @@ TEACHER_KEYS = tuple(teacher_key(f"{view}_embed") for view in SSL_VIEWS)
 TEMPS = dict(student_temp=0.1, teacher_temp=0.07, warmup_teacher_temp=0.04)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def lightly_loss() -> types.ModuleType:
-    """lightly's loss package (a test dependency); imported here, as it takes seconds to import."""
-    return pytest.importorskip("lightly.loss")
 
 
 @contextlib.contextmanager
@@ -503,21 +496,14 @@ def run_steps(objective: DINOLoss, rows: slice) -> list[dict[str, Tensor]]:
 
 def _worker(rank: int, port: int) -> list[dict[str, Tensor]]:
     """One rank: its rows of every step's global batch."""
-    torch.set_num_threads(1)
-    world = WorldInfo(rank=rank, world_size=WORLD_SIZE, local_rank=rank)
-    init_process_group(world, backend="gloo", init_method=f"tcp://127.0.0.1:{port}")
-    local = GLOBAL_BATCH // WORLD_SIZE
-    records = run_steps(make_dino(RANK_CROPS, gather=make_gather(world), **RANK_SETTINGS),
-                        slice(rank * local, (rank + 1) * local))
-    leave_process_group(world)
-    assert not dist.is_initialized()
+    with gloo_world(rank, port, WORLD_SIZE) as world:
+        local = GLOBAL_BATCH // WORLD_SIZE
+        records = run_steps(make_dino(RANK_CROPS, gather=make_gather(world), **RANK_SETTINGS),
+                            slice(rank * local, (rank + 1) * local))
     return records
 
 
-@pytest.fixture(scope="module")
-def rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[list[dict[str, Tensor]]]:
-    """Results of `_worker` from two spawned gloo processes."""
-    return run_ranks(_worker, WORLD_SIZE, tmp_path_factory.mktemp("dino_ranks"), timeout=120)
+rank_results = ranks_fixture(_worker, WORLD_SIZE, timeout=120)
 
 
 @pytest.mark.parametrize("step", range(RANK_STEPS))

@@ -9,15 +9,14 @@ import types
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from slip.distributed import (SyncBatchNorm1d, WorldInfo, convert_sync_batchnorm, init_process_group,
-                              leave_process_group, make_gather)
+from slip.distributed import SyncBatchNorm1d, convert_sync_batchnorm, make_gather
 from slip.losses import MissingOutputError, Objective
 from slip.momentum_losses import BYOLLoss, MoCoV3Loss
 from slip.teacher import teacher_key
-from rank_helpers import run_ranks
+from loss_helpers import assert_matches, leaves
+from rank_helpers import gloo_world, ranks_fixture
 
 DIM, HIDDEN = 16, 32
 BATCH_SIZES = [2, 3, 16]
@@ -26,12 +25,6 @@ TEACHERS = tuple(teacher_key(key) for key in STUDENTS)
 OBJECTIVES: dict[str, type[Objective]] = {"byol": BYOLLoss, "mocov3": MoCoV3Loss}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def lightly_loss() -> types.ModuleType:
-    """lightly's loss package (a test dependency); imported here, as it takes seconds to import."""
-    return pytest.importorskip("lightly.loss")
 
 
 def embeddings(batch: int, dim: int = DIM, seed: int = 0, dtype: torch.dtype = torch.float64) -> dict[str, Tensor]:
@@ -44,10 +37,6 @@ def embeddings(batch: int, dim: int = DIM, seed: int = 0, dtype: torch.dtype = t
     return {key: (base + noise[i]).to(dtype).requires_grad_() for i, key in enumerate(keys)}
 
 
-def leaves(outputs: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Independent leaf copies."""
-    return {k: v.detach().clone().requires_grad_() for k, v in outputs.items()}
-
 
 def make(name: str, seed: int = 0, **kwargs) -> Objective:
     """A float64 objective with a DIM-wide predictor of hidden width HIDDEN, initialised from `seed`."""
@@ -58,20 +47,6 @@ def make(name: str, seed: int = 0, **kwargs) -> Objective:
 def predictor_of(objective: Objective) -> nn.Module:
     assert objective.predictor is not None
     return objective.predictor
-
-
-def assert_matches(loss: Tensor, ref_loss: Tensor, inputs: list[Tensor], ref_inputs: list[Tensor]) -> None:
-    """The float64 loss within 1e-12 relative of the reference's, and the gradients w.r.t. `inputs` (the student
-    embeddings and the predictor's parameters) within 1e-10 of the reference's largest gradient entry (one scale
-    for all: the predictor's first bias gets a gradient of rounding size only, as the BatchNorm after it removes
-    any shift)."""
-    got = torch.autograd.grad(loss, inputs)
-    want = torch.autograd.grad(ref_loss, ref_inputs)
-    assert loss.dtype == ref_loss.dtype == torch.float64
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0.0)
-    scale = max(w.abs().max().item() for w in want)
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, rtol=0.0, atol=1e-10 * scale)
 
 
 # ---------------------------------------------------------------- BYOL vs lightly
@@ -257,25 +232,18 @@ def run_objective(objective: Objective, outputs: dict[str, Tensor]) -> dict[str,
 
 def _worker(rank: int, port: int) -> dict:
     """One rank: both objectives on its rows of the global batch, with their predictors' BatchNorm synced."""
-    torch.set_num_threads(1)
-    world = WorldInfo(rank=rank, world_size=WORLD_SIZE, local_rank=rank)
-    init_process_group(world, backend="gloo", init_method=f"tcp://127.0.0.1:{port}")
-    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
-    local = {k: v[rows] for k, v in global_embeddings().items()}
-    results = {}
-    for name in OBJECTIVES:
-        objective = convert_sync_batchnorm(make(name, gather=make_gather(world)))
-        assert type(predictor_of(objective).bn1) is SyncBatchNorm1d
-        results[name] = run_objective(objective, local)
-    leave_process_group(world)
-    assert not dist.is_initialized()
+    with gloo_world(rank, port, WORLD_SIZE) as world:
+        rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        local = {k: v[rows] for k, v in global_embeddings().items()}
+        results = {}
+        for name in OBJECTIVES:
+            objective = convert_sync_batchnorm(make(name, gather=make_gather(world)))
+            assert type(predictor_of(objective).bn1) is SyncBatchNorm1d
+            results[name] = run_objective(objective, local)
     return results
 
 
-@pytest.fixture(scope="module")
-def rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    """Results of `_worker` from two spawned gloo processes."""
-    return run_ranks(_worker, WORLD_SIZE, tmp_path_factory.mktemp("momentum_ranks"), timeout=120)
+rank_results = ranks_fixture(_worker, WORLD_SIZE, timeout=120)
 
 
 @pytest.mark.parametrize("name", list(OBJECTIVES))

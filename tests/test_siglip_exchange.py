@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from slip.distributed import Gather, WorldInfo, init_process_group, leave_process_group, make_gather
+from slip.distributed import Gather, make_gather
 from slip.losses import SigLIPLoss
 from slip.siglip_exchange import _BlockLoss, ring_sigmoid_loss
-from rank_helpers import run_ranks
+from rank_helpers import gloo_world, run_ranks
 
 LOCAL_BATCH, DIM, SCALE, BIAS = 3, 8, 7.0, -2.0
 EXCHANGES = ("gather", "bidirectional")
@@ -81,36 +81,33 @@ def accumulated_gradients(loss_fn: SigLIPLoss, batch: dict[str, Tensor]) -> dict
 
 def _worker(rank: int, port: int, world_size: int) -> dict:
     """One rank: its rows of the global batch under both exchanges, directly and through exact accumulation."""
-    torch.set_num_threads(1)
-    world = WorldInfo(rank=rank, world_size=world_size, local_rank=rank)
-    init_process_group(world, backend="gloo", init_method=f"tcp://127.0.0.1:{port}")
-    gathers = []
+    with gloo_world(rank, port, world_size) as world:
+        gathers = []
 
-    def counting_gather(tensor: Tensor) -> tuple[Tensor, int]:
-        gathers.append(tensor.shape)
-        return make_gather(world)(tensor)
+        def counting_gather(tensor: Tensor) -> tuple[Tensor, int]:
+            gathers.append(tensor.shape)
+            return make_gather(world)(tensor)
 
-    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
-    local = {key: (value[rows] if value.dim() else value) for key, value in global_outputs(world_size).items()}
-    raw = {key: value.chunk(world_size)[rank] for key, value in raw_batch(world_size).items()}
-    results: dict[str, object] = {}
-    for exchange in EXCHANGES:
-        gathers.clear()
-        results[exchange] = run_objective(objective(exchange, counting_gather), local)
-        results[f"{exchange}_gathers"] = len(gathers)
-        if world_size == ACCUMULATION_WORLD:
-            results[f"{exchange}_accumulated"] = accumulated_gradients(objective(exchange, counting_gather), raw)
-    with torch.no_grad():  # every rank's chunk scored as the rank it came from: each row's best global column
-        image, text = (torch.nn.functional.normalize(local[key], dim=-1) for key in ("image_embed", "text_embed"))
-        results["best_text"] = ring_sigmoid_loss(image, text, local["logit_scale"], torch.tensor(BIAS), rank,
-                                                 world_size)[1]
-    try:  # unequal local batches: every rank raises, none hangs
-        objective("bidirectional", counting_gather)({key: value[: LOCAL_BATCH - (rank == 0)] if value.dim() else value
-                                                     for key, value in local.items()})
-        results["unequal_error"] = ""
-    except ValueError as error:
-        results["unequal_error"] = str(error)
-    leave_process_group(world)
+        rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        local = {key: (value[rows] if value.dim() else value) for key, value in global_outputs(world_size).items()}
+        raw = {key: value.chunk(world_size)[rank] for key, value in raw_batch(world_size).items()}
+        results: dict[str, object] = {}
+        for exchange in EXCHANGES:
+            gathers.clear()
+            results[exchange] = run_objective(objective(exchange, counting_gather), local)
+            results[f"{exchange}_gathers"] = len(gathers)
+            if world_size == ACCUMULATION_WORLD:
+                results[f"{exchange}_accumulated"] = accumulated_gradients(objective(exchange, counting_gather), raw)
+        with torch.no_grad():  # every rank's chunk scored as the rank it came from: each row's best global column
+            image, text = (torch.nn.functional.normalize(local[key], dim=-1) for key in ("image_embed", "text_embed"))
+            results["best_text"] = ring_sigmoid_loss(image, text, local["logit_scale"], torch.tensor(BIAS), rank,
+                                                     world_size)[1]
+        try:  # unequal local batches: every rank raises, none hangs
+            objective("bidirectional", counting_gather)({key: value[: LOCAL_BATCH - (rank == 0)] if value.dim() else value
+                                                         for key, value in local.items()})
+            results["unequal_error"] = ""
+        except ValueError as error:
+            results["unequal_error"] = str(error)
     return results
 
 

@@ -6,13 +6,13 @@ import types
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from slip.distributed import WorldInfo, init_process_group, leave_process_group, make_gather
+from slip.distributed import make_gather
 from slip.losses import CLIPLoss, ComposedObjective, MissingOutputError, Objective, Term
 from slip.ssl_losses import BarlowTwinsLoss, VICRegLoss
-from rank_helpers import run_ranks
+from loss_helpers import assert_matches, leaves
+from rank_helpers import gloo_world, ranks_fixture
 
 BATCH_SIZES = [2, 3, 16, 64]
 DIM = 24
@@ -20,12 +20,6 @@ OBJECTIVES: dict[str, type[Objective]] = {"vicreg": VICRegLoss, "barlow": Barlow
 VIEWS = ("aug1_embed", "aug2_embed")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def lightly_loss() -> types.ModuleType:
-    """lightly's loss package (a test dependency); imported here, as it takes seconds to import."""
-    return pytest.importorskip("lightly.loss")
 
 
 def views(batch: int, dim: int = DIM, seed: int = 0, dtype: torch.dtype = torch.float64) -> dict[str, Tensor]:
@@ -36,22 +30,6 @@ def views(batch: int, dim: int = DIM, seed: int = 0, dtype: torch.dtype = torch.
     noise = torch.randn(2, batch, dim, generator=gen, dtype=torch.float64) * 0.5 * scale
     return {key: (base + noise[i]).to(dtype).requires_grad_() for i, key in enumerate(VIEWS)}
 
-
-def leaves(outputs: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Independent leaf copies."""
-    return {k: v.detach().clone().requires_grad_() for k, v in outputs.items()}
-
-
-def assert_matches(loss: Tensor, ref_loss: Tensor, inputs: list[Tensor], ref_inputs: list[Tensor]) -> None:
-    """The float64 loss within 1e-12 relative of the reference's, and the gradients w.r.t. both embeddings within
-    1e-10 of the reference's largest gradient entry."""
-    got = torch.autograd.grad(loss, inputs)
-    want = torch.autograd.grad(ref_loss, ref_inputs)
-    assert loss.dtype == ref_loss.dtype == torch.float64
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0.0)
-    scale = max(w.abs().max().item() for w in want)
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, rtol=0.0, atol=1e-10 * scale)
 
 
 # ---------------------------------------------------------------- naive float64 references from the papers
@@ -294,21 +272,14 @@ def run_objective(objective: Objective, outputs: dict[str, Tensor]) -> dict[str,
 
 def _worker(rank: int, port: int) -> dict:
     """One rank: both objectives on its rows of the global batch."""
-    torch.set_num_threads(1)
-    world = WorldInfo(rank=rank, world_size=WORLD_SIZE, local_rank=rank)
-    init_process_group(world, backend="gloo", init_method=f"tcp://127.0.0.1:{port}")
-    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
-    local = {k: v[rows] for k, v in global_views().items()}
-    results = {name: run_objective(make(gather=make_gather(world)), local) for name, make in OBJECTIVES.items()}
-    leave_process_group(world)
-    assert not dist.is_initialized()
+    with gloo_world(rank, port, WORLD_SIZE) as world:
+        rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        local = {k: v[rows] for k, v in global_views().items()}
+        results = {name: run_objective(make(gather=make_gather(world)), local) for name, make in OBJECTIVES.items()}
     return results
 
 
-@pytest.fixture(scope="module")
-def rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    """Results of `_worker` from two spawned gloo processes."""
-    return run_ranks(_worker, WORLD_SIZE, tmp_path_factory.mktemp("ssl_ranks"), timeout=120)
+rank_results = ranks_fixture(_worker, WORLD_SIZE, timeout=120)
 
 
 @pytest.mark.parametrize("name", list(OBJECTIVES))

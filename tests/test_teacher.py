@@ -2,6 +2,7 @@
 and one update per step), checkpoint and resume, all in float64."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -46,8 +47,8 @@ def test_the_cosine_schedule_runs_from_the_start_momentum_to_one() -> None:
 
 
 @pytest.mark.parametrize("settings, message", [
-    (dict(momentum=1.5, schedule="cosine"), r"^momentum must be a number in \[0, 1\], got 1\.5$"),
-    (dict(momentum=0.99, schedule="linear"), r"^schedule must be one of \['cosine', 'constant'\], got 'linear'$"),
+    (dict(momentum=1.5, schedule="cosine", always=False), r"^momentum must be a number in \[0, 1\], got 1\.5$"),
+    (dict(momentum=0.99, schedule="linear", always=False), r"^schedule must be one of \['cosine', 'constant'\], got 'linear'$"),
 ])
 def test_bad_teacher_settings_are_named(settings: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -88,8 +89,8 @@ def test_the_task_hands_the_teacher_outputs_to_the_objective_without_autograd() 
     torch.testing.assert_close(taught[teacher_key("aug1_embed")], task.model.eval()({"aug1": batch["aug1"]})["aug1_embed"])
     with pytest.raises(ValueError, match=r"needs a momentum teacher for \['aug1', 'aug2'\]"):
         TrainTask(task.model, task.objective)
-    with pytest.raises(ValueError, match="has no teacher views"):
-        TrainTask(task.model, CLIPLoss(), teacher=task.teacher)
+    kept_to_evaluate = TrainTask(task.model, CLIPLoss(), teacher=MomentumTeacher(task.model, ()))
+    assert kept_to_evaluate.teacher_outputs(batch) == {}
 
 
 def run_steps(objective: str, batches: list[dict], update_freq: int, run_dir: Path) -> dict[str, torch.Tensor]:
@@ -144,3 +145,85 @@ def test_a_changed_teacher_momentum_does_not_resume_the_run(tmp_path: Path) -> N
     train(compose_config(*overrides, "trainer.stop_after=1"), tmp_path)
     with pytest.raises(ConfigError, match=r"^teacher\.momentum: differs"):
         train(compose_config(*overrides, "teacher.momentum=0.9"), tmp_path)
+
+
+def test_an_ema_kept_for_any_objective_is_what_eval_reads_with_weights_ema(tmp_path: Path) -> None:
+    """teacher.always keeps the EMA for plain CLIP; load_pretrained(weights="ema") and slip.eval weights=ema read it,
+    and its results go to eval-ema under their own fingerprint, never in the model's place."""
+    from slip.app.evaluate import evaluate
+    from slip.pretrained import load_pretrained
+    from test_eval import SMALL, eval_config
+
+    run = tmp_path / "run"
+    results = train(compose_config(*FAST, *SMALL_VIT, "loss=clip", "trainer.max_steps=3", "teacher.always=true",
+                                   "teacher.momentum=0.5"), run)
+    assert results["finished"]
+    checkpoint = read_checkpoint(run / CHECKPOINT_IN_RUN)
+    assert int(checkpoint["teacher"]["updates"]) == 3
+    student, ema = load_pretrained(run / CHECKPOINT_IN_RUN), load_pretrained(run / CHECKPOINT_IN_RUN, weights="ema")
+    for key, value in ema.state_dict().items():
+        assert torch.equal(value, checkpoint["teacher"][f"model.{key}"]), key
+    assert any(not torch.equal(value, student.state_dict()[key]) for key, value in ema.state_dict().items())
+    written = evaluate(eval_config(f"checkpoint={run}", "weights=ema", "tasks.linear_probe=[]", "tasks.knn=[]",
+                                   "tasks.retrieval=[]", *SMALL))
+    path = written[run / CHECKPOINT_IN_RUN]["zeroshot"]
+    assert path.parent == run / "eval-ema"
+    stored = json.loads(path.read_text())
+    assert stored["weights"] == "ema" and stored["fingerprint"].endswith("+ema")
+    assert all(record["weights"] == "ema" for record in stored["records"])
+
+
+def test_weights_ema_of_a_checkpoint_without_a_teacher_is_refused_in_one_line(tmp_path: Path) -> None:
+    from slip.checkpoint import CheckpointError
+    from slip.pretrained import load_pretrained
+
+    train(compose_config(*FAST, *SMALL_VIT, "loss=clip", "trainer.max_steps=1"), tmp_path)
+    with pytest.raises(CheckpointError, match=r"holds no EMA weights \(its run kept no momentum teacher"):
+        load_pretrained(tmp_path / CHECKPOINT_IN_RUN, weights="ema")
+    with pytest.raises(ValueError, match=r"^weights must be one of \['model', 'ema'\], got 'teacher'$"):
+        load_pretrained(tmp_path / CHECKPOINT_IN_RUN, weights="teacher")
+
+
+# ---------------------------------------------------------------- two gloo processes
+
+WORLD = 2
+DISTRIBUTED = ("byol", "mocov3", "dino")
+
+
+def _rank_worker(rank: int, port: int) -> dict:
+    """One rank: its half of each step's global batch, as K micro-batches, through the engine for two steps."""
+    import tempfile
+
+    from rank_helpers import gloo_world
+    from slip.distributed import convert_sync_batchnorm, make_gather
+
+    with gloo_world(rank, port, WORLD) as world:
+        results = {}
+        for objective in DISTRIBUTED:
+            task = teacher_task(objective)
+            task.objective.set_gather(make_gather(world))
+            for part in (task.model.image_mlp, task.objective):
+                convert_sync_batchnorm(part)
+            whole = [make_batch(task, MICRO * K * WORLD, seed=step) for step in range(STEPS)]
+            mine = [{key: value.chunk(WORLD)[rank] for key, value in batch.items()} for batch in whole]
+            with tempfile.TemporaryDirectory() as run_dir:
+                train_steps(task, [part for batch in mine for part in split(batch, K)], Path(run_dir), steps=STEPS,
+                            update_freq=K, accumulation="exact", precision="fp64", world=world)
+            results[objective] = parameters(task)
+    return results
+
+
+def test_two_gloo_ranks_hold_one_teacher_equal_to_one_process_on_the_global_batch(tmp_path: Path) -> None:
+    """Two steps of 2 ranks x 4 micro-batches of 8: model, objective (predictor, DINO's centre) and teacher are the
+    same on both ranks and equal one process at batch 64."""
+    from rank_helpers import run_ranks
+
+    ranks = run_ranks(_rank_worker, WORLD, tmp_path, timeout=300)
+    for objective in DISTRIBUTED:
+        task = teacher_task(objective)
+        whole = [make_batch(task, MICRO * K * WORLD, seed=step) for step in range(STEPS)]
+        want = run_steps(objective, whole, 1, tmp_path / f"single-{objective}")
+        for key, value in ranks[0][objective].items():
+            assert torch.equal(ranks[1][objective][key], value), f"{objective}: {key} differs between the ranks"
+        name, error = worst(relative_errors(ranks[0][objective], want))
+        assert error <= EXACT, f"{objective} {name}: {error:.2e}"

@@ -9,6 +9,7 @@ from typing import Any
 from slip.distributed import resolve_device
 from slip.eval.knn import KnnVote
 from slip.eval.l2_sweep import L2Sweep
+from slip.pretrained import WEIGHTS
 
 __all__ = ["EvalSettings", "KnnSettings", "LinearProbeSettings", "PROBE_METHODS", "ValSettings"]
 
@@ -60,6 +61,7 @@ class EvalSettings:
     `linear_probe` and `knn` are checked nodes of their own."""
 
     checkpoint: str
+    weights: str
     output_dir: str | None
     feature_cache: str | None
     data_root: str
@@ -76,6 +78,8 @@ class EvalSettings:
 
     def __post_init__(self) -> None:
         resolve_device(self.device)  # a one-line ValueError naming a value torch cannot read
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {list(WEIGHTS)}, got {self.weights!r}")
 
 
 @dataclass(frozen=True)

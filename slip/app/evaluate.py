@@ -172,11 +172,13 @@ def find_checkpoints(path: Path) -> list[Path]:
     return found
 
 
-def default_output_dir(checkpoint: Path) -> Path:
-    """<run>/eval for a run's checkpoints/last.pt; <file>.eval beside any other checkpoint file."""
+def default_output_dir(checkpoint: Path, weights: str = "model") -> Path:
+    """<run>/eval for a run's checkpoints/last.pt; <file>.eval beside any other checkpoint file; with a suffix
+    "-ema" for the momentum teacher's EMA weights, so that their results never stand in the model's place."""
+    suffix = "" if weights == "model" else f"-{weights}"
     if checkpoint.parts[-2:] == CHECKPOINT_IN_RUN.parts:
-        return checkpoint.parent.parent / EVAL_DIR
-    return checkpoint.with_name(checkpoint.name + ".eval")
+        return checkpoint.parent.parent / (EVAL_DIR + suffix)
+    return checkpoint.with_name(checkpoint.name + ".eval" + suffix)
 
 
 def _check_tasks(cfg: DictConfig) -> None:
@@ -217,12 +219,14 @@ def evaluate_checkpoint(cfg: DictConfig, settings: EvalSettings, probe: LinearPr
 
     A dataset whose results file already holds its records for this checkpoint (by content hash) and these
     settings (`task_settings`) is skipped, saying so, unless `overwrite` is true."""
-    model, info = load_pretrained_with_info(checkpoint)
+    model, info = load_pretrained_with_info(checkpoint, settings.weights)
     model.to(resolve_device(settings.device))
-    output_dir = output_dir or default_output_dir(checkpoint)
+    output_dir = output_dir or default_output_dir(checkpoint, settings.weights)
     cache_dir = Path(settings.feature_cache) if settings.feature_cache else output_dir / "feature_cache"
     cache = FeatureCache(str(cache_dir))
-    context = EvalContext(model, info, checkpoint, cfg, settings, probe, knn, cache, cache.fingerprint(checkpoint))
+    # The same file holds two models: its EMA weights are another model, for the feature cache and the results.
+    fingerprint = cache.fingerprint(checkpoint) + ("" if settings.weights == "model" else f"+{settings.weights}")
+    context = EvalContext(model, info, checkpoint, cfg, settings, probe, knn, cache, fingerprint)
     written = {}
     config = OmegaConf.to_container(cfg, resolve=True)
     config.pop("catalog", None)
@@ -233,8 +237,8 @@ def evaluate_checkpoint(cfg: DictConfig, settings: EvalSettings, probe: LinearPr
             print(f"{checkpoint}: {task} skipped: the model has no text tower ({info.objective or 'image only'})",
                   flush=True)
             continue
-        header = {"task": task, "checkpoint": str(checkpoint.resolve()), "objective": info.objective,
-                  "step": info.step}
+        header = {"task": task, "checkpoint": str(checkpoint.resolve()), "weights": info.weights,
+                  "objective": info.objective, "step": info.step}
         path = output_dir / f"{task}.json"
         stored = {} if settings.overwrite else stored_results(path, context.fingerprint)
         records, recorded, computed = [], {}, False

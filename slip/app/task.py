@@ -28,13 +28,15 @@ class TeacherSettings:
 
     momentum: float
     schedule: str
+    always: bool  # keep one for an objective without teacher views too: an EMA of the model to evaluate
 
     def __post_init__(self) -> None:
         check_momentum(self.momentum, self.schedule)
 
     def teacher_for(self, model: ImageTextModel, objective: Objective, total_steps: int) -> MomentumTeacher | None:
-        """A teacher of `model` for `objective`'s teacher views over `total_steps` updates; None where it has none."""
-        if not objective.teacher_views:
+        """A teacher of `model` for `objective`'s teacher views over `total_steps` updates; None where the objective
+        has none and `always` is off."""
+        if not (objective.teacher_views or self.always):
             return None
         return MomentumTeacher(model, objective.teacher_views, self.momentum, total_steps, self.schedule)
 
@@ -43,15 +45,15 @@ class TrainTask(nn.Module):
     """Model plus objective: the one module that owns every trainable parameter (what DDP wraps).
 
     `image_mean` and `image_std` are the normalisation of the image inputs, undone to draw the preview. `teacher`
-    is required exactly when the objective has `teacher_views`, and must embed them.
+    is required where the objective has `teacher_views`, and must embed them; without them it is an EMA of the model
+    kept to evaluate.
     """
 
     def __init__(self, model: ImageTextModel, objective: Objective, image_mean: Sequence[float] = (0.0, 0.0, 0.0),
                  image_std: Sequence[float] = (1.0, 1.0, 1.0), teacher: MomentumTeacher | None = None) -> None:
         super().__init__()
-        if bool(objective.teacher_views) != (teacher is not None):
-            raise ValueError(f"{objective.label()} needs a momentum teacher for {list(objective.teacher_views)}"
-                             if teacher is None else f"{objective.label()} has no teacher views; drop the teacher")
+        if objective.teacher_views and teacher is None:
+            raise ValueError(f"{objective.label()} needs a momentum teacher for {list(objective.teacher_views)}")
         if teacher is not None and not set(objective.teacher_views) <= set(teacher.views):
             raise ValueError(f"the teacher embeds {list(teacher.views)}, not all of {list(objective.teacher_views)}")
         self.model = model
@@ -70,7 +72,7 @@ class TrainTask(nn.Module):
 
     def teacher_outputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The teacher's outputs on `batch` (none without a teacher); no autograd."""
-        return {} if self.teacher is None else self.teacher(batch)
+        return {} if self.teacher is None or not self.teacher.views else self.teacher(batch)
 
     def finish(self, features: dict[str, torch.Tensor],
                taught: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

@@ -4,7 +4,7 @@ choosing on a validation split of train, then refitting on all of train."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
