@@ -14,9 +14,11 @@ from slip.app.engine import Trainer, TrainerSettings
 from slip.app.task import TrainTask
 from slip.losses import CLIPLoss, Objective, SigLIPLoss, SimCLRLoss, SLIPLoss
 from slip.models import build_resnet_model, build_vit_model
+from slip.ssl_losses import BarlowTwinsLoss, VICRegLoss
 
 OBJECTIVES: dict[str, Callable[[], Objective]] = {
     "clip": CLIPLoss, "simclr": SimCLRLoss, "slip": SLIPLoss, "siglip": SigLIPLoss,
+    "vicreg": VICRegLoss, "barlow": BarlowTwinsLoss,  # batch moments over the whole accumulated batch
 }
 TEXT = dict(embed_dim=16, text_width=32, text_layers=2, text_heads=2, context_length=12, vocab_size=64,
             ssl_mlp_dim=32, ssl_embed_dim=16)
