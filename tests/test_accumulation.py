@@ -1,7 +1,7 @@
 """Exact gradient accumulation (trainer.accumulation=exact) against one step on the whole batch, in float64.
 
-`update_freq=4` micro-batches of 8 against one step at 32 for CLIP, SimCLR, SLIP, SigLIP, VICReg and Barlow Twins, with ViT and
-ModifiedResNet towers; random-state replay; buffers; distributed; AMP; resume inside an accumulation window;
+`update_freq=4` micro-batches of 8 against one step at 32 for CLIP, SimCLR, SLIP, SigLIP, VICReg and Barlow
+Twins, with ViT and ModifiedResNet towers; random-state replay; buffers; distributed; AMP; resume inside an accumulation window;
 and `independent` accumulation against what it has always computed.
 """
 from __future__ import annotations
