@@ -1,4 +1,5 @@
-"""Every shipped config composes and builds: model x loss, each data format on tiny files, augment and optim."""
+"""Every shipped config composes and builds: every model and every loss (each loss with a ViT and a ResNet), each data
+format on tiny files, augment and optim."""
 from __future__ import annotations
 
 import json
