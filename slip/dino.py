@@ -1,17 +1,18 @@
 """DINO (Caron et al. 2021): self-distillation from a momentum teacher, with centring, sharpening and multi-crop.
 
-The student embeds every crop (the two global SSL views `aug1`, `aug2`, and `local_crops` local views) through the
-model's SSL head; the momentum teacher (`slip.teacher.MomentumTeacher`) embeds the global ones. Both pass through
-prototypes of their own: the last layer of DINO's head, a bias-free linear map to `out_dim` scores whose weight rows
-are normalised (weight norm with its gain fixed to 1, DINO's `norm_last_layer`), applied to the L2-normalised
-embedding. The student's prototypes are trained; the teacher's are an EMA of them with the teacher's momentum
-(`after_teacher_update`).
+The student embeds every crop (`global_crops` global views `aug1` ... `augN`, of which `aug1`, `aug2` are the SSL
+views, and `local_crops` local views) through the model's SSL head; the momentum teacher
+(`slip.teacher.MomentumTeacher`) embeds the global ones. Both pass through prototypes of their own: the last layer
+of DINO's head, a bias-free linear map to `out_dim` scores whose weight rows are normalised (weight norm with its
+gain fixed to 1, DINO's `norm_last_layer`), applied to the L2-normalised embedding. The student's prototypes are
+trained; the teacher's are an EMA of them with the teacher's momentum (`after_teacher_update`).
 
-loss = mean over (teacher global q, student crop v != q) of CE(softmax((t_q - c) / T_t), softmax(s_v / T_s)). The
-centre c moves after each optimizer step to m c + (1 - m) × the mean teacher score over the global batch (both
-globals, every rank, every micro-batch of the step); T_t rises linearly from `warmup_teacher_temp` to
-`teacher_temp` over the first `warmup_teacher_temp_steps` optimizer steps (DINO counts epochs; so does its
-linspace, whose last point is `teacher_temp`).
+loss = mean over (teacher global q, student crop v != q) of CE(softmax((t_q - c) / T_t), softmax(s_v / T_s)): only
+the pairs of a view with itself are left out, as DINO's code does for any number of globals. The centre c moves
+after each optimizer step to m c + (1 - m) × the mean teacher score over the global batch (every global, every
+rank, every micro-batch of the step); T_t rises linearly from `warmup_teacher_temp` to `teacher_temp` over the
+first `warmup_teacher_temp_steps` optimizer steps (DINO counts epochs; so does its linspace, whose last point is
+`teacher_temp`).
 
 Where this differs from DINO's head: the MLP before the prototypes is the model's SSL head (SLIP's
 Linear-BN-ReLU ×2 by default; `loss=dino` sets DINO's 2048 hidden units without normalisation, keeping ReLU where
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 
 from slip.checks import non_negative_int, positive_int
 from slip.distributed import Gather
-from slip.inputs import SSL_VIEWS, local_views
+from slip.inputs import SSL_VIEWS, global_views, local_views
 from slip.losses import Objective
 from slip.teacher import teacher_key
 
@@ -49,14 +50,17 @@ class DINOLoss(Objective):
 
     default_name = "dino"
     metric_suffixes = ("teacher_entropy",)
-    teacher_views = SSL_VIEWS
+    teacher_views = SSL_VIEWS  # the default's; an instance's are its `global_crops` global views
 
     def __init__(self, out_dim: int = 65536, local_crops: int = 0, student_temp: float = 0.1,
                  teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04, warmup_teacher_temp_steps: int = 0,
                  center_momentum: float = 0.9, dim: int | None = None, gather: Gather | None = None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, global_crops: int = 2) -> None:
         super().__init__(gather, name)
         self.out_dim = positive_int("DINOLoss out_dim", out_dim)
+        if isinstance(global_crops, bool) or not isinstance(global_crops, int) or global_crops < 2:
+            raise ValueError(f"DINOLoss global_crops must be an integer >= 2, got {global_crops!r}")
+        self.global_crops = global_crops
         self.local_crops = non_negative_int("DINOLoss local_crops", local_crops)
         self.student_temp = _positive("DINOLoss", "student_temp", student_temp)
         self.teacher_temp = _positive("DINOLoss", "teacher_temp", teacher_temp)
@@ -67,7 +71,8 @@ class DINOLoss(Objective):
                 or not 0.0 <= center_momentum <= 1.0:
             raise ValueError(f"DINOLoss center_momentum must be a number in [0, 1], got {center_momentum!r}")
         self.center_momentum = float(center_momentum)
-        self.inputs = (*SSL_VIEWS, *local_views(self.local_crops))
+        self.teacher_views = global_views(self.global_crops)
+        self.inputs = (*self.teacher_views, *local_views(self.local_crops))
         self.prototypes: nn.Parameter | None = None
         self.register_buffer("center", torch.zeros(1, self.out_dim))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
@@ -94,8 +99,9 @@ class DINOLoss(Objective):
 
     def extra_repr(self) -> str:
         """Shown by print(module)."""
-        return (f"out_dim={self.out_dim}, local_crops={self.local_crops}, student_temp={self.student_temp}, "
-                f"teacher_temp={self.teacher_temp}, center_momentum={self.center_momentum}")
+        return (f"out_dim={self.out_dim}, global_crops={self.global_crops}, local_crops={self.local_crops}, "
+                f"student_temp={self.student_temp}, teacher_temp={self.teacher_temp}, "
+                f"center_momentum={self.center_momentum}")
 
     def current_teacher_temp(self) -> float:
         """The teacher temperature of this step: DINO's linspace(warmup_teacher_temp, teacher_temp, warmup steps)
@@ -115,7 +121,7 @@ class DINOLoss(Objective):
         if self.prototypes is None:
             raise RuntimeError("DINOLoss has no prototypes yet: pass dim= or call bind(model.spec)")
         students = self._read(outputs, *(f"{view}_embed" for view in self.inputs))
-        teachers = self._read(outputs, *(teacher_key(f"{view}_embed") for view in SSL_VIEWS))
+        teachers = self._read(outputs, *(teacher_key(f"{view}_embed") for view in self.teacher_views))
         with torch.autocast(students[0].device.type, enabled=False):
             prototypes = self.prototypes.to(students[0].dtype)
             student_logs = [F.log_softmax(self._scores(s, prototypes) / self.student_temp, dim=-1) for s in students]

@@ -113,10 +113,13 @@ class Monitor:
 
 def view_grid(views: Sequence[torch.Tensor], mean: Iterable[float], std: Iterable[float],
               count: int = 8) -> torch.Tensor:
-    """One row per image batch of `views` (its first `count` samples), un-normalised to [0, 1] for TensorBoard."""
+    """One row per image batch of `views` (its first `count` samples), un-normalised to [0, 1] for TensorBoard;
+    smaller views (global crops of their own size) padded with black at the bottom and right to the largest."""
     from torchvision.utils import make_grid
 
     mean_t = torch.tensor(list(mean)).view(1, 3, 1, 1)
     std_t = torch.tensor(list(std)).view(1, 3, 1, 1)
-    rows = [images[:count].float().cpu() * std_t + mean_t for images in views]
-    return make_grid(torch.cat(rows).clamp(0, 1), nrow=min(count, rows[0].shape[0]))
+    rows = [(images[:count].float().cpu() * std_t + mean_t).clamp(0, 1) for images in views]
+    height, width = max(row.shape[-2] for row in rows), max(row.shape[-1] for row in rows)
+    rows = [torch.nn.functional.pad(row, (0, width - row.shape[-1], 0, height - row.shape[-2])) for row in rows]
+    return make_grid(torch.cat(rows), nrow=min(count, rows[0].shape[0]))

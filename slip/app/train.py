@@ -28,8 +28,10 @@ from slip.app.engine import Trainer, TrainerSettings, TrainingError
 from slip.error_text import last_line
 from slip.eval.zeroshot import validation_images, zero_shot_evaluator
 from slip.host_memory import retain_freed_memory
+from slip.inputs import is_global_view
 from slip.losses import Objective
 from slip.models import ImageTextModel
+from slip.models.spec import ModelSpec
 from slip.models.vision import has_batch_statistics
 from slip.random_state import seed_everything
 from slip.app.run_identity import BatchLayout, check_resume, saved_processes
@@ -82,6 +84,18 @@ def _finished_results(run_dir: Path, cfg: DictConfig, checkpoint: dict[str, Any]
     return None
 
 
+def check_global_crop_size(augment: DictConfig, spec: ModelSpec, inputs: tuple[str, ...]) -> None:
+    """A one-line ConfigError naming augment.ssl_crop_size where the image tower cannot embed global views of that
+    size (checked where `inputs` name a global view)."""
+    size = augment.get("ssl_crop_size")
+    if size is None or not any(is_global_view(name) for name in inputs):
+        return
+    try:
+        spec.vision.check_crop_size(size, spec.preprocess.image_size)
+    except ValueError as error:
+        raise ConfigError(f"augment.ssl_crop_size: {error}") from None
+
+
 @dataclass
 class RunParts:
     """Everything `train` builds from a config before it trains: the pieces the engine is handed."""
@@ -108,6 +122,7 @@ def build_run(cfg: DictConfig, world: WorldInfo, settings: TrainerSettings) -> R
         inputs=objective.inputs, image_size=spec.preprocess.image_size, mean=spec.preprocess.mean,
         std=spec.preprocess.std, context_length=spec.text.context_length,
     )
+    check_global_crop_size(cfg.augment, spec, objective.inputs)
     device = resolve_device(settings.device, world.local_rank)
     data = build_train_data(cfg.data, transform, world, settings.seed, settings.update_freq,
                             pin_memory=device.type == "cuda",  # page-locked batches: asynchronous copies

@@ -3,6 +3,9 @@
 - `clip_view`: the image seen by the image-text objective: a mild random resized crop, nothing else.
 - `ssl_view`: SimCLR's recipe as SLIP uses it: crop, colour jitter, grayscale, Gaussian blur, flip.
 - `eval_view`: resize the shorter side, centre crop.
+- Global crops (`aug1` ... `augN`: the SSL views and, for multi-crop objectives such as DINO, more of them): the
+  SSL recipe at the global size and crop scale (`build_multiview`'s `global_crops`, `ssl_crop_size`,
+  `ssl_crop_scale`).
 - Local crops (`local1` ... `localM`, multi-crop objectives such as DINO): the SSL recipe at their own, smaller
   size and crop scale (`build_multiview`'s `local_crops`, `local_crop_size`, `local_crop_scale`).
 
@@ -31,7 +34,8 @@ from slip import tokenizer
 from slip.checks import positive_int
 from slip.data import tensor_views
 from slip.data.loader import batch_to_device
-from slip.inputs import ALL_INPUTS, SSL_VIEWS, is_input, is_local_view, local_views, ordered_inputs
+from slip.inputs import (ALL_INPUTS, global_views, is_global_view, is_input, is_local_view, local_views,
+                         ordered_inputs)
 from slip.models.spec import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 __all__ = [
@@ -247,16 +251,19 @@ def build_multiview(
     local_crops: int = 0,
     local_crop_size: int = 96,
     local_crop_scale: Sequence[float] = (0.05, 0.4),
+    global_crops: int = 2,
+    ssl_crop_size: int | None = None,
 ) -> MultiView:
-    """The `MultiView` producing exactly `inputs` (a subset of image, text, aug1, aug2 and local views
-    local1 ... local{`local_crops`}; `objective.inputs`).
+    """The `MultiView` producing exactly `inputs` (a subset of image, text, the global views aug1 ...
+    aug{`global_crops`} and the local views local1 ... local{`local_crops`}; `objective.inputs`).
 
-    "image" gets `clip_view`, "aug1" and "aug2" each an independent `ssl_view`, "text" the tokenizer, and each
-    local view an independent `ssl_view` of `local_crop_size` px whose crop covers `local_crop_scale` of the image
-    (DINO's local crops; built only where `inputs` name them). `jitter_strength` s scales the colour jitter to
-    (0.4 s, 0.4 s, 0.4 s, 0.1 s). `backend` "tensor" computes the views with `slip.data.tensor_views`, "pil" with
-    torchvision's PIL pipelines (same draws), "device" crops and draws in the workers and finishes the views on the
-    training device (`MultiView.to_device`).
+    "image" gets `clip_view`, "text" the tokenizer, each global view ("aug1", "aug2": the SSL views, and for
+    multi-crop objectives "aug3" ...) an independent `ssl_view` of `ssl_crop_size` px (None: `image_size`) whose crop
+    covers `ssl_crop_scale` of the image, and each local view an independent `ssl_view` of `local_crop_size` px whose
+    crop covers `local_crop_scale` of the image (DINO's local crops); views are built only where `inputs` name them.
+    `jitter_strength` s scales the colour jitter to (0.4 s, 0.4 s, 0.4 s, 0.1 s). `backend` "tensor" computes the
+    views with `slip.data.tensor_views`, "pil" with torchvision's PIL pipelines (same draws), "device" crops and
+    draws in the workers and finishes the views on the training device (`MultiView.to_device`).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
@@ -265,14 +272,18 @@ def build_multiview(
     requested = list(inputs)
     unknown = [name for name in requested if not is_input(name)]
     if unknown or not requested:
-        raise ValueError(f"inputs must be a non-empty subset of {list(ALL_INPUTS)} and local views local1, local2, "
-                         f"..., got {list(inputs)}")
+        raise ValueError(f"inputs must be a non-empty subset of {list(ALL_INPUTS)}, global views aug3, aug4, ... and "
+                         f"local views local1, local2, ..., got {list(inputs)}")
+    if isinstance(global_crops, bool) or not isinstance(global_crops, int) or global_crops < 2:
+        raise ValueError(f"global_crops must be an integer >= 2 (aug1 and aug2 are global views), got {global_crops!r}")
     if isinstance(local_crops, bool) or not isinstance(local_crops, int) or local_crops < 0:
         raise ValueError(f"local_crops must be an integer >= 0, got {local_crops!r}")
-    beyond = [name for name in requested if is_local_view(name) and name not in local_views(local_crops)]
-    if beyond:
-        raise ValueError(f"inputs name local view {beyond[0]!r} but augment.local_crops={local_crops} builds "
-                         f"{list(local_views(local_crops)) or 'none'}")
+    for kind, key, count, recognise, named in (("global", "global_crops", global_crops, is_global_view, global_views),
+                                                ("local", "local_crops", local_crops, is_local_view, local_views)):
+        beyond = [name for name in requested if recognise(name) and name not in named(count)]
+        if beyond:
+            raise ValueError(f"inputs name {kind} view {beyond[0]!r} but augment.{key}={count} builds "
+                             f"{list(named(count)) or 'none'}")
     if isinstance(jitter_strength, bool) or not isinstance(jitter_strength, (int, float)) or not (
         0 <= jitter_strength <= 5
     ):
@@ -285,6 +296,7 @@ def build_multiview(
         raise ValueError(f"context_length must be >= 2 (start + end token), got {context_length}")
     clip_scale = _check_range("clip_scale", clip_scale, 0.0, 1.0)
     ssl_crop_scale = _check_range("ssl_crop_scale", ssl_crop_scale, 0.0, 1.0)
+    global_size = image_size if ssl_crop_size is None else positive_int("ssl_crop_size", ssl_crop_size)
     positive_int("local_crop_size", local_crop_size)
     local_crop_scale = _check_range("local_crop_scale", local_crop_scale, 0.0, 1.0)
     for name, value in [("jitter_p", jitter_p), ("grayscale_p", grayscale_p), ("blur_p", blur_p),
@@ -300,8 +312,8 @@ def build_multiview(
         if name == "image":
             make_clip = tensor_views.TensorClipView if on_tensors else clip_view
             views[name] = make_clip(image_size, mean, std, scale=clip_scale, **deferred)
-        elif name in SSL_VIEWS or is_local_view(name):
-            size, scale = (image_size, ssl_crop_scale) if name in SSL_VIEWS else (local_crop_size, local_crop_scale)
+        elif is_global_view(name) or is_local_view(name):
+            size, scale = (global_size, ssl_crop_scale) if is_global_view(name) else (local_crop_size, local_crop_scale)
             s = float(jitter_strength)
             make_ssl = tensor_views.TensorSSLView if on_tensors else ssl_view
             views[name] = make_ssl(

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 from torch import nn
 
-from slip.inputs import ALL_INPUTS, IMAGE_TEXT, IMAGE_VIEWS, SSL_VIEWS, is_image_view, is_local_view, ordered_inputs
+from slip.inputs import (ALL_INPUTS, IMAGE_TEXT, IMAGE_VIEWS, SSL_VIEWS, is_global_view, is_image_view, is_local_view,
+                         ordered_inputs)
 from slip.models.heads import CLIP_INITIAL_LOGIT_SCALE, MAX_LOGIT_SCALE, SSLHead, projection
 from slip.models.text import TextTransformer
 from slip.models.vision import has_batch_statistics, patch_dropout_rate
@@ -23,8 +24,9 @@ class ImageTextModel(nn.Module):
     """Maps a batch dict to named outputs; builds and computes only the parts its objective needs.
 
     Outputs: `image_embed`, `text_embed` (projected, not normalised), `logit_scale` (exponentiated and
-    clamped), `aug1_embed`, `aug2_embed` and `localK_embed` for each local view (after the SSL head).
-    `local_views` names the local crops it embeds (None: those of `spec.inputs`).
+    clamped), `augK_embed` for each global view (`aug1`, `aug2` and any more) and `localK_embed` for each local view
+    (after the SSL head). `global_views` names the global crops it embeds besides `aug1` and `aug2`, and `local_views`
+    the local crops (None: those of `spec.inputs`).
     """
 
     def __init__(
@@ -40,17 +42,24 @@ class ImageTextModel(nn.Module):
         spec: ModelSpec | None = None,
         view_patch_dropout: Mapping[str, float] | None = None,
         local_views: Sequence[str] | None = None,
+        global_views: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         # The share of patch tokens each image view drops in training (ViT towers; FLIP's patch dropout).
         self.view_patch_dropout = {view: 0.0 for view in IMAGE_VIEWS} | dict(view_patch_dropout or {})
-        if local_views is None:
-            local_views = [] if spec is None else [name for name in spec.inputs if is_local_view(name)]
-        if isinstance(local_views, str) or not all(is_local_view(name) for name in local_views):
-            raise ValueError(f"local_views must name local views (local1, local2, ...), got {local_views!r}")
-        if local_views and ssl_head is None:
-            raise ValueError(f"local views {list(local_views)} are embedded by the SSL head, but ssl_head is None")
-        self.local_views = ordered_inputs(local_views)
+        multicrop = {}
+        for kind, names, recognise, example in (("global", global_views, is_global_view, "aug3, aug4"),
+                                                ("local", local_views, is_local_view, "local1, local2")):
+            if names is None:
+                names = [] if spec is None else [name for name in spec.inputs if recognise(name)]
+            if isinstance(names, str) or not all(recognise(name) for name in names):
+                raise ValueError(f"{kind}_views must name {kind} views ({example}, ...), got {names!r}")
+            multicrop[kind] = ordered_inputs(name for name in names if name not in SSL_VIEWS)
+        if (multicrop["global"] or multicrop["local"]) and ssl_head is None:
+            raise ValueError(f"views {[*multicrop['global'], *multicrop['local']]} are embedded by the SSL head, but "
+                             "ssl_head is None")
+        # The global views beyond aug1 and aug2 (a multi-crop objective's), and the local views.
+        self.global_views, self.local_views = multicrop["global"], multicrop["local"]
         self.visual = visual
         self.text = text
         self.image_mlp = ssl_head
@@ -85,7 +94,12 @@ class ImageTextModel(nn.Module):
     def inputs(self) -> tuple[str, ...]:
         """The batch keys this model consumes."""
         keys = IMAGE_TEXT if self.text is not None else ()
-        return keys + (SSL_VIEWS + self.local_views if self.image_mlp is not None else ())
+        return keys + (self.ssl_views if self.image_mlp is not None else ())
+
+    @property
+    def ssl_views(self) -> tuple[str, ...]:
+        """The views the SSL head embeds: the global views (`aug1`, `aug2` and any more), then the local views."""
+        return SSL_VIEWS + self.global_views + self.local_views
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """Image-tower features before any projection (what a linear probe reads)."""
@@ -135,8 +149,9 @@ class ImageTextModel(nn.Module):
         return {"logit_scale": float(self.scaled_logit_scale().detach())}
 
     def _patch_dropout(self, view: str) -> float:
-        """The share of patch tokens `view` drops in training: its own rate, or for a local view the SSL views'."""
-        if view not in self.view_patch_dropout and is_local_view(view):
+        """The share of patch tokens `view` drops in training: its own rate, or for a further global or a local view
+        the SSL views'."""
+        if view not in self.view_patch_dropout and (is_global_view(view) or is_local_view(view)):
             return self.view_patch_dropout[SSL_VIEWS[0]]
         return self.view_patch_dropout[view]
 
@@ -170,8 +185,7 @@ class ImageTextModel(nn.Module):
         return features
 
     def tower_features(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Batch -> the towers' features, keyed by input (`image`, `text`, `aug1`, `aug2`, local views), before any
-        head.
+        """Batch -> the towers' features, keyed by input (`image`, `text`, global and local views), before any head.
 
         Samples only meet in the towers through batch statistics (a ResNet's BatchNorm); the heads and the
         objective see the whole batch, which is where exact accumulation splits the model (`slip.app.accumulation`).
@@ -192,11 +206,11 @@ class ImageTextModel(nn.Module):
             outputs["text_embed"] = self.project_text(features["text"])
         if outputs:  # an image or text embedding was computed, so the logit scale is needed too
             outputs["logit_scale"] = self.scaled_logit_scale()
-        for view in SSL_VIEWS + self.local_views:
+        for view in self.ssl_views:
             if view in features:  # one head call per view, as BatchNorm in the head normalises per view
                 outputs[f"{view}_embed"] = self.image_mlp(features[view])
         return outputs
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Batch dict (`image`, `text`, `aug1`, `aug2`, local views, any subset) -> outputs dict."""
+        """Batch dict (`image`, `text`, global and local views, any subset) -> outputs dict."""
         return self.heads(self.tower_features(batch))

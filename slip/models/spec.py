@@ -16,7 +16,7 @@ from torch import nn
 
 from slip.checks import positive_int
 from slip.models.heads import CLIP_INITIAL_LOGIT_SCALE, SSL_HEAD_NORMS
-from slip.inputs import ALL_INPUTS, SSL_VIEWS, is_input, is_local_view
+from slip.inputs import ALL_INPUTS, SSL_VIEWS, is_global_view, is_input, is_local_view
 from slip.models.vision import ModifiedResNet, check_patch_dropout, vit_tower
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "HeadSpec",
@@ -65,7 +65,7 @@ class VisionSpec:
     tag: ClassVar[str]  # names the class in `to_dict` output; read back only through `_VISION_TYPES`
     tower_name: ClassVar[str]  # for messages
     projects_image: ClassVar[bool]  # whether the model adds an image projection after the tower
-    takes_smaller_crops: ClassVar[bool]  # whether the tower embeds images smaller than its image size (local views)
+    takes_smaller_crops: ClassVar[bool]  # whether the tower embeds images of other sizes than its own (multi-crop)
 
     def build_tower(self, image_size: int, embed_dim: int) -> nn.Module:
         """The image tower for `image_size` px images (`embed_dim`: the joint space, for towers that pool into it)."""
@@ -73,6 +73,13 @@ class VisionSpec:
 
     def check_image_size(self, image_size: int) -> None:
         """Raise ValueError where the tower cannot take `image_size` px images."""
+
+    def check_crop_size(self, crop_size: int, image_size: int) -> None:
+        """Raise a one-line ValueError naming the tower where it cannot embed `crop_size` px crops beside its
+        `image_size` px images."""
+        if crop_size != image_size and not self.takes_smaller_crops:
+            raise ValueError(f"{crop_size} px crops need an image tower that takes other sizes than its "
+                             f"{image_size} px images; the {self.tower_name} tower takes {image_size} px only")
 
     def view_patch_dropout(self) -> dict[str, float]:
         """The share of patch tokens each image view drops in training (none for towers without patches)."""
@@ -119,6 +126,11 @@ class ViTSpec(VisionSpec):
         if image_size % self.patch_size:
             raise ValueError(f"image_size={image_size} is not a multiple of patch_size={self.patch_size}")
 
+    def check_crop_size(self, crop_size: int, image_size: int) -> None:
+        """Raise a one-line ValueError unless `crop_size` is a multiple of the patch size."""
+        if crop_size % self.patch_size:
+            raise ValueError(f"{crop_size} px crops are not a multiple of the ViT's patch_size={self.patch_size}")
+
     def build_tower(self, image_size: int, embed_dim: int) -> nn.Module:
         """A timm ViT whose PatchDropout (if any) can take the larger of the two view rates."""
         return vit_tower(image_size=image_size, patch_size=self.patch_size, width=self.width, depth=self.layers,
@@ -127,7 +139,7 @@ class ViTSpec(VisionSpec):
 
     def view_patch_dropout(self) -> dict[str, float]:
         """FLIP's patch dropout: `patch_dropout` for the CLIP view, `ssl_patch_dropout` for the SSL views (and the
-        local views, which `ImageTextModel` gives the SSL views' rate)."""
+        further global and the local views, which `ImageTextModel` gives the SSL views' rate)."""
         return {"image": self.patch_dropout, **{view: self.ssl_patch_dropout for view in SSL_VIEWS}}
 
     def describe(self, image_size: int) -> str:
@@ -255,8 +267,8 @@ class ModelSpec:
         inputs = self.inputs
         if isinstance(inputs, str) or not isinstance(inputs, Sequence) or not inputs or not all(
                 is_input(name) for name in inputs):
-            raise ValueError(f"model inputs must be a non-empty subset of {list(ALL_INPUTS)} and local views local1, "
-                             f"local2, ..., got {inputs!r}")
+            raise ValueError(f"model inputs must be a non-empty subset of {list(ALL_INPUTS)}, global views aug3, aug4, "
+                             f"... and local views local1, local2, ..., got {inputs!r}")
         _set(self, "inputs", tuple(inputs))
         self.vision.check_image_size(self.preprocess.image_size)
         local = [name for name in self.inputs if is_local_view(name)]
@@ -272,8 +284,8 @@ class ModelSpec:
 
     @property
     def with_ssl_head(self) -> bool:
-        """Whether the inputs need the SSL head ("aug1", "aug2" or a local view)."""
-        return any(view in SSL_VIEWS or is_local_view(view) for view in self.inputs)
+        """Whether the inputs need the SSL head (a global view "aug1", "aug2", ... or a local view)."""
+        return any(is_global_view(view) or is_local_view(view) for view in self.inputs)
 
     def builder_kwargs(self) -> dict[str, Any]:
         """Every field by its builder keyword: `vit_spec(**spec.builder_kwargs())` (or resnet_spec) == spec."""
