@@ -204,3 +204,16 @@ def test_a_key_added_later_at_its_default_does_not_block_resuming() -> None:
     del old["patch_dropout"]
     fill_added_defaults(old, changed.model)  # not the default: the runs differ
     assert first_difference(old, changed.model, "model") == "model.patch_dropout"
+
+
+def test_a_section_added_later_at_its_default_does_not_block_resuming() -> None:
+    """A run saved before the `teacher` section existed trained as its shipped default does; another value does not
+    continue it."""
+    from slip.app.migrations import fill_added_defaults
+
+    for overrides, same in (((), True), (("teacher.momentum=0.99",), False), (("teacher.always=true",), False)):
+        current = compose_config("run_name=x", *overrides)
+        saved = OmegaConf.create(OmegaConf.to_container(current, resolve=False))
+        del saved["teacher"]  # a config saved before the section existed
+        fill_added_defaults(saved, current)
+        assert ("teacher" in saved) == same, overrides

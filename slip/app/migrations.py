@@ -5,15 +5,16 @@ from __future__ import annotations
 import collections.abc
 import inspect
 import types
+from pathlib import Path
 from typing import Any
 
 from hydra.utils import get_method
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from slip.app.config import ConfigError
+from slip.app.config import CONF_DIR, ConfigError
 
-__all__ = ["MOVED_TARGETS", "RENAMED_KEYS", "check_renamed_keys", "check_renamed_overrides", "fill_added_defaults",
-           "upgrade_saved_config"]
+__all__ = ["ADDED_SECTIONS", "MOVED_TARGETS", "RENAMED_KEYS", "check_renamed_keys", "check_renamed_overrides",
+           "fill_added_defaults", "upgrade_saved_config"]
 
 # Keys that users may still write under an old name: old dotted key -> (new dotted key, what it is).
 RENAMED_KEYS: collections.abc.Mapping[str, tuple[str, str]] = types.MappingProxyType({
@@ -73,9 +74,23 @@ def upgrade_saved_config(saved: DictConfig) -> DictConfig:
     return upgraded
 
 
-def fill_added_defaults(saved: Any, current: Any) -> None:
-    """Give `saved` (in place) the keys that `current`'s builder nodes have and it lacks, where `current` sets them
-    to the builder's default: a key added in a later version, left at its default, changes nothing."""
+# Top-level sections added in a later version, by the shipped file that is their default: a run saved without one
+# trained as that default does (no objective before the momentum teacher asked for one).
+ADDED_SECTIONS: collections.abc.Mapping[str, str] = types.MappingProxyType({"teacher": "teacher/ema.yaml"})
+
+
+def fill_added_defaults(saved: DictConfig, current: DictConfig) -> None:
+    """Give the config `saved` (in place) the sections of ADDED_SECTIONS it lacks, where `current` has the shipped
+    default, and the keys that `current`'s builder nodes have and it lacks, where `current` sets them to the
+    builder's default: a section or key added in a later version, left at its default, changes nothing."""
+    for section, default_file in ADDED_SECTIONS.items():
+        if section not in saved and section in current and OmegaConf.to_container(current[section], resolve=True) \
+                == OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / default_file)):
+            saved[section] = current[section]
+    _fill_added_keys(saved, current)
+
+
+def _fill_added_keys(saved: Any, current: Any) -> None:
     if not (isinstance(saved, DictConfig) and isinstance(current, DictConfig)):
         return
     target = current.get("_target_")
@@ -91,7 +106,7 @@ def fill_added_defaults(saved: Any, current: Any) -> None:
             if name in defaults and OmegaConf.select(current, str(name)) == defaults[name]:
                 saved[name] = current[name]
         else:
-            fill_added_defaults(saved[name], current[name])
+            _fill_added_keys(saved[name], current[name])
 
 
 def _move_targets(node: Any) -> None:
