@@ -138,6 +138,26 @@ def test_crop_areas_follow_the_configured_ranges(backend):
     assert local.max() > 0.3 and local.min() < 0.1  # the range is used, not a point in it
 
 
+def draw_for_draw(fast, plain, image, names: tuple[str, ...], seeds: int, size: int) -> list[float]:
+    """The mean level difference of each view `names` of the tensor backend `fast` against the PIL backend `plain`
+    under the same seeds: both consume the same random numbers, and each view is a few levels of 255 apart."""
+    means = []
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        ours = fast(image, "")
+        after_ours = torch.rand(1)
+        torch.manual_seed(seed)
+        theirs = plain(image, "")
+        assert torch.equal(torch.rand(1), after_ours), seed
+        assert ours.keys() == theirs.keys()
+        for name in names:
+            assert ours[name].shape == theirs[name].shape == (3, size, size)
+            difference = _levels(ours[name], theirs[name])
+            means.append(float(difference.mean()))
+            assert difference.mean() < 4.5 and torch.quantile(difference.flatten(), 0.99) < 24.0, (seed, name)
+    return means
+
+
 def test_local_views_follow_the_pil_path_draw_for_draw_within_a_few_levels():
     """The tensor backend's local crops against the PIL reference under one seed, as tests/test_tensor_views.py
     checks the SSL views: the same random numbers consumed, and the views a few levels of 255 apart.
@@ -149,20 +169,7 @@ def test_local_views_follow_the_pil_path_draw_for_draw_within_a_few_levels():
     image, inputs = photo_like(160, 112, 0), ("aug1", *LOCALS)
     fast = build_multiview(inputs, 32, CLIP_MEAN, CLIP_STD, local_crops=3, local_crop_size=24)
     plain = build_multiview(inputs, 32, CLIP_MEAN, CLIP_STD, local_crops=3, local_crop_size=24, backend="pil")
-    means = []
-    for seed in range(20):
-        torch.manual_seed(seed)
-        ours = fast(image, "")
-        after_ours = torch.rand(1)
-        torch.manual_seed(seed)
-        theirs = plain(image, "")
-        assert torch.equal(torch.rand(1), after_ours), seed
-        assert ours.keys() == theirs.keys()
-        for name in LOCALS:
-            assert ours[name].shape == theirs[name].shape == (3, 24, 24)
-            difference = _levels(ours[name], theirs[name])
-            means.append(float(difference.mean()))
-            assert difference.mean() < 4.5 and torch.quantile(difference.flatten(), 0.99) < 24.0, (seed, name)
+    means = draw_for_draw(fast, plain, image, LOCALS, seeds=20, size=24)
     assert np.mean(means) < 2.0
 
 
@@ -428,19 +435,7 @@ def test_global_crops_follow_the_pil_path_draw_for_draw_and_the_three_backends_a
     kwargs = dict(global_crops=3, ssl_crop_size=24, local_crops=1, local_crop_size=16)
     fast = build_multiview(inputs, 32, CLIP_MEAN, CLIP_STD, **kwargs)
     plain = build_multiview(inputs, 32, CLIP_MEAN, CLIP_STD, backend="pil", **kwargs)
-    image, means = photo_like(160, 112, 0), []
-    for seed in range(12):
-        torch.manual_seed(seed)
-        ours = fast(image, "")
-        after_ours = torch.rand(1)
-        torch.manual_seed(seed)
-        theirs = plain(image, "")
-        assert torch.equal(torch.rand(1), after_ours), seed
-        for name in GLOBALS:
-            assert ours[name].shape == theirs[name].shape == (3, 24, 24)
-            difference = _levels(ours[name], theirs[name])
-            means.append(float(difference.mean()))
-            assert difference.mean() < 4.5 and torch.quantile(difference.flatten(), 0.99) < 24.0, (seed, name)
+    means = draw_for_draw(fast, plain, photo_like(160, 112, 0), GLOBALS, seeds=12, size=24)
     assert np.mean(means) < 2.0
     deferred = build_multiview(inputs, 32, CLIP_MEAN, CLIP_STD, backend="device", **kwargs)
     photos = [photo_like(96, 72, seed) for seed in range(4)]
