@@ -2,9 +2,10 @@
 argument."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
-__all__ = ["is_positive_int", "non_negative_int", "positive_int"]
+__all__ = ["is_positive_int", "non_negative_int", "positive_int", "positive_number", "unit_interval"]
 
 
 def is_positive_int(value: Any) -> bool:
@@ -24,3 +25,17 @@ def non_negative_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}")
     return value
+
+
+def positive_number(name: str, value: Any) -> float:
+    """`value` as a float if it is a finite number > 0 (a bool is not); else a one-line ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def unit_interval(name: str, value: Any) -> float:
+    """`value` as a float if it is a number in [0, 1] (a bool is not); else a one-line ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)

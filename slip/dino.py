@@ -20,14 +20,13 @@ DINO uses GELU), and the prototypes are not frozen during the first epoch.
 """
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slip.checks import non_negative_int, positive_int
+from slip.checks import non_negative_int, positive_int, positive_number, unit_interval
 from slip.distributed import Gather
 from slip.inputs import SSL_VIEWS, global_views, local_views
 from slip.losses import Objective
@@ -37,12 +36,6 @@ if TYPE_CHECKING:
     from slip.models.spec import ModelSpec
 
 __all__ = ["DINOLoss"]
-
-
-def _positive(owner: str, name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{owner} {name} must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 class DINOLoss(Objective):
@@ -62,15 +55,12 @@ class DINOLoss(Objective):
             raise ValueError(f"DINOLoss global_crops must be an integer >= 2, got {global_crops!r}")
         self.global_crops = global_crops
         self.local_crops = non_negative_int("DINOLoss local_crops", local_crops)
-        self.student_temp = _positive("DINOLoss", "student_temp", student_temp)
-        self.teacher_temp = _positive("DINOLoss", "teacher_temp", teacher_temp)
-        self.warmup_teacher_temp = _positive("DINOLoss", "warmup_teacher_temp", warmup_teacher_temp)
+        self.student_temp = positive_number("DINOLoss student_temp", student_temp)
+        self.teacher_temp = positive_number("DINOLoss teacher_temp", teacher_temp)
+        self.warmup_teacher_temp = positive_number("DINOLoss warmup_teacher_temp", warmup_teacher_temp)
         self.warmup_teacher_temp_steps = non_negative_int("DINOLoss warmup_teacher_temp_steps",
                                                           warmup_teacher_temp_steps)
-        if isinstance(center_momentum, bool) or not isinstance(center_momentum, (int, float)) \
-                or not 0.0 <= center_momentum <= 1.0:
-            raise ValueError(f"DINOLoss center_momentum must be a number in [0, 1], got {center_momentum!r}")
-        self.center_momentum = float(center_momentum)
+        self.center_momentum = unit_interval("DINOLoss center_momentum", center_momentum)
         self.teacher_views = global_views(self.global_crops)
         self.inputs = (*self.teacher_views, *local_views(self.local_crops))
         self.prototypes: nn.Parameter | None = None

@@ -9,7 +9,6 @@ head's does).
 """
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
@@ -17,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slip.checks import positive_int
+from slip.checks import positive_int, positive_number
 from slip.distributed import Gather
 from slip.inputs import SSL_VIEWS
 from slip.losses import Objective, _check_pair, _top1
@@ -116,10 +115,7 @@ class MoCoV3Loss(_MomentumObjective):
     def __init__(self, temperature: float = 0.2, hidden_dim: int = 4096, dim: int | None = None,
                  gather: Gather | None = None, name: str | None = None) -> None:
         super().__init__(hidden_dim, dim, gather, name)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-                math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"MoCoV3Loss temperature must be a finite number > 0, got {temperature!r}")
-        self.temperature = float(temperature)
+        self.temperature = positive_number("MoCoV3Loss temperature", temperature)
 
     def extra_repr(self) -> str:
         """Shown by print(module)."""

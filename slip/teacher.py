@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from slip.checks import positive_int
+from slip.checks import positive_int, unit_interval
 
 __all__ = ["MOMENTUM_SCHEDULES", "MomentumTeacher", "check_momentum", "teacher_key", "teacher_momentum"]
 
@@ -28,8 +28,7 @@ MOMENTUM_SCHEDULES = ("cosine", "constant")
 
 def check_momentum(momentum: float, schedule: str) -> None:
     """Raise a one-line ValueError unless `momentum` is in [0, 1] and `schedule` is one of MOMENTUM_SCHEDULES."""
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
+    unit_interval("momentum", momentum)
     if schedule not in MOMENTUM_SCHEDULES:
         raise ValueError(f"schedule must be one of {list(MOMENTUM_SCHEDULES)}, got {schedule!r}")
 

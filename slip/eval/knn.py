@@ -8,14 +8,13 @@ chunk_size x N_train similarities.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from slip.checks import positive_int
+from slip.checks import positive_int, positive_number
 from slip.eval.features import check_features
 from slip.eval.metrics import report
 
@@ -33,10 +32,7 @@ class KnnVote:
 
     def __post_init__(self) -> None:
         positive_int("k", self.k)
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or not (
-            math.isfinite(self.temperature) and self.temperature > 0
-        ):
-            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        positive_number("temperature", self.temperature)
         positive_int("chunk_size", self.chunk_size)
 
 
