@@ -30,6 +30,11 @@ __all__ = ["WEIGHTS", "build_converted", "load_pretrained", "load_pretrained_wit
 WEIGHTS = ("model", "ema")
 
 
+def _no_ema_in(path: Path) -> CheckpointError:
+    """The error for weights="ema" on a format that keeps no momentum teacher."""
+    return CheckpointError(f"{path}: only slip's own .pt checkpoints keep EMA weights")
+
+
 def _ema_state(content: Mapping[str, Any], path: Path) -> dict[str, torch.Tensor]:
     """The momentum teacher's copy of the model in one of our checkpoints."""
     teacher = content.get("teacher")
@@ -53,7 +58,7 @@ def _from_pickle(content: Any, path: Path, weights: str) -> Converted:
         state = _ema_state(content, path) if weights == "ema" else content["model"]
         return Converted(spec_of(content, path), state, info, dict(objective_state))
     if weights != "model":
-        raise CheckpointError(f"{path}: only slip's own .pt checkpoints keep EMA weights")
+        raise _no_ema_in(path)
     if is_original_slip(content):
         return from_original_slip(content, path)
     if is_openai_state(content):
@@ -71,7 +76,7 @@ def read_pretrained(path: str | os.PathLike, weights: str = "model") -> Converte
         raise ValueError(f"weights must be one of {list(WEIGHTS)}, got {weights!r}")
     path = Path(path)
     if weights != "model" and (path.is_dir() or path.suffix == ".safetensors"):
-        raise CheckpointError(f"{path}: only slip's own .pt checkpoints keep EMA weights")
+        raise _no_ema_in(path)
     if path.is_dir():
         for reader in (read_hf, read_open_clip):
             converted = reader(path)
@@ -86,7 +91,7 @@ def read_pretrained(path: str | os.PathLike, weights: str = "model") -> Converte
         return read_safetensors(path)
     if is_torchscript_archive(path):
         if weights != "model":
-            raise CheckpointError(f"{path}: only slip's own .pt checkpoints keep EMA weights")
+            raise _no_ema_in(path)
         return from_openai(read_torchscript_tensors(path))
     return _from_pickle(read_safely(path), path, weights)
 
