@@ -361,3 +361,7 @@ class SLIPLoss(ComposedObjective):
         if not (math.isfinite(ssl_scale) and ssl_scale >= 0):
             raise ValueError(f"SLIPLoss ssl_scale must be a finite number >= 0, got {ssl_scale}")
         super().__init__({"clip": Term(CLIPLoss(), 1.0), "ssl": Term(SimCLRLoss(ssl_temperature), ssl_scale)}, gather)
+
+    def label(self) -> str:
+        """Its class name: SLIP is one named objective, not a composition a user wrote."""
+        return type(self).__name__

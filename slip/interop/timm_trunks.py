@@ -47,10 +47,16 @@ def first_difference(ours: Structure, theirs: Structure) -> str:
 
 
 def timm_trunk(name: str, pool: str | None, drop_path_rate: float) -> nn.Module:
-    """The trunk open_clip's TimmModel builds for `name` (on the meta device: structure only, no memory)."""
+    """The trunk open_clip's TimmModel builds for `name` (on the meta device: structure only, no memory).
+
+    It is built with timm's `dynamic_img_size` on, as our towers are: that only resamples the positional
+    embedding for other image sizes, so at the trunk's own size it computes what open_clip's trunk computes.
+    """
     import timm
 
-    kwargs = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
+    kwargs: dict = {"dynamic_img_size": True}
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
     with torch.device("meta"):
         trunk = timm.create_model(name, pretrained=False, **kwargs)
         trunk.reset_classifier(0, **({"global_pool": pool} if pool else {}))
