@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["is_positive_int", "non_negative_int", "positive_int", "positive_number", "unit_interval"]
+__all__ = ["is_positive_int", "non_negative_int", "positive_fraction", "positive_int", "positive_number", "unit_interval"]
 
 
 def is_positive_int(value: Any) -> bool:
@@ -38,4 +38,11 @@ def unit_interval(name: str, value: Any) -> float:
     """`value` as a float if it is a number in [0, 1] (a bool is not); else a one-line ValueError naming `name`."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def positive_fraction(name: str, value: Any) -> float:
+    """`value` as a float if it is a number in (0, 1] (a bool is not); else a one-line ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
     return float(value)

@@ -47,6 +47,9 @@ def _ema_state(content: Mapping[str, Any], path: Path) -> dict[str, torch.Tensor
 def _from_pickle(content: Any, path: Path, weights: str) -> Converted:
     """Recognise the format of an unpickled checkpoint."""
     if isinstance(content, Mapping) and content.get("format") == FORMAT_NAME:
+        if content.get("classifier") is not None:
+            raise CheckpointError(f"{path}: a fine-tuned classifier (python -m slip.finetune), not an image-text "
+                                  "model; read it with slip.classifier.load_classifier")
         config = content.get("config")
         step = (content.get("state") or {}).get("step")
         objective_state = content.get("objective") or {}

@@ -15,9 +15,10 @@ __all__ = ["RandomState", "rng_state", "seed_everything", "set_rng_state"]
 
 
 def seed_everything(seed: int, world: WorldInfo) -> None:
-    """Seed torch and Python's RNG differently on each rank."""
+    """Seed torch's, Python's and numpy's global generators differently on each rank."""
     torch.manual_seed(seed + world.rank)
     random.seed(seed + world.rank)
+    np.random.seed((seed + world.rank) & 0xFFFF_FFFF)
 
 
 def _cuda_index(device: int | torch.device) -> int:
@@ -60,9 +61,13 @@ class RandomState:
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's torch, Python and (when available) CUDA RNG states, as a checkpoint keeps them."""
-    captured = RandomState.capture()
-    state: dict[str, Any] = {"torch": captured.cpu, "python": captured.python}
+    """This process's torch, Python, numpy (timm's mixup draws from it) and (when available) CUDA RNG states, as a
+    checkpoint keeps them: plain values and tensors, which a weights-only load reads."""
+    captured = RandomState.capture(numpy=True)
+    name, keys, position, has_gauss, cached_gaussian = captured.numpy
+    state: dict[str, Any] = {"torch": captured.cpu, "python": captured.python,
+                             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss),
+                                       float(cached_gaussian)]}
     if torch.cuda.is_available():
         state["cuda"] = [captured.cuda[index] for index in sorted(captured.cuda)]
     return state
@@ -71,4 +76,9 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: Mapping[str, Any]) -> None:
     """Restore what `rng_state` returned (CUDA's only where CUDA is available)."""
     cuda = dict(enumerate(state.get("cuda", []))) if torch.cuda.is_available() else {}
-    RandomState(state["torch"], state["python"], cuda=cuda).restore()
+    numpy_state = None
+    if state.get("numpy") is not None:  # a checkpoint without it leaves numpy's generator as it is
+        name, keys, position, has_gauss, cached_gaussian = state["numpy"]
+        numpy_state = (name, np.asarray(keys, dtype=np.int64).astype(np.uint32), int(position), int(has_gauss),
+                       float(cached_gaussian))
+    RandomState(state["torch"], state["python"], numpy_state, cuda).restore()

@@ -1,14 +1,11 @@
 """load_pretrained on our own, original-SLIP and OpenAI-CLIP files, against the original implementations."""
 from __future__ import annotations
 
-import argparse
 import copy
 import pathlib
 import random
-from collections import OrderedDict
 
 import pytest
-import timm
 import torch
 from torch import nn
 
@@ -17,6 +14,8 @@ from slip.losses import ComposedObjective, SigLIPLoss, SimCLRLoss, Term
 from slip.pretrained import load_pretrained, load_pretrained_with_info
 from slip.models import (IMAGENET_MEAN, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, build_resnet_model,
                          build_vit_model)
+from checkpoint_helpers import (images, openai_resnet, openai_vit, original_slip_checkpoint, original_slip_parts,
+                                perturb, save_openai_state_dict, save_openai_torchscript)
 
 TINY_TEXT = dict(text_width=64, text_layers=2, text_heads=1, context_length=16, vocab_size=300)
 RTOL = 1e-5
@@ -27,25 +26,6 @@ def assert_embeddings_equal(got: torch.Tensor, want: torch.Tensor) -> None:
     assert got.shape == want.shape
     scale = want.abs().max().item()
     torch.testing.assert_close(got, want, rtol=RTOL, atol=RTOL * scale)
-
-
-def perturb(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Move every weight and batch statistic off its initial value, so zero-inits can't hide a mismatch."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in module.state_dict().items():
-            if not tensor.is_floating_point():
-                continue
-            noise = torch.randn(tensor.shape, generator=gen)
-            if name.endswith("running_var"):
-                tensor.copy_(0.5 + noise.abs())
-            else:
-                tensor.add_(0.05 * noise)
-    return module
-
-
-def images(size: int, batch: int = 3, seed: int = 1) -> torch.Tensor:
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 def tokens(vocab: int, context: int, batch: int = 3, seed: int = 2) -> torch.Tensor:
@@ -138,24 +118,6 @@ def test_an_objective_entry_that_is_not_tensors_is_refused_in_one_line(tmp_path:
 
 # ---------------------------------------------------------------- OpenAI CLIP
 
-OPENAI_TEXT = dict(context_length=77, vocab_size=49408, transformer_width=128, transformer_heads=2,
-                   transformer_layers=2)
-
-
-def openai_vit(openai_clip) -> nn.Module:
-    torch.manual_seed(0)
-    model = openai_clip.model.CLIP(embed_dim=64, image_resolution=32, vision_layers=2, vision_width=128,
-                                   vision_patch_size=8, **OPENAI_TEXT)
-    return perturb(model).eval()
-
-
-def openai_resnet(openai_clip) -> nn.Module:
-    torch.manual_seed(0)
-    model = openai_clip.model.CLIP(embed_dim=64, image_resolution=64, vision_layers=(1, 2, 1, 1),
-                                   vision_width=16, vision_patch_size=None, **OPENAI_TEXT)
-    return perturb(model).eval()
-
-
 def check_against_openai(loaded, reference: nn.Module, openai_clip, resolution: int) -> None:
     text = openai_clip.tokenize(["a photo of a cat", "", "x " * 100], truncate=True)
     pixels = images(resolution)
@@ -169,11 +131,7 @@ def check_against_openai(loaded, reference: nn.Module, openai_clip, resolution: 
 @pytest.mark.parametrize("make, resolution", [(openai_vit, 32), (openai_resnet, 64)], ids=["vit", "resnet"])
 def test_openai_state_dict(tmp_path: pathlib.Path, openai_clip, make, resolution: int) -> None:
     reference = make(openai_clip)
-    state = dict(reference.state_dict())
-    # OpenAI's released files carry these three entries besides the weights.
-    state.update(input_resolution=torch.tensor(resolution), context_length=torch.tensor(77),
-                 vocab_size=torch.tensor(49408))
-    torch.save(state, tmp_path / "openai.pt")
+    save_openai_state_dict(reference, tmp_path / "openai.pt", resolution)
     loaded, info = load_pretrained_with_info(tmp_path / "openai.pt")
     assert info == CheckpointInfo("openai-clip", "CLIPLoss")
     assert loaded.spec.preprocess.image_size == resolution and loaded.spec.text.width == 128
@@ -198,62 +156,13 @@ def test_openai_half_precision_state_dict(tmp_path: pathlib.Path, openai_clip, m
 @pytest.mark.parametrize("make, resolution", [(openai_vit, 32), (openai_resnet, 64)], ids=["vit", "resnet"])
 def test_openai_torchscript_archive(tmp_path: pathlib.Path, openai_clip, make, resolution: int) -> None:
     reference = make(openai_clip)
-    scripted_source = copy.deepcopy(reference)
-    for name, value in (("input_resolution", resolution), ("context_length", 77), ("vocab_size", 49408)):
-        if hasattr(scripted_source, name):
-            delattr(scripted_source, name)  # a plain int attribute there; the released archives hold tensors
-        scripted_source.register_buffer(name, torch.tensor(value))
-    example = (images(resolution, batch=2), openai_clip.tokenize(["a", "b"]))
-    traced = torch.jit.trace(scripted_source, example, check_trace=False)
-    traced.save(str(tmp_path / "openai_jit.pt"))
+    save_openai_torchscript(reference, tmp_path / "openai_jit.pt", resolution, openai_clip)
     loaded, info = load_pretrained_with_info(tmp_path / "openai_jit.pt")
     assert info.format == "openai-clip"
     check_against_openai(loaded, reference, openai_clip, resolution)
 
 
 # ---------------------------------------------------------------- original SLIP
-
-
-def reference_ssl_mlp(in_dim: int, hidden: int, out: int) -> nn.Sequential:
-    """SLIP's image_mlp as the paper defines it: Linear-BN-ReLU-Linear-BN-ReLU-Linear."""
-    return nn.Sequential(OrderedDict([
-        ("layer1", nn.Linear(in_dim, hidden)), ("bn1", nn.BatchNorm1d(hidden)), ("relu1", nn.ReLU()),
-        ("layer2", nn.Linear(hidden, hidden)), ("bn2", nn.BatchNorm1d(hidden)), ("relu2", nn.ReLU()),
-        ("layer3", nn.Linear(hidden, out)),
-    ]))
-
-
-def original_slip_parts(openai_clip, objective: str) -> dict[str, nn.Module | torch.Tensor]:
-    """The modules the SLIP code builds for `objective` with a ViT-S/16 at 64 px and a small text tower."""
-    torch.manual_seed(0)
-    parts: dict[str, nn.Module | torch.Tensor] = {
-        "visual": perturb(timm.models.vision_transformer.VisionTransformer(
-            img_size=64, patch_size=16, embed_dim=384, depth=12, num_heads=12, num_classes=0)).eval(),
-    }
-    if objective in ("SLIP", "CLIP"):
-        parts["clip"] = perturb(openai_clip.model.CLIP(
-            embed_dim=96, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=16,
-            **OPENAI_TEXT)).eval()
-        parts["image_projection"] = torch.randn(384, 96) * 384**-0.5
-    if objective in ("SLIP", "SIMCLR"):
-        parts["image_mlp"] = perturb(reference_ssl_mlp(384, 64, 32)).eval()
-    return parts
-
-
-def original_slip_checkpoint(parts: dict, model_name: str) -> dict:
-    state: dict[str, torch.Tensor] = {f"visual.{k}": v for k, v in parts["visual"].state_dict().items()}
-    if "clip" in parts:
-        text_state = parts["clip"].state_dict()
-        state.update({k: v for k, v in text_state.items() if not k.startswith("visual.")})
-        state["image_projection"] = parts["image_projection"]
-    if "image_mlp" in parts:
-        state.update({f"image_mlp.{k}": v for k, v in parts["image_mlp"].state_dict().items()})
-    return {
-        "epoch": 25,
-        "state_dict": {f"module.{k}": v for k, v in state.items()},
-        "args": argparse.Namespace(model=model_name, ssl_scale=1.0, lr=3e-3),
-        "best_acc1": 42.0,
-    }
 
 
 @pytest.mark.parametrize("objective", ["SLIP", "CLIP", "SIMCLR"])

@@ -62,6 +62,19 @@ LIBRARY_USES = {
         knn_accuracy(train, train_labels, test, test_labels, 3, KnnVote(k=3))
         topk_accuracy(torch.randn(30, 3, generator=generator), test_labels, (1,))
     """,
+    "the fine-tuning classifier, its optimiser groups, transforms and evaluation": """
+        import torch, slip
+        from slip.classifier import classifier_from_model, layer_decay_groups
+        from slip.data.classification import eval_transform, train_transform
+        from slip.data.synthetic import SyntheticClassification
+        from slip.eval.classification import ClassifierEvaluator
+        classifier = classifier_from_model(slip.create_model("tiny"), 24)
+        torch.optim.AdamW(layer_decay_groups(classifier, 0.05, 0.65))
+        test, preprocess = SyntheticClassification(num_samples=8, image_size=32), classifier.spec.preprocess
+        train_transform(32, preprocess.mean, preprocess.std)(test[0][0])
+        view = eval_transform(32, preprocess.mean, preprocess.std, preprocess.interpolation)
+        assert set(ClassifierEvaluator(test, view, batch_size=4)(classifier)) == {"top1", "top5"}
+    """,
     "a DataLoader worker of the training data": """
         import pickle
         dataset, collate = pickle.loads((WORK / "worker.pkl").read_bytes())
@@ -146,4 +159,4 @@ def test_no_library_module_imports_the_app_or_a_config_library(path: Path) -> No
 def test_the_launchers_are_the_commands_users_type() -> None:
     launchers = sorted(str(path.relative_to(SLIP)) for path in LIBRARY_FILES
                        if any(name.startswith("slip.app") for name in _imported_modules(path)))
-    assert launchers == ["eval/__main__.py", "export.py", "report.py", "train.py"]
+    assert launchers == ["eval/__main__.py", "export.py", "finetune.py", "report.py", "train.py"]

@@ -104,8 +104,10 @@ class TrainState:
 class Trainer:
     """Runs `fit`: one instance per training run.
 
-    `evaluate(model, progress=callback) -> metrics` validates (e.g. `slip.eval.zeroshot.ZeroShotEvaluator`; its
-    `len` is the number of images it scores, when it has one).
+    `task` is a `slip.app.task.TrainTask`, or another task with its interface (`slip.app.finetune_task`).
+    `evaluate(model, progress=callback) -> metrics` validates `task.model` (e.g.
+    `slip.eval.zeroshot.ZeroShotEvaluator`; its `len` is the number of images it scores, when it has one, and its
+    `title` names it on the console).
     """
 
     def __init__(
@@ -137,6 +139,7 @@ class Trainer:
         self.validated_step: int | None = None  # the step whose weights `last_eval` scored
         self.monitor = Monitor(run_dir, total_steps, settings.log_every, enabled=world.is_main)
         self.last_eval: dict[str, float] = {}
+        self.scheduled_lr = schedule(0)  # the base lr of the last step (param groups may scale it)
         self.history: list[dict[str, float]] = []
         self.parameter_dtype = parameter_dtype(settings.precision)
         task.to(self.device, self.parameter_dtype)  # to(device, None) keeps the dtype
@@ -144,12 +147,16 @@ class Trainer:
         if world.is_distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.wrapped = nn.parallel.DistributedDataParallel(task, device_ids=ids)
-        # Exact accumulation runs towers, heads and objective as separate passes, outside DDP's forward.
-        self.exact_accumulation = settings.update_freq > 1 and settings.accumulation == "exact"
-        self._encode, self._finish = task.model.tower_features, task.finish
+        # Exact accumulation runs towers, heads and objective as separate passes, outside DDP's forward. A task
+        # whose loss is a mean over samples is already exact when micro-batch gradients are summed.
+        self.exact_accumulation = (settings.update_freq > 1 and settings.accumulation == "exact"
+                                   and not task.per_sample_loss)
+        if self.exact_accumulation:
+            self._encode, self._finish = task.encode, task.finish
         if settings.compile:
             self.wrapped = torch.compile(self.wrapped)
-            self._encode, self._finish = torch.compile(self._encode), torch.compile(self._finish)
+            if self.exact_accumulation:
+                self._encode, self._finish = torch.compile(self._encode), torch.compile(self._finish)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -159,10 +166,7 @@ class Trainer:
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "processes": self.world.world_size,
-            "spec": self.task.model.spec.to_dict(),
-            "model": self.task.model.state_dict(),
-            "objective": self.task.objective.state_dict(),
-            "teacher": None if self.task.teacher is None else self.task.teacher.state_dict(),
+            **self.task.checkpoint_state(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "state": asdict(self.state),
@@ -207,10 +211,7 @@ class Trainer:
 
     def load_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         """Restore a `state_dict` (this rank's RNG included)."""
-        self.task.model.load_state_dict(checkpoint["model"])
-        self.task.objective.load_state_dict(checkpoint["objective"])
-        if self.task.teacher is not None:
-            self.task.teacher.load_state_dict(checkpoint["teacher"])
+        self.task.load_checkpoint_state(checkpoint)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scaler.load_state_dict(checkpoint["scaler"])
         self.state = TrainState(**checkpoint["state"])
@@ -248,9 +249,9 @@ class Trainer:
             self.task.after_skipped_step()
             return False
         self.state.nonfinite_in_a_row = 0
-        lr = self.schedule(self.state.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = self.scheduled_lr = self.schedule(self.state.step)
+        for group in self.optimizer.param_groups:  # "lr_scale": layer-wise lr decay (timm's param groups)
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         if self.settings.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.task.parameters(), self.settings.grad_clip)
@@ -314,7 +315,7 @@ class Trainer:
             stacked = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
             dist.all_reduce(stacked)
             values = {k: float(v) / self.world.world_size for k, v in zip(keys, stacked.tolist())}
-        values["lr"] = self.optimizer.param_groups[0]["lr"]
+        values["lr"] = self.scheduled_lr
         values.update(scalars)
         self.history.append({"step": self.state.step, **values})
         perf = {
@@ -337,7 +338,8 @@ class Trainer:
             return True
         size = len(self.evaluate) if hasattr(self.evaluate, "__len__") else None
         step, started = self.state.step, time.perf_counter()
-        self.monitor.message(f"step {step}: zero-shot validation" + (f" on {size} images" if size else ""))
+        title = getattr(self.evaluate, "title", "validation")
+        self.monitor.message(f"step {step}: {title}" + (f" on {size} images" if size else ""))
         reported = 0.0  # the share of the images last reported
 
         def progress(done: int, total: int) -> None:

@@ -27,6 +27,20 @@ from slip.models import ImageTextModel
 from slip.app.run_layout import CHECKPOINT_IN_RUN, EVAL_DIR
 
 
+def catalog_split(cfg: DictConfig, name: str, split: str) -> Any:
+    """Split `split` of catalog entry `name` of `cfg.catalog`, built; a one-line ConfigError naming the entry where
+    it is unknown, lacks the split or is empty."""
+    entry = cfg.catalog.get(name)
+    if entry is None:
+        raise ConfigError(f"catalog.{name}: no such dataset in the catalog; known: {', '.join(cfg.catalog)}")
+    if entry.get(split) is None:
+        raise ConfigError(f"catalog.{name}.{split}: this dataset has no {split} split")
+    dataset = build(entry[split], f"catalog.{name}.{split}")
+    if len(dataset) == 0:
+        raise ConfigError(f"catalog.{name}.{split}: the dataset is empty")
+    return dataset
+
+
 @dataclass
 class EvalContext:
     """One loaded checkpoint and the settings every task shares."""
@@ -49,15 +63,7 @@ class EvalContext:
         return self.built[name, split]
 
     def _build_dataset(self, name: str, split: str) -> Any:
-        entry = self.cfg.catalog.get(name)
-        if entry is None:
-            raise ConfigError(f"catalog.{name}: no such dataset in the catalog; known: {', '.join(self.cfg.catalog)}")
-        if entry.get(split) is None:
-            raise ConfigError(f"catalog.{name}.{split}: this dataset has no {split} split")
-        dataset = build(entry[split], f"catalog.{name}.{split}")
-        if len(dataset) == 0:
-            raise ConfigError(f"catalog.{name}.{split}: the dataset is empty")
-        return dataset
+        return catalog_split(self.cfg, name, split)
 
     def features(self, name: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen backbone features and labels of a catalog split, from the cache when present."""

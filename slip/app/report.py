@@ -7,8 +7,9 @@ writes them; a Hydra multirun gives one ``<n>_<overrides>/`` directory per run) 
 
 One row per run: its path, the swept parameters (override keys whose values differ between runs, or that only
 some runs set), objective, step, then one column per metric: ``<task>/<dataset>/<metric>`` from the eval
-records, and ``train_zeroshot/top1`` from the training's final zero-shot evaluation. A file that cannot be
-read is skipped with a warning naming it; the rest of the report is still written.
+records (``finetune/...`` from ``python -m slip.finetune``'s ``eval/finetune.json``), and ``train_zeroshot/top1``
+from the training's final zero-shot evaluation. A file that cannot be read is skipped with a warning naming it;
+the rest of the report is still written.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ __all__ = [
 
 _MIN_SIDE = 200
 # Column order of the tasks.
-_TASK_ORDER = ("zeroshot", "linear_probe", "knn", "retrieval", "train_zeroshot")
+_TASK_ORDER = ("zeroshot", "linear_probe", "finetune", "knn", "retrieval", "train_zeroshot")
 
 
 @dataclass

@@ -15,8 +15,10 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from slip.app.config import ConfigError, first_difference
+from slip.app.run_layout import CHECKPOINT_IN_RUN
+from slip.checkpoint import read_checkpoint
 
-__all__ = ["BatchLayout", "FREE_SECTIONS", "IDENTITY_SECTIONS", "TRAINER_FREE_KEYS", "TRAINER_IDENTITY_KEYS",
+__all__ = ["BatchLayout", "FREE_SECTIONS", "checkpoint_to_resume", "IDENTITY_SECTIONS", "TRAINER_FREE_KEYS", "TRAINER_IDENTITY_KEYS",
            "check_resume", "saved_processes"]
 
 # Config sections compared whole on resume (their batch-layout keys apart, see BatchLayout).
@@ -84,9 +86,10 @@ def _without(cfg: DictConfig, keys: tuple[str, ...]) -> DictConfig:
 
 
 def check_resume(saved: DictConfig, current: DictConfig, saved_processes: int, processes: int,
-                 relayout_reason: str | None, path: Path) -> None:
+                 relayout_reason: str | None, path: Path, sections: tuple[str, ...] = IDENTITY_SECTIONS) -> None:
     """Raise a one-line ConfigError naming the first setting in which `current` would not continue the run that
-    `saved` (a checkpoint's config, in today's layout) trained on `saved_processes` processes.
+    `saved` (a checkpoint's config, in today's layout) trained on `saved_processes` processes. `sections` are the
+    top-level keys compared whole (a fine-tuning run has its own).
 
     The batch layout (data.batch_size, processes, trainer.update_freq) may change at the same global batch
     when that trains the same thing: `relayout_reason` is None then, else why it would not (e.g. a tower with
@@ -96,7 +99,7 @@ def check_resume(saved: DictConfig, current: DictConfig, saved_processes: int, p
     layout_keys = ("data.batch_size", "trainer.update_freq") + (() if stream else ("data.num_workers",))
     old, new = _without(saved, layout_keys), _without(current, layout_keys)
     where = f"differs from the checkpoint {path}"
-    for section in IDENTITY_SECTIONS:
+    for section in sections:
         difference = first_difference(old.get(section), new.get(section), section)
         if difference is not None:
             raise ConfigError(f"{difference}: {where} ({_shown(saved, difference)} there, "
@@ -144,3 +147,19 @@ def _shown(cfg: DictConfig, dotted: str) -> str:
 def saved_processes(checkpoint: Mapping[str, Any]) -> int:
     """The number of processes that trained a checkpoint (recorded; older checkpoints: one RNG state per rank)."""
     return int(checkpoint.get("processes", len(checkpoint.get("rng", [None]))))
+
+
+def checkpoint_to_resume(setting: str, run_dir: Path) -> tuple[dict[str, Any], Path] | None:
+    """The checkpoint `trainer.resume` names, read, and its path: with "auto" the run dir's latest (None when it
+    has none), with "never" none (a one-line ConfigError where one exists, which it would overwrite), else the
+    path given."""
+    latest = run_dir / CHECKPOINT_IN_RUN
+    if setting == "never":
+        if latest.exists():
+            raise ConfigError(f"trainer.resume: {latest} exists and resume=never would overwrite it; "
+                              "use trainer.resume=auto or another run_name")
+        return None
+    path = latest if setting == "auto" else Path(setting)
+    if setting == "auto" and not latest.exists():
+        return None
+    return read_checkpoint(path), path

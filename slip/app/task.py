@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,6 +50,8 @@ class TrainTask(nn.Module):
     kept to evaluate.
     """
 
+    per_sample_loss = False  # contrastive: summing micro-batch gradients is not one big-batch step
+
     def __init__(self, model: ImageTextModel, objective: Objective, image_mean: Sequence[float] = (0.0, 0.0, 0.0),
                  image_std: Sequence[float] = (1.0, 1.0, 1.0), teacher: MomentumTeacher | None = None) -> None:
         super().__init__()
@@ -69,6 +72,10 @@ class TrainTask(nn.Module):
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Batch -> the objective's result dict (loss, terms, accuracies)."""
         return self.objective({**self.model(batch), **self.teacher_outputs(batch)})
+
+    def encode(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model's tower features of `batch`: what exact accumulation caches and replays."""
+        return self.model.tower_features(batch)
 
     def teacher_outputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The teacher's outputs on `batch` (none without a teacher); no autograd."""
@@ -92,6 +99,19 @@ class TrainTask(nn.Module):
     def after_skipped_step(self) -> None:
         """The objective's hook after a step that was skipped (non-finite loss, fp16 overflow)."""
         self.objective.after_skipped_step()
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The checkpoint's model entries: spec, weights (as `load_pretrained` reads them), objective, teacher."""
+        return {"spec": self.model.spec.to_dict(), "model": self.model.state_dict(),
+                "objective": self.objective.state_dict(),
+                "teacher": None if self.teacher is None else self.teacher.state_dict()}
+
+    def load_checkpoint_state(self, checkpoint: Mapping[str, Any]) -> None:
+        """Restore what `checkpoint_state` saved."""
+        self.model.load_state_dict(checkpoint["model"])
+        self.objective.load_state_dict(checkpoint["objective"])
+        if self.teacher is not None:
+            self.teacher.load_state_dict(checkpoint["teacher"])
 
     def logged_scalars(self) -> dict[str, float]:
         """Values to log beside a step's results, read before its optimizer step (the model's logit scale)."""

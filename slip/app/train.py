@@ -15,7 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from slip.checkpoint import CheckpointError, atomic_write, read_checkpoint
+from slip.checkpoint import CheckpointError, atomic_write
 from slip.app.config import CONF_DIR, ConfigError, build, first_difference
 from slip.app.eval_settings import ValSettings
 from slip.app.migrations import check_renamed_keys, check_renamed_overrides, fill_added_defaults, upgrade_saved_config
@@ -34,7 +34,7 @@ from slip.models import ImageTextModel
 from slip.models.spec import ModelSpec
 from slip.models.vision import has_batch_statistics
 from slip.random_state import seed_everything
-from slip.app.run_identity import BatchLayout, check_resume, saved_processes
+from slip.app.run_identity import BatchLayout, check_resume, checkpoint_to_resume, saved_processes
 from slip.app.run_layout import CHECKPOINT_IN_RUN, CONFIG_FILE, RESULTS_FILE
 from slip.app.task import TrainTask
 
@@ -43,16 +43,10 @@ def _resume_checkpoint(setting: str, run_dir: Path, cfg: DictConfig, processes: 
                        relayout_reason: str | None) -> dict[str, Any] | None:
     """The checkpoint to continue from, per trainer.resume ('auto', 'never' or a path), after the run-identity
     check (`slip.app.run_identity.check_resume`)."""
-    latest = run_dir / CHECKPOINT_IN_RUN
-    if setting == "never":
-        if latest.exists():
-            raise ConfigError(f"trainer.resume: {latest} exists and resume=never would overwrite it; "
-                              "use trainer.resume=auto or another run_name")
+    found = checkpoint_to_resume(setting, run_dir)
+    if found is None:
         return None
-    path = latest if setting == "auto" else Path(setting)
-    if setting == "auto" and not latest.exists():
-        return None
-    checkpoint = read_checkpoint(path)
+    checkpoint, path = found
     saved = upgrade_saved_config(OmegaConf.create(checkpoint.get("config") or "{}"))
     fill_added_defaults(saved, cfg)
     check_resume(saved, cfg, saved_processes(checkpoint), processes, relayout_reason, path)

@@ -14,7 +14,7 @@ from slip.checks import non_negative_int, positive_int
 from slip.data.loader import batches_per_epoch, build_train_loader
 from slip.distributed import WorldInfo
 
-__all__ = ["DataSettings", "TrainData", "build_train_data"]
+__all__ = ["DataSettings", "TrainData", "build_train_data", "plan_train_data"]
 
 
 @dataclass(frozen=True)
@@ -74,10 +74,16 @@ def build_train_data(data_cfg: DictConfig, transform: Transform, world: WorldInf
     else:
         dataset = ImageTextDataset(build(settings.source, "data.source"), transform, seed=seed,
                                    max_retries=max_bad_in_a_row)
-    batches = batches_per_epoch(dataset, settings.batch_size, world, settings.num_workers)
+    return plan_train_data(dataset, settings.batch_size, settings.num_workers, world, seed, update_freq, pin_memory)
+
+
+def plan_train_data(dataset: Dataset | IterableDataset, batch_size: int, num_workers: int, world: WorldInfo,
+                    seed: int, update_freq: int = 1, pin_memory: bool = False) -> TrainData:
+    """`dataset` batched per rank, with its optimizer steps per epoch at `update_freq` batches per step; a
+    one-line ConfigError naming data.batch_size where an epoch holds no whole step."""
+    batches = batches_per_epoch(dataset, batch_size, world, num_workers)
     if batches // update_freq < 1:
-        raise ConfigError(f"data.batch_size: {settings.batch_size} x {world.world_size} processes x update_freq "
+        raise ConfigError(f"data.batch_size: {batch_size} x {world.world_size} processes x update_freq "
                           f"{update_freq} needs at least that many samples per epoch; the data gives each rank "
                           f"{batches} batches")
-    return TrainData(dataset, settings.batch_size, settings.num_workers, world, seed, batches // update_freq,
-                     pin_memory)
+    return TrainData(dataset, batch_size, num_workers, world, seed, batches // update_freq, pin_memory)

@@ -114,7 +114,7 @@ class EvalViewDataset(torch.utils.data.Dataset):
         return self.transform(image), label
 
 
-def _model_modes(model: torch.nn.Module) -> list[tuple[torch.nn.Module, bool]]:
+def model_modes(model: torch.nn.Module) -> list[tuple[torch.nn.Module, bool]]:
     """Every submodule with its training flag, so that a temporary eval() can be undone exactly."""
     return [(module, module.training) for module in model.modules()]
 
@@ -152,7 +152,7 @@ def extract_features(
     )
     encode = model.image_features if kind == "backbone" else model.encode_image
     device = next(model.parameters()).device
-    modes = _model_modes(model)
+    modes = model_modes(model)
     features, labels = [], []
     try:
         model.eval()
@@ -167,12 +167,17 @@ def extract_features(
 
 
 def checkpoint_fingerprint(path: str | os.PathLike, memo: dict[tuple[str, int, int], str] | None = None) -> str:
-    """Hex sha256 of the file's contents, read in chunks; `memo` (keyed by path, size, mtime_ns) skips re-hashing."""
+    """Hex sha256 of the file's contents, read in chunks; `memo` (keyed by path, size, mtime_ns) skips re-hashing.
+    A directory (a transformers or open_clip model) hashes the names and fingerprints of the files below it."""
     path = Path(path)
     try:
         stat = path.stat()
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint file {path} does not exist") from None
+    if path.is_dir():
+        files = sorted(item for item in path.rglob("*") if item.is_file())
+        listing = [(item.relative_to(path).as_posix(), checkpoint_fingerprint(item, memo)) for item in files]
+        return hashlib.sha256(repr(listing).encode()).hexdigest()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} is not a file")
     memo_key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)

@@ -21,7 +21,7 @@ Progress = Callable[[int, int], None]
 MIN_AUTO_VALIDATION_IMAGES = 96
 
 
-def _reporting(batches: Iterable[tuple[Tensor, Tensor]], total: int,
+def reporting(batches: Iterable[tuple[Tensor, Tensor]], total: int,
                progress: Progress | None) -> Iterator[tuple[Tensor, Tensor]]:
     """The batches, calling `progress` after each has been handed on."""
     done = 0
@@ -107,6 +107,8 @@ class ZeroShotEvaluator:
     Class names and templates come from the arguments, else from the dataset's `classes` / `templates`.
     """
 
+    title = "zero-shot validation"  # what training's console calls it
+
     def __init__(
         self,
         dataset: Any,
@@ -145,7 +147,7 @@ class ZeroShotEvaluator:
             images = torch.utils.data.Subset(images, [i * len(self.dataset) // len(self) for i in range(len(self))])
         loader = torch.utils.data.DataLoader(images, batch_size=self.batch_size, num_workers=self.num_workers)
         classifier = text_classifier(model, self.class_names, self.templates, tokenize)
-        batches = _reporting(loader, len(self), progress)
+        batches = reporting(loader, len(self), progress)
         if self.metric == "top1":  # streamed: no [N, C] score matrix held
             return zero_shot_accuracy(model, classifier, batches)
         return report(self.metric, *zero_shot_scores(model, classifier, batches))

@@ -89,6 +89,13 @@ class VisionSpec:
         """One line for model cards."""
         raise NotImplementedError
 
+    def for_finetuning(self, drop_path_rate: float) -> VisionSpec:
+        """This tower as end-to-end fine-tuning builds it: with stochastic depth `drop_path_rate`, every token
+        kept; a one-line ValueError where the tower has no stochastic depth to set."""
+        if drop_path_rate:
+            raise ValueError(f"the {self.tower_name} tower has no drop path; set drop_path_rate to 0")
+        return self
+
 
 @dataclass(frozen=True)
 class ViTSpec(VisionSpec):
@@ -136,6 +143,10 @@ class ViTSpec(VisionSpec):
         return vit_tower(image_size=image_size, patch_size=self.patch_size, width=self.width, depth=self.layers,
                          heads=self.heads, openai_layout=self.openai_layout, drop_path_rate=self.drop_path_rate,
                          patch_dropout=max(self.patch_dropout, self.ssl_patch_dropout))
+
+    def for_finetuning(self, drop_path_rate: float) -> ViTSpec:
+        """This ViT with stochastic depth `drop_path_rate` (checked as the field is) and no patch dropout."""
+        return dataclasses.replace(self, drop_path_rate=drop_path_rate, patch_dropout=0.0, ssl_patch_dropout=0.0)
 
     def view_patch_dropout(self) -> dict[str, float]:
         """FLIP's patch dropout: `patch_dropout` for the CLIP view, `ssl_patch_dropout` for the SSL views (and the

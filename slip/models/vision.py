@@ -218,6 +218,16 @@ class ModifiedResNet(nn.Module):
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters of two or more dimensions that weight decay leaves alone (timm's convention): the
+        attention pool's positional embedding."""
+        return {"attnpool.positional_embedding"}
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, str]:
+        """Parameter groups in depth order, by timm's convention for its ResNets: the stem, then each residual
+        block (each stage when `coarse`); the attention pool falls in the top group. timm's layer decay reads it."""
+        return {"stem": r"^conv[123]|^bn[123]", "blocks": r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)"}
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each stage's activations in backward instead of storing them."""
         self.grad_checkpointing = enable
