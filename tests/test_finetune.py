@@ -210,3 +210,53 @@ def test_a_sweep_over_checkpoints_lands_in_the_objective_report(tmp_path: Path) 
     assert report.returncode == 0, report.stderr[-2000:]
     rows = (runs / "report.csv").read_text().splitlines()
     assert "finetune/synthetic/top1" in rows[0] and [row.split(",")[0] for row in rows[1:]] == ["a", "b"]
+
+
+def image_folder(root: Path, classes: tuple[str, ...], per_class: int, corrupt: int = 0) -> Path:
+    """An ImageFolderDataset tree of small generated images, `corrupt` of the first class's files not images."""
+    from PIL import Image
+
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for index in range(per_class):
+            path = root / name / f"{index}.png"
+            if label == 0 and index < corrupt:
+                path.write_bytes(b"not an image")
+            else:
+                Image.new("RGB", (40, 36), (60 * label, 255 - 40 * index, 90)).save(path)
+    return root
+
+
+def folder_entry(cfg: DictConfig, train: Path, test: Path) -> DictConfig:
+    """`cfg` with catalog entry "folders" reading the two image-folder trees."""
+    OmegaConf.set_struct(cfg, False)
+    cfg.catalog.folders = {split: {"_target_": "slip.data.labelled.ImageFolderDataset", "root": str(root)}
+                           for split, root in (("train", train), ("test", test))}
+    return cfg
+
+
+def test_unreadable_training_images_are_skipped_and_counted_and_foreign_test_classes_refused(
+        source: Path, tmp_path: Path) -> None:
+    train = image_folder(tmp_path / "train", ("red", "green", "blue"), per_class=6, corrupt=2)
+    test = image_folder(tmp_path / "test", ("red", "green", "blue"), per_class=2)
+    common = [f"checkpoint={source}", f"output_root={tmp_path}", *FAST, "dataset=folders", "trainer.max_steps=2",
+              "mixup=null", "trainer.max_bad_fraction=0.5"]
+    results = finetune(folder_entry(compose_finetune(*common, "run_name=folders"), train, test))
+    assert results["skipped_samples"] == {"unreadable": 2} and results["step"] == 2
+    other = image_folder(tmp_path / "other", ("red", "green", "violet"), per_class=2)
+    with pytest.raises(ConfigError) as error:
+        finetune(folder_entry(compose_finetune(*common, "run_name=other"), train, other))
+    assert one_line(error).startswith("catalog.folders.test: its classes differ from the train split's")
+
+
+def test_micro_batches_sum_to_the_whole_batch_whatever_the_accumulation_setting(source: Path,
+                                                                                 tmp_path: Path) -> None:
+    """The loss is a mean over samples: update_freq 2 at batch 4 is the step at batch 8, in float64."""
+    common = [f"checkpoint={source}", f"output_root={tmp_path}", *FAST, "mixup=null", "classifier.drop_path_rate=0",
+              "trainer.max_steps=3", "trainer.precision=fp64"]
+    whole = finetune(compose_finetune(*common, "run_name=whole", "data.batch_size=8"))
+    for mode in ("exact", "independent"):
+        parts = finetune(compose_finetune(*common, f"run_name={mode}", "data.batch_size=4", "trainer.update_freq=2",
+                                          f"trainer.accumulation={mode}"))
+        assert_same_run(losses_by_step(parts), read_checkpoint(tmp_path / mode / CHECKPOINT_IN_RUN)["model"],
+                        losses_by_step(whole), read_checkpoint(tmp_path / "whole" / CHECKPOINT_IN_RUN)["model"])

@@ -27,8 +27,9 @@ from slip.app.finetune_task import FinetuneTask
 from slip.app.override_keys import check_override_keys
 from slip.app.run_identity import BatchLayout, check_resume, checkpoint_to_resume, saved_processes
 from slip.app.run_layout import CHECKPOINT_IN_RUN, CONFIG_FILE, RESULTS_FILE
+from slip.app.run_record import run_record, write_text
 from slip.app.train_data import plan_train_data
-from slip.checkpoint import CheckpointError, atomic_write
+from slip.checkpoint import CheckpointError
 from slip.classifier import classifier_from_model, layer_decay_groups
 from slip.data.classification import ClassificationSample, LabelledSource, check_labelled, eval_transform
 from slip.data.dataset import ImageTextDataset
@@ -154,7 +155,7 @@ def finetune(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
         f"run dir {run_dir}: fine-tuning {source} ({info.objective or info.format}) on {name}, {num_classes} "
         f"classes, {len(train_split)} training images, {total_steps} steps of global batch {layout.describe()}")
     if world.is_main:
-        _write(run_dir / CONFIG_FILE, OmegaConf.to_yaml(identity, resolve=True))
+        write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(identity, resolve=True))
     error: BaseException | None = None
     try:
         trainer.fit(data.loader)
@@ -162,7 +163,7 @@ def finetune(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
         error = caught
     results = _results(trainer, cfg, source, info, started, overrides, error)
     if world.is_main:
-        _write(run_dir / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
+        write_text(run_dir / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
         if results["validation"] == "done":
             records = _write_records(source, cfg, info, run_dir, results)
             trainer.monitor.message(f"fine-tuned on {name}: " + ", ".join(
@@ -175,28 +176,17 @@ def finetune(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
 
 def _results(trainer: Trainer, cfg: DictConfig, source: Path, info: Any, started: float,
              overrides: list[str] | None, error: BaseException | None) -> dict[str, Any]:
-    """What results.json says of the run: its source, where it stands, its test scores and its history."""
-    state = trainer.state
-    validated = trainer.validated_step == state.step
-    results: dict[str, Any] = {
+    """What results.json says of the run: its source, its test scores, where it stands and its history."""
+    validated = trainer.validated_step == trainer.state.step
+    return {
         "task": "finetune",
         "source": {"checkpoint": str(source.resolve()), "weights": cfg.weights, "format": info.format,
                    "objective": info.objective, "step": info.step},
         "dataset": cfg.dataset,
-        "step": state.step,
-        "total_steps": trainer.total_steps,
-        "finished": state.step >= trainer.total_steps,
-        "checkpoint_step": trainer.saved_step,
         "validation": "done" if validated else "pending",
         "test": trainer.last_eval if validated else {},
-        "skipped_samples": state.skipped,
-        "wall_time_s": round(time.perf_counter() - started, 1),
-        "overrides": list(overrides or []),
-        "history": trainer.history,
+        **run_record(trainer, started, overrides, error),
     }
-    if error is not None:
-        results["error"] = last_line(error)
-    return results
 
 
 def _write_records(source: Path, cfg: DictConfig, info: Any, run_dir: Path, results: dict[str, Any]) -> Path:
@@ -214,14 +204,8 @@ def _write_records(source: Path, cfg: DictConfig, info: Any, run_dir: Path, resu
                        "finetune_run": str(run_dir.resolve()), "finetune_step": results["step"]}
                       for metric, value in results["test"].items()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write(path, json.dumps({**header, "records": records}, indent=2) + "\n")
+    write_text(path, json.dumps({**header, "records": records}, indent=2) + "\n")
     return path
-
-
-def _write(path: Path, text: str) -> None:
-    """Replace `path` with `text`, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
 @hydra.main(config_path=CONF_DIR, config_name="finetune", version_base="1.3")

@@ -15,7 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from slip.checkpoint import CheckpointError, atomic_write
+from slip.checkpoint import CheckpointError
 from slip.app.config import CONF_DIR, ConfigError, build, first_difference
 from slip.app.eval_settings import ValSettings
 from slip.app.migrations import check_renamed_keys, check_renamed_overrides, fill_added_defaults, upgrade_saved_config
@@ -36,6 +36,7 @@ from slip.models.vision import has_batch_statistics
 from slip.random_state import seed_everything
 from slip.app.run_identity import BatchLayout, check_resume, checkpoint_to_resume, saved_processes
 from slip.app.run_layout import CHECKPOINT_IN_RUN, CONFIG_FILE, RESULTS_FILE
+from slip.app.run_record import run_record, write_text
 from slip.app.task import TrainTask
 
 
@@ -197,33 +198,21 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
 
 def _results(cfg: DictConfig, trainer: Trainer, evaluate: Any, started: float, overrides: list[str] | None,
              error: BaseException | None = None) -> dict[str, Any]:
-    """What results.json says of the run: where it stands, its closing validation, its history."""
-    state = trainer.state
-    validated = trainer.validated_step == state.step
-    results: dict[str, Any] = {
+    """What results.json says of the run: its objective, where it stands, its closing validation, its history."""
+    validated = trainer.validated_step == trainer.state.step
+    return {
         "objective": trainer.task.objective.label(),
-        "step": state.step,
-        "total_steps": trainer.total_steps,
-        "finished": state.step >= trainer.total_steps,
-        "checkpoint_step": trainer.saved_step,  # the step checkpoints/last.pt holds
         # "pending": the closing validation has not scored the weights of `step` yet; running again does it.
         "validation": "none" if evaluate is None else "done" if validated else "pending",
         "zeroshot": trainer.last_eval if validated else {},
-        "skipped_samples": state.skipped,
-        "wall_time_s": round(time.perf_counter() - started, 1),
-        "overrides": list(overrides or []),
-        "history": trainer.history,
+        **run_record(trainer, started, overrides, error),
     }
-    if error is not None:
-        results["error"] = last_line(error)
-    return results
 
 
 def _write_run_files(run_dir: Path, cfg: DictConfig, results: dict[str, Any]) -> None:
     """Replace config.yaml and results.json, each atomically."""
-    config_text, results_text = OmegaConf.to_yaml(cfg, resolve=True), json.dumps(results, indent=2) + "\n"
-    atomic_write(run_dir / CONFIG_FILE, lambda handle: handle.write(config_text.encode()))
-    atomic_write(run_dir / RESULTS_FILE, lambda handle: handle.write(results_text.encode()))
+    write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+    write_text(run_dir / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
 
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
