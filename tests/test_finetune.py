@@ -260,3 +260,13 @@ def test_micro_batches_sum_to_the_whole_batch_whatever_the_accumulation_setting(
                                           f"trainer.accumulation={mode}"))
         assert_same_run(losses_by_step(parts), read_checkpoint(tmp_path / mode / CHECKPOINT_IN_RUN)["model"],
                         losses_by_step(whole), read_checkpoint(tmp_path / "whole" / CHECKPOINT_IN_RUN)["model"])
+
+
+def test_every_top_level_key_is_identity_or_free_on_resume(source: Path) -> None:
+    """Each key of the composed config either defines the run (a resume with another value stops) or may change."""
+    from slip.app.finetune import FINETUNE_FREE_KEYS, FINETUNE_IDENTITY_SECTIONS
+
+    keys = set(compose_finetune(f"checkpoint={source}"))
+    identity, free = set(FINETUNE_IDENTITY_SECTIONS), set(FINETUNE_FREE_KEYS)
+    assert not identity & free
+    assert keys | {"source"} == identity | free  # "source": the source's contents by hash, added by the app

@@ -59,11 +59,13 @@ def source_checkpoint(setting: str) -> Path:
     return path / CHECKPOINT_IN_RUN if (path / CHECKPOINT_IN_RUN).is_file() else path
 
 
-def default_run_dir(output_root: str, dataset: str, source: Path) -> Path:
-    """<output_root>/finetune/<dataset>/<the source's run name>-<hash of its path>: one run per source and dataset."""
+def default_run_dir(output_root: str, dataset: str, source: Path, weights: str) -> Path:
+    """<output_root>/finetune/<dataset>/<the source's run name>-<hash of its path>[-ema]: one run per source, its
+    weights and dataset."""
     name = source.parent.parent.name if source.parts[-2:] == CHECKPOINT_IN_RUN.parts else source.name
     digest = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:8]
-    return Path(output_root) / "finetune" / dataset / f"{name}-{digest}"
+    return Path(output_root) / "finetune" / dataset / (f"{name}-{digest}" + ("" if weights == "model" else
+                                                                              f"-{weights}"))
 
 
 def _resume(run_dir: Path, cfg: DictConfig, settings: TrainerSettings, processes: int,
@@ -134,8 +136,8 @@ def finetune(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
     optimizer = build(cfg.optim, "optim")(groups)
     schedule = build(cfg.schedule, "schedule")(total_steps=total_steps, steps_per_epoch=data.steps_per_epoch)
 
-    run_dir = Path(cfg.output_root) / cfg.run_name if cfg.run_name else default_run_dir(cfg.output_root, name,
-                                                                                       source)
+    run_dir = (Path(cfg.output_root) / cfg.run_name if cfg.run_name else
+               default_run_dir(cfg.output_root, name, source, cfg.weights))
     identity = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # + the source's contents, by hash
     identity.source = {"fingerprint": checkpoint_fingerprint(source)}
     reasons = [reason for reason, applies in (

@@ -28,7 +28,8 @@ MOVED_TARGETS: collections.abc.Mapping[str, str] = types.MappingProxyType({
     "slip.data.datasets.WebDatasetStream": "slip.data.webdataset.WebDatasetStream",
     # The app's checked nodes, when the app moved out of the library into slip.app.
     "slip.data.DataSettings": "slip.app.train_data.DataSettings",
-    "slip.engine.TrainerSettings": "slip.app.engine.TrainerSettings",
+    "slip.engine.TrainerSettings": "slip.app.trainer_settings.TrainerSettings",
+    "slip.app.engine.TrainerSettings": "slip.app.trainer_settings.TrainerSettings",
     "slip.optim.adamw": "slip.app.optim.adamw",
     "slip.optim.warmup_cosine": "slip.app.optim.warmup_cosine",
 })
