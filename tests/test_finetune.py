@@ -28,7 +28,7 @@ TINY_VIT = dict(image_size=32, patch_size=4, vision_width=64, vision_layers=3, v
                 text_width=32, text_layers=1, text_heads=2, context_length=16, ssl_mlp_dim=64, ssl_embed_dim=32)
 # A few small steps on the embedded task at the tiny model's 32 px.
 FAST = ["trainer.log_every=1", "trainer.log_images=false", "trainer.device=cpu", "trainer.save_every=0",
-        "data.batch_size=8", *(f"catalog.synthetic.{split}.{key}={value}" for split, size in (("train", 32),
+        "data.batch_size=8", "data.num_workers=0", *(f"catalog.synthetic.{split}.{key}={value}" for split, size in (("train", 32),
                                                                                                 ("test", 24))
                                for key, value in (("num_samples", size), ("image_size", 32)))]
 # Every random part of the recipe on: mixup/cutmix, drop path, RandAugment, random erasing.

@@ -157,6 +157,7 @@ def test_finetune_runs_end_to_end_from_a_safetensors_file(tmp_path: Path) -> Non
         cfg = compose("finetune", overrides=[
             f"checkpoint={path}", f"output_root={tmp_path / 'runs'}", "trainer.max_steps=2",
             "trainer.log_images=false", "trainer.device=cpu", "trainer.save_every=0", "data.batch_size=8",
+            "data.num_workers=0",
             "mixup=null", *catalog])
     results = finetune(cfg)
     assert results["step"] == 2 and results["finished"] and results["validation"] == "done"
