@@ -32,7 +32,9 @@ FAST = ["trainer.log_every=1", "trainer.log_images=false", "trainer.device=cpu",
                                                                                                 ("test", 24))
                                for key, value in (("num_samples", size), ("image_size", 32)))]
 # Every random part of the recipe on: mixup/cutmix, drop path, RandAugment, random erasing.
-STOCHASTIC = ["mixup.prob=1.0", "classifier.drop_path_rate=0.2", "augment.auto_augment=rand-m9-mstd0.5-inc1",
+# BEiT's mixup and cutmix (the CPU recipe leaves them off).
+MIXUP = "mixup={_target_:timm.data.Mixup,_partial_:true,mixup_alpha:0.8,cutmix_alpha:1.0,label_smoothing:0.1}"
+STOCHASTIC = [MIXUP, "classifier.drop_path_rate=0.2", "augment.auto_augment=rand-m9-mstd0.5-inc1",
               "augment.re_prob=0.5"]
 
 
@@ -180,7 +182,7 @@ def test_bad_input_is_refused_in_one_line_naming_the_key_or_file(source: Path, t
         finetune(cfg)
     assert one_line(error).startswith("catalog.unlabelled.train: SyntheticShapes has no class labels")
     with pytest.raises(ConfigError) as error:
-        finetune(compose_finetune(f"checkpoint={source}", *common, "data.batch_size=7"))
+        finetune(compose_finetune(f"checkpoint={source}", *common, MIXUP, "data.batch_size=7"))
     assert one_line(error).startswith("data.batch_size: mixup pairs each batch with its reverse")
     unrelated = tmp_path / "weights.pt"
     torch.save({"encoder.weight": torch.zeros(2)}, unrelated)
