@@ -134,6 +134,21 @@ def report(results: list[dict[str, dict[str, float]]], command: str, args: argpa
         per_round.append(f"| {number} | {order} | {r['clip']['img_s']:.3g} | {r['finetune']['img_s']:.3g} | "
                          f"{r['slip']['img_s']:.3g} | {r['finetune']['img_s'] / r['clip']['img_s']:.2f} | "
                          f"{r['finetune']['img_s'] / r['slip']['img_s']:.2f} |")
+    ratios = {arm: [r["finetune"]["img_s"] / r[arm]["img_s"] for r in results] for arm in ("clip", "slip")}
+    per_round.append(f"| median | | {medians['clip']:.3g} | {medians['finetune']:.3g} | {medians['slip']:.3g} | "
+                     f"{statistics.median(ratios['clip']):.2f} | {statistics.median(ratios['slip']):.2f} |")
+    cores = os.cpu_count() or 1
+    if loads[0][0] >= 0.5 * cores:
+        shared = (f"**The machine was shared**: other work (a long experiment) ran on the same {cores} cores "
+                  f"throughout (load average {loads[0][0]:.1f} before the first run), so absolute img/s are low "
+                  "and noisy; the arms took turns (order rotated each round) so that drift hits all alike, and the "
+                  "ratios are the figures to read.\n")
+    else:
+        shared = f"The machine looked idle at the start (load average {loads[0][0]:.1f} on {cores} cores).\n"
+    spread = (f"Spread: the per-round ratios run {min(ratios['clip']):.2f} to {max(ratios['clip']):.2f} "
+              f"(fine-tune / CLIP) and {min(ratios['slip']):.2f} to {max(ratios['slip']):.2f} (fine-tune / SLIP); "
+              "the table's ratios are of the medians over rounds, the last row above gives the medians of the "
+              "per-round ratios.")
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     load_start, load_end = (", ".join(f"{value:.2f}" for value in load) for load in loads)
@@ -144,9 +159,7 @@ def report(results: list[dict[str, dict[str, float]]], command: str, args: argpa
         f"Machine: `nproc` {os.cpu_count()}, {cpu_model()}; {torch_info()}; tree {commit} (plus any uncommitted "
         f"changes)  ",
         f"Load average (1, 5, 15 min) at the start: {load_start}; at the end: {load_end}\n",
-        "**The machine was shared**: a long experiment (a `slip.train` sweep) ran in the background on the same 2 "
-        "cores for the whole run, so absolute img/s are low and noisy; the arms took turns (order rotated each "
-        "round) so that drift hits all alike, and the ratios are the figures to read.\n",
+        shared,
         f"Method: the tiny ViT (`model=tiny`, 32 px) at batch {args.batch_size}, `trainer.max_steps={args.steps}`, "
         "one progress line per step (`trainer.log_every=1`), OMP/torch threads left at their defaults. "
         "Pretraining: `python -m slip.train loss=clip|slip` on the embedded synthetic data (its default "
@@ -163,10 +176,14 @@ def report(results: list[dict[str, dict[str, float]]], command: str, args: argpa
         "Per round (each run's steady median):\n",
         *per_round,
         "",
-        "Why: a fine-tuning step runs the image tower on one view plus a linear head, while a CLIP pretraining "
-        "step also runs the text tower (and the contrastive loss), and a SLIP step runs the image tower on three "
-        "views (plus the SSL head), so fine-tuning is the cheapest step of the three and its lead is largest "
-        "over SLIP.",
+        spread,
+        "",
+        "Why: per image, a fine-tuning step runs the image tower on one view plus a linear head, a CLIP "
+        "pretraining step runs the image tower on one view and the text tower on its caption, and a SLIP step "
+        "runs the image tower on three views (one CLIP view, two SSL views) as well as the text tower, so "
+        "fine-tuning does the least model work of the three and SLIP the most; what the ratios show beyond that "
+        "is the data pipeline (images rendered and augmented by one loader worker beside the step in pretraining, "
+        "inline and inside the step time in fine-tuning) and the contention for the cores.",
     ]
     return "\n".join(table), "\n".join(lines) + "\n"
 
