@@ -25,7 +25,7 @@ from slip.data.transforms import CLIP_MEAN, CLIP_STD, build_multiview
 from slip.distributed import WorldInfo, convert_sync_batchnorm, init_process_group, leave_process_group, make_gather
 from slip.app.engine import Trainer, TrainerSettings
 from slip.app.task import TrainTask
-from train_helpers import FAST, compose_config
+from train_helpers import FAST, SMALL_VIT, compose_config
 
 MICRO, K = 8, 4
 EXACT = 1e-10
@@ -285,7 +285,7 @@ def test_train_with_update_freq_equals_train_with_the_whole_batch(tmp_path: Path
     """data.batch_size=8 x update_freq=2 reads the same 16 samples per step as data.batch_size=16."""
     from slip.app.train import train
 
-    common = [*FAST, "loss=slip", "trainer.max_steps=3", "trainer.save_every=0"]
+    common = [*FAST, *SMALL_VIT, "loss=slip", "trainer.max_steps=3", "trainer.save_every=0"]
     whole = train(compose_config(*common, "data.batch_size=16"), tmp_path / "whole")
     exact = train(compose_config(*common, "data.batch_size=8", "trainer.update_freq=2"), tmp_path / "exact")
     independent = train(compose_config(*common, "data.batch_size=8", "trainer.update_freq=2",
@@ -303,7 +303,7 @@ def test_train_with_update_freq_equals_train_with_the_whole_batch(tmp_path: Path
 def test_bf16_training_runs_end_to_end_close_to_fp32(tmp_path: Path) -> None:
     from slip.app.train import train
 
-    common = [*FAST, "loss=slip", "trainer.max_steps=2", "trainer.update_freq=2", "data.batch_size=8"]
+    common = [*FAST, *SMALL_VIT, "loss=slip", "trainer.max_steps=2", "trainer.update_freq=2", "data.batch_size=8"]
     fp32 = train(compose_config(*common, "trainer.precision=fp32"), tmp_path / "fp32")
     bf16 = train(compose_config(*common, "trainer.precision=bf16"), tmp_path / "bf16")
     assert bf16["finished"]

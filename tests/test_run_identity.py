@@ -104,15 +104,15 @@ def test_a_finished_run_can_be_extended_but_not_cut_short(tmp_path: Path) -> Non
     assert extended["finished"] and [row["step"] for row in extended["history"]] == [1, 2, 3]
 
 
-def test_the_same_global_batch_in_another_layout_continues_the_run_exactly(tmp_path: Path) -> None:
+def test_the_same_global_batch_in_another_layout_continues_the_run_exactly(
+        tmp_path: Path, exact_run_at_batch_8: tuple[dict[int, float], dict]) -> None:
     """A ViT on map-style data: batch 8 for 3 steps, then batch 4 x update_freq 2 with a loader worker, equals
     batch 8 throughout (float64; 6 steps cross an epoch boundary). Processes: tests/test_train.py."""
-    whole = train(compose_config(*EXACT_RUN, "data.batch_size=8"), tmp_path / "whole")
     train(compose_config(*EXACT_RUN, "data.batch_size=8", "trainer.stop_after=3"), tmp_path / "split")
     resumed = train(compose_config(*EXACT_RUN, "data.batch_size=4", "trainer.update_freq=2", "data.num_workers=1"),
                     tmp_path / "split")
-    assert_same_run(losses_by_step(resumed), weights_of(tmp_path / "split"), losses_by_step(whole),
-                    weights_of(tmp_path / "whole"))
+    whole_losses, whole_weights = exact_run_at_batch_8  # the uninterrupted run at batch 8 (conftest.py)
+    assert_same_run(losses_by_step(resumed), weights_of(tmp_path / "split"), whole_losses, whole_weights)
 
 
 def test_a_resnet_tower_keeps_its_batch_layout(tmp_path: Path) -> None:

@@ -1,7 +1,10 @@
 """python -m slip.train: a few steps on synthetic data, exact resume, preemption, config errors, multirun, DDP."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -11,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from slip.checkpoint import read_checkpoint
 from slip.pretrained import load_pretrained_with_info
@@ -18,8 +22,8 @@ from slip.app.config import ConfigError
 from slip.app.run_layout import CHECKPOINT_IN_RUN
 from slip.app.train import train
 from rank_helpers import free_port
-from train_helpers import (EXACT_RUN, FAST, assert_same_run, compose_config, losses_by_step, subprocess_env,
-                           weights_of)
+from train_helpers import (CONF_DIR, EXACT_RUN, FAST, SMALL_VIT, assert_same_run, compose_config, losses_by_step,
+                           subprocess_env, weights_of)
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -29,7 +33,7 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None
 
 
 def test_resume_gives_the_same_losses_and_weights_as_an_uninterrupted_run(tmp_path: Path) -> None:
-    overrides = [*FAST, "loss=slip", "trainer.max_steps=6", "trainer.save_every=0"]
+    overrides = [*FAST, *SMALL_VIT, "loss=slip", "trainer.max_steps=6", "trainer.save_every=0"]
     full = train(compose_config(*overrides), tmp_path / "full")
     first = train(compose_config(*overrides, "trainer.stop_after=3"), tmp_path / "split")
     assert first["step"] == 3 and not first["finished"]
@@ -150,15 +154,39 @@ def test_a_renamed_key_on_the_command_line_stops_with_one_line_naming_the_new_ke
                                      "SSL views' crop-area range; loss.ssl_scale is the SSL loss weight)")
 
 
+def cli_in_process(*args: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> tuple[object, str]:
+    """`slip.train`'s console entry point (`slip.app.train.cli`, what `python -m slip.train ARGS` runs) in this
+    process, as a command line that stops: its exit code and stderr. The logging setup Hydra installs for a run is
+    undone afterwards. test_a_renamed_key_on_the_command_line_stops_with_one_line_naming_the_new_key runs the command
+    itself in a subprocess."""
+    from slip.app.train import cli
+
+    monkeypatch.setattr(sys, "argv", ["slip.train", *args])
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        with pytest.raises(SystemExit) as info:
+            cli()
+    finally:
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    return info.value.code, capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("override", "named"),
     [("model=vit_nope", "vit_nope"), ("trainer.max_step=3", "trainer.max_step"), ("trainer.epochs=many", "many")],
 )
-def test_command_line_errors_are_short(tmp_path: Path, override: str, named: str) -> None:
-    result = run_cli(*FAST, override, f"output_root={tmp_path}", cwd=tmp_path, timeout=120)
-    assert result.returncode != 0
-    assert named in result.stderr.strip().splitlines()[0]
-    assert "Traceback" not in result.stderr
+def test_command_line_errors_are_short(tmp_path: Path, override: str, named: str, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture) -> None:
+    # In process as in a subprocess, Hydra prints an unexpected error's traceback to stderr and exits 1.
+    code, stderr = cli_in_process(*FAST, override, f"output_root={tmp_path}", monkeypatch=monkeypatch, capsys=capsys)
+    assert code != 0
+    assert named in stderr.strip().splitlines()[0]
+    assert "Traceback" not in stderr
 
 
 def train_until(args: list[str], cwd: Path, seen_enough, timeout: float = 180) -> tuple[subprocess.Popen, list[str]]:
@@ -203,12 +231,17 @@ def test_multirun_writes_sibling_run_directories(tmp_path: Path) -> None:
     assert [name[:2] for name in names] == ["0_", "1_", "2_"] and not any("=" in name for name in names)
     assert [name.endswith(suffix) or f"+{suffix}+" in name for name, suffix in
             zip(names, ("loss-clip", "loss-simclr", "loss-slip"))] == [True] * 3
-    # The sweep dir goes straight to evaluation and the comparison report.
+    # The sweep dir goes straight to evaluation and the comparison report. slip.eval's settings as on its command
+    # line, run in this process (the command itself runs in test_multilabel.py and in the SIGTERM test below); the
+    # probe's l2 sweep cut to its grid, 20 iterations a fit, as test_eval.py's: the table only needs its numbers.
+    from slip.app.evaluate import evaluate
+    from test_eval import eval_config
+
     small = ["catalog.synthetic.train.num_samples=48", "catalog.synthetic.test.num_samples=24",
-             "catalog.synthetic_captions.test.num_samples=16", "knn.k=5"]
-    evaluated = subprocess.run([sys.executable, "-m", "slip.eval", f"checkpoint={sweep}", *small], cwd=tmp_path,
-                               capture_output=True, text=True, timeout=300, env=subprocess_env())
-    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+             "catalog.synthetic_captions.test.num_samples=16", "knn.k=5", "linear_probe.max_iter=20",
+             "linear_probe.refinements=0"]
+    evaluated = evaluate(eval_config(f"checkpoint={sweep}", *small))
+    assert len(evaluated) == 3
     reported = subprocess.run([sys.executable, "-m", "slip.report", str(sweep)], cwd=tmp_path, capture_output=True,
                               text=True, timeout=120, env=subprocess_env())
     assert reported.returncode == 0, reported.stderr[-2000:]
@@ -218,11 +251,12 @@ def test_multirun_writes_sibling_run_directories(tmp_path: Path) -> None:
     assert (sweep / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_two_process_gloo_run_matches_one_process_and_continues_on_one_process_exactly(tmp_path: Path) -> None:
+def test_two_process_gloo_run_matches_one_process_and_continues_on_one_process_exactly(
+        tmp_path: Path, exact_run_at_batch_8: tuple[dict[int, float], dict]) -> None:
     """2 gloo processes at batch 4 for 3 steps, then 1 process at batch 8 (the same global batch, so the run's
     identity allows it): every loss and the final weights equal one process throughout, in float64."""
     common = [*EXACT_RUN, f"output_root={tmp_path}"]
-    one = train(compose_config(*common, "data.batch_size=8"), tmp_path / "one")
+    one_losses, one_weights = exact_run_at_batch_8  # one process at batch 8 throughout (conftest.py)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                "-m", "slip.train", *common, "data.batch_size=4", "trainer.stop_after=3"]
     double = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
@@ -232,14 +266,16 @@ def test_two_process_gloo_run_matches_one_process_and_continues_on_one_process_e
     two = json.loads((run_dir / "results.json").read_text())
     assert sorted(losses_by_step(two)) == [1, 2, 3] and read_checkpoint(run_dir / CHECKPOINT_IN_RUN)["processes"] == 2
     resumed = train(compose_config(*common, "data.batch_size=8"), run_dir)
-    assert_same_run(losses_by_step(resumed), weights_of(run_dir), losses_by_step(one), weights_of(tmp_path / "one"))
+    assert_same_run(losses_by_step(resumed), weights_of(run_dir), one_losses, one_weights)
 
 
 def test_slurm_launcher_config_composes(tmp_path: Path) -> None:
-    result = run_cli("hydra/launcher=slurm", "hydra.launcher.nodes=4", *FAST, "--cfg", "hydra", cwd=tmp_path,
-                     timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "SlurmLauncher" in result.stdout and "nodes: 4" in result.stdout
+    # What `python -m slip.train hydra/launcher=slurm hydra.launcher.nodes=4 ... --cfg hydra` prints: the hydra node.
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "hydra.launcher.nodes=4", *FAST],
+                      return_hydra_config=True)
+    printed = OmegaConf.to_yaml(cfg.hydra)
+    assert "SlurmLauncher" in printed and "nodes: 4" in printed
 
 
 def test_runs_under_the_submitit_launcher(tmp_path: Path) -> None:
@@ -282,36 +318,66 @@ def test_sigterm_during_validation_stops_within_seconds_and_the_run_validates_wh
     assert read_checkpoint(tmp_path / "test" / "checkpoints" / "last.pt")["state"]["step"] == 2
     interrupted = json.loads((tmp_path / "test" / "results.json").read_text())
     assert interrupted["finished"] and interrupted["validation"] == "pending" and interrupted["zeroshot"] == {}
-    again = run_cli(*FAST, "trainer.max_steps=2", "val=synthetic", "val.max_images=all",
-                    "val.dataset.num_samples=48", f"output_root={tmp_path}", cwd=tmp_path)
-    assert again.returncode == 0, again.stderr[-2000:]
+    # Run again: in this process, what the command runs for this run directory (its start-up aside); its console.
+    again = io.StringIO()
+    with contextlib.redirect_stdout(again), contextlib.redirect_stderr(again):
+        train(compose_config(*FAST, "trainer.max_steps=2", "val=synthetic", "val.max_images=all",
+                             "val.dataset.num_samples=48", f"output_root={tmp_path}"), tmp_path / "test")
     validated = json.loads((tmp_path / "test" / "results.json").read_text())
     assert "top1" in validated["zeroshot"] and validated["validation"] == "done"
-    assert "validation: 48/48 images" in again.stdout + again.stderr
+    assert "validation: 48/48 images" in again.getvalue()
 
 
-def test_auto_validation_scores_no_more_images_than_the_run_trains_on(tmp_path: Path) -> None:
-    result = run_cli(*FAST, "trainer.max_steps=2", "val=synthetic", f"output_root={tmp_path}", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "step 2: zero-shot validation on 96 images" in result.stdout + result.stderr  # 16 trained, at least 96
+def test_auto_validation_scores_no_more_images_than_the_run_trains_on(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    results = train(compose_config(*FAST, "trainer.max_steps=2", "val=synthetic"), tmp_path)
+    assert results["finished"] and results["validation"] == "done"
+    result = capsys.readouterr()
+    assert "step 2: zero-shot validation on 96 images" in result.out + result.err  # 16 trained, at least 96
+
+
+# Prints "extracting N images" as slip.eval starts extracting the features of N images, so that the test below knows
+# when the extraction is under way (in the process started by `python -m slip.eval`, through PYTHONPATH).
+EXTRACTION_MARKER = """
+import slip.eval.features as _features
+_extract = _features.extract_features
+def _marked(model, dataset, *args, **kwargs):
+    print(f"extracting {len(dataset)} images", flush=True)
+    return _extract(model, dataset, *args, **kwargs)
+_features.extract_features = _marked
+"""
 
 
 def test_sigterm_during_feature_extraction_stops_within_seconds_and_leaves_no_partial_cache(tmp_path: Path) -> None:
+    from slip.app.evaluate import evaluate
+    from test_eval import eval_config
+
     train(compose_config(*FAST, "loss=clip", "trainer.max_steps=1"), tmp_path / "run")
-    base = [sys.executable, "-m", "slip.eval", f"checkpoint={tmp_path / 'run'}", "tasks.zeroshot=[]",
-            "tasks.knn=[]", "tasks.retrieval=[]", "catalog.synthetic.test.num_samples=24"]
-    process = subprocess.Popen([*base, "catalog.synthetic.train.num_samples=400000"], cwd=tmp_path, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                               env=subprocess_env())
-    time.sleep(12)  # start-up, then well inside extracting 400,000 images
-    assert process.poll() is None, process.communicate()[0]
+    base = [f"checkpoint={tmp_path / 'run'}", "tasks.zeroshot=[]", "tasks.knn=[]", "tasks.retrieval=[]",
+            "catalog.synthetic.test.num_samples=24"]
+    injected = tmp_path / "inject"
+    injected.mkdir()
+    (injected / "sitecustomize.py").write_text(EXTRACTION_MARKER)
+    env = subprocess_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(injected), env["PYTHONPATH"]])
+    process = subprocess.Popen([sys.executable, "-m", "slip.eval", *base, "catalog.synthetic.train.num_samples=400000"],
+                               cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               start_new_session=True, env=env)
+    seen = []
+    for line in process.stdout:  # type: ignore[union-attr]
+        seen.append(line)
+        if line.startswith("extracting 400000 images"):
+            break
+    time.sleep(1.0)  # well inside extracting 400,000 images, which takes many minutes
+    assert process.poll() is None, "".join(seen) + process.communicate()[0]
     signalled = time.monotonic()
     os.killpg(process.pid, signal.SIGTERM)
     process.communicate(timeout=60)
     assert time.monotonic() - signalled < 15 and process.returncode != 0  # killed, not minutes later
     cache = tmp_path / "run" / "eval" / "feature_cache"
     assert not any(path.name.endswith(".tmp") for path in cache.rglob("*")) if cache.exists() else True
-    again = subprocess.run([*base, "catalog.synthetic.train.num_samples=48"], cwd=tmp_path, capture_output=True,
-                           text=True, timeout=300, env=subprocess_env())
-    assert again.returncode == 0, again.stderr[-2000:]
+    # Run again (in this process: slip.eval's settings, as its command line gives them) on a smaller train split,
+    # the probe's l2 sweep cut to its grid, 20 iterations a fit, as test_eval.py's.
+    evaluate(eval_config(*base, "catalog.synthetic.train.num_samples=48", "linear_probe.max_iter=20",
+                         "linear_probe.refinements=0"))
     assert (tmp_path / "run" / "eval").is_dir()
