@@ -147,8 +147,9 @@ def finetune(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
     checkpoint = _resume(run_dir, identity, settings, world.world_size, "; ".join(reasons) or None)
     init_process_group(world)
     task = FinetuneTask(classifier, mixup, cfg.label_smoothing, spec.mean, spec.std)
+    config_text = OmegaConf.to_yaml(identity, resolve=True)  # the checkpoint's and config.yaml's
     trainer = Trainer(task, optimizer, schedule, settings, world, run_dir, total_steps, data.steps_per_epoch,
-                      OmegaConf.to_yaml(identity, resolve=True), evaluate)
+                      config_text, evaluate)
     if checkpoint is not None:
         trainer.load_state_dict(checkpoint)
         trainer.monitor.message(f"resumed from step {trainer.state.step} ({run_dir / CHECKPOINT_IN_RUN})")
@@ -157,7 +158,7 @@ def finetune(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
         f"run dir {run_dir}: fine-tuning {source} ({info.objective or info.format}) on {name}, {num_classes} "
         f"classes, {len(train_split)} training images, {total_steps} steps of global batch {layout.describe()}")
     if world.is_main:
-        write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(identity, resolve=True))
+        write_text(run_dir / CONFIG_FILE, config_text)
     error: BaseException | None = None
     try:
         trainer.fit(data.loader)

@@ -35,18 +35,19 @@ class FinetuneTask(nn.Module):
         if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
                 or not 0 <= label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        from timm.loss import SoftTargetCrossEntropy
+
         self.model, self.mixup, self.label_smoothing = classifier, mixup, float(label_smoothing)
+        self.soft_target_loss = SoftTargetCrossEntropy()
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Batch -> {"loss"} and, without mixup, the batch's top-1 accuracy in percent ("top1")."""
-        from timm.loss import SoftTargetCrossEntropy
-
         images, labels = batch["image"], batch["label"]
         if self.training and self.mixup is not None:
             images, targets = self.mixup(images, labels)
             logits = self.model(images)
-            return {"loss": SoftTargetCrossEntropy()(logits, targets.to(logits.dtype))}
+            return {"loss": self.soft_target_loss(logits, targets.to(logits.dtype))}
         logits = self.model(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         top1 = (logits.detach().argmax(dim=-1) == labels).float().mean() * 100
