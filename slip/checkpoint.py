@@ -162,14 +162,20 @@ def read_safely(path: Path) -> Any:
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read one of this toolkit's checkpoints (e.g. a training run's last.pt) safely, as a dict."""
+    """Read one of this toolkit's checkpoints (a training run's last.pt, or its sharded last.dcp directory)
+    safely, as a dict with full tensors."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    if is_torchscript_archive(path):
+    from slip.sharded_checkpoint import is_sharded_checkpoint, read_sharded  # it writes with atomic_save
+
+    if is_sharded_checkpoint(path):
+        content = read_sharded(path)
+    elif not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file or sharded checkpoint directory")
+    elif is_torchscript_archive(path):
         raise CheckpointError(f"{path}: a TorchScript archive, not a slip checkpoint "
                               "(only load_pretrained reads TorchScript, and uses only its tensors)")
-    content = read_safely(path)
+    else:
+        content = read_safely(path)
     if not (isinstance(content, Mapping) and content.get("format") == FORMAT_NAME):
         raise CheckpointError(f"{path}: not a slip checkpoint")
     return dict(content)

@@ -23,6 +23,7 @@ from slip.interop.openai import from_openai, is_openai_state, read_torchscript_t
 from slip.interop.safetensors_io import read_safetensors
 from slip.interop.slip_original import from_original_slip, is_original_slip
 from slip.models import ImageTextModel, build_model
+from slip.sharded_checkpoint import is_sharded_checkpoint, read_sharded
 
 __all__ = ["WEIGHTS", "build_converted", "load_pretrained", "load_pretrained_with_info", "read_pretrained"]
 
@@ -32,7 +33,7 @@ WEIGHTS = ("model", "ema")
 
 def _no_ema_in(path: Path) -> CheckpointError:
     """The error for weights="ema" on a format that keeps no momentum teacher."""
-    return CheckpointError(f"{path}: only slip's own .pt checkpoints keep EMA weights")
+    return CheckpointError(f"{path}: only slip's own checkpoints (.pt, or sharded .dcp) keep EMA weights")
 
 
 def _ema_state(content: Mapping[str, Any], path: Path) -> dict[str, torch.Tensor]:
@@ -78,6 +79,8 @@ def read_pretrained(path: str | os.PathLike, weights: str = "model") -> Converte
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {list(WEIGHTS)}, got {weights!r}")
     path = Path(path)
+    if is_sharded_checkpoint(path):
+        return _from_pickle(read_sharded(path), path, weights)
     if weights != "model" and (path.is_dir() or path.suffix == ".safetensors"):
         raise _no_ema_in(path)
     if path.is_dir():

@@ -65,15 +65,19 @@ def exact_backward(
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     replay: Encode | None = None,
+    sync: Callable[[bool], None] | None = None,
 ) -> dict[str, Tensor]:
     """Accumulate into `.grad` the gradients of `finish` over all of `micro_batches`; return its result.
 
     `backward(loss)` starts the backward pass (e.g. through a gradient scaler), `stateful` is the module whose
     buffers `encode` may update (they change once per micro-batch, as without caching), `autocast()` wraps
     every forward computation. `replay` (default `encode`) encodes the micro-batches again in step 3: the same
-    features, without any work that step 1 did for `finish` alone (e.g. a teacher's outputs, taken once). The
-    caller steps the optimizer and, across processes, reduces the gradients.
+    features, without any work that step 1 did for `finish` alone (e.g. a teacher's outputs, taken once).
+    `sync(flag)`, where given, is called before each backward pass: True for the objective's and the last
+    micro-batch's, False for the others (FSDP2's `set_requires_gradient_sync`: every unit's gradients are reduced
+    once, in the last pass that reaches it). Otherwise the caller reduces the gradients across processes.
     """
+    sync = sync or (lambda flag: None)
     if not micro_batches:
         raise ValueError("exact_backward needs at least one micro-batch")
     states, cached = [], []
@@ -91,14 +95,17 @@ def exact_backward(
     del cached
     with autocast():
         result = finish(whole)
+    sync(True)
     backward(result["loss"])
     after = _capture(device)
     replay = encode if replay is None else replay
     slices = {key: (leaf.grad.split(rows) if leaf.grad is not None else [None] * len(rows))
               for key, leaf in whole.items()}
+    sync(len(micro_batches) == 1)
     _backward_slice(kept, {key: parts[0] for key, parts in slices.items()})
     del kept
     for index in range(1, len(micro_batches)):
+        sync(index == len(micro_batches) - 1)
         states[index].restore()
         with autocast():
             replayed = replay(micro_batches[index])

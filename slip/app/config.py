@@ -91,7 +91,8 @@ def check_node(node: DictConfig, key: str) -> None:
             raise ConfigError(f"{_dotted(key, name)}: unknown key for {target_name} (allowed: {allowed})")
         value = values[name]
         annotation = hints.get(name, signature.parameters[name].annotation)
-        if not isinstance(annotation, str) and not _accepts(value, annotation):
+        built_by_its_own_target = isinstance(value, dict) and "_target_" in value  # checked by _check_nested
+        if not (isinstance(annotation, str) or built_by_its_own_target or _accepts(value, annotation)):
             raise ConfigError(f"{_dotted(key, name)}: expected {_type_name(annotation)}, got {value!r}")
         _check_nested(node[name], _dotted(key, name))
 

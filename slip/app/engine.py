@@ -14,14 +14,16 @@ import torch.distributed as dist
 from torch import nn
 
 from slip.app.accumulation import exact_backward
-from slip.checkpoint import FORMAT_NAME, FORMAT_VERSION, atomic_save
+from slip.checkpoint import FORMAT_NAME, FORMAT_VERSION, read_checkpoint
 from slip.data.loader import batch_rows, batch_to_device
-from slip.distributed import WorldInfo, all_ranks, any_rank, average_gradients, resolve_device
+from slip.distributed import WorldInfo, all_ranks, any_rank, resolve_device
 from slip.app.monitor import Monitor, peak_memory_mib
 from slip.app.precision import autocast_dtype, cast_floats, parameter_dtype
 from slip.app.preemption import EvaluationInterrupted, PreemptionFlag
 from slip.random_state import rng_state, set_rng_state
-from slip.app.run_layout import CHECKPOINT_IN_RUN
+from slip.app.run_layout import CHECKPOINTS_IN_RUN
+from slip.app.strategy import make_strategy
+from slip.sharded_checkpoint import is_sharded_checkpoint, remove_path
 from slip.app.task import TrainTask
 from slip.app.trainer_settings import TrainerSettings
 
@@ -76,11 +78,11 @@ class Trainer:
         self.device = resolve_device(settings.device, world.local_rank)
         self._prepare_batch: PrepareBatch = batch_to_device  # fit() takes the MultiView's own
         self.dtype = autocast_dtype(settings.precision, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=settings.init_grad_scale,
-                                           enabled=self.dtype == torch.float16)
+        self.strategy = make_strategy(settings.strategy, settings.fsdp, world, self.device)
+        self.scaler = self.strategy.grad_scaler(self.dtype == torch.float16, settings.init_grad_scale)
         self.state = TrainState()
         self._first_step = 0  # the step this invocation started from (trainer.stop_after counts from it)
-        self.checkpoint_path = run_dir / CHECKPOINT_IN_RUN
+        self.checkpoint_path = run_dir / self.strategy.checkpoint_in_run
         self.saved_step: int | None = None  # the step of checkpoint_path (saved by this run, or resumed from)
         self.validated_step: int | None = None  # the step whose weights `last_eval` scored
         self.monitor = Monitor(run_dir, total_steps, settings.log_every, enabled=world.is_main)
@@ -89,10 +91,7 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.parameter_dtype = parameter_dtype(settings.precision)
         task.to(self.device, self.parameter_dtype)  # to(device, None) keeps the dtype
-        self.wrapped: nn.Module = task
-        if world.is_distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.wrapped = nn.parallel.DistributedDataParallel(task, device_ids=ids)
+        self.wrapped: nn.Module = self.strategy.wrap(task, optimizer, self.dtype)
         # Exact accumulation runs towers, heads and objective as separate passes, outside DDP's forward. A task
         # whose loss is a mean over samples is already exact when micro-batch gradients are summed.
         self.exact_accumulation = (settings.update_freq > 1 and settings.accumulation == "exact"
@@ -113,7 +112,7 @@ class Trainer:
             "format_version": FORMAT_VERSION,
             "processes": self.world.world_size,
             **self.task.checkpoint_state(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.strategy.optimizer_state(self.task, self.optimizer),
             "scaler": self.scaler.state_dict(),
             "state": asdict(self.state),
             "rng": all_ranks(rng_state(), self.world),
@@ -122,20 +121,24 @@ class Trainer:
         }
 
     def save(self) -> None:
-        """Atomically replace the latest checkpoint (main rank writes; all ranks take part in gathering).
+        """Atomically replace the latest checkpoint (`last.pt` written by rank 0, or `last.dcp` by every rank,
+        per trainer.strategy; the other is removed once this one is in place).
 
         A failed write (e.g. a full disk) raises TrainingError saying which step was lost and which is kept,
         on every rank, so that none is left waiting for the writer.
         """
         checkpoint = self.state_dict()
         failure: TrainingError | None = None
-        if self.world.is_main:
-            try:
-                atomic_save(checkpoint, self.checkpoint_path, remove_stale=True)  # one writer per run dir
-            except OSError as error:
-                failure = self._save_failure(error)
-            else:
-                self.saved_step = self.state.step
+        try:
+            self.strategy.write(checkpoint, self.checkpoint_path)
+        except OSError as error:
+            failure = self._save_failure(error)
+        else:
+            self.saved_step = self.state.step
+            if self.world.is_main:
+                for other in CHECKPOINTS_IN_RUN:
+                    if self.run_dir / other != self.checkpoint_path:
+                        remove_path(self.run_dir / other)
         if any_rank(failure is not None, self.world, self.device):
             if failure is not None:
                 raise failure
@@ -155,10 +158,18 @@ class Trainer:
         failure.__cause__ = error
         return failure
 
+    def resume(self, path: Path, checkpoint: Mapping[str, Any]) -> None:
+        """Continue from `checkpoint`, read from `path` (a sharded directory: its `read_sharded_meta`), whichever
+        strategy and number of processes wrote it."""
+        if is_sharded_checkpoint(path):
+            checkpoint = self.strategy.read_sharded(path, self.state_dict)
+        self.load_state_dict(checkpoint)
+
     def load_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        """Restore a `state_dict` (this rank's RNG included)."""
+        """Restore a `state_dict` (this rank's RNG included), saved under either strategy."""
+        checkpoint = self.strategy.place(dict(checkpoint), self.task.checkpoint_state())
         self.task.load_checkpoint_state(checkpoint)
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.strategy.load_optimizer_state(self.task, self.optimizer, checkpoint["optimizer"])
         self.scaler.load_state_dict(checkpoint["scaler"])
         self.state = TrainState(**checkpoint["state"])
         self.history = list(checkpoint.get("history", []))
@@ -200,7 +211,7 @@ class Trainer:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         if self.settings.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.task.parameters(), self.settings.grad_clip)
+            self.strategy.clip_grad_norm(self.task.parameters(), self.settings.grad_clip)
         scale = self.scaler.get_scale()
         self.scaler.step(self.optimizer)  # skips the update when the fp16 gradients overflowed
         self.scaler.update()
@@ -218,9 +229,7 @@ class Trainer:
 
     def _micro_step(self, batch: dict, sync: bool) -> dict[str, torch.Tensor]:
         """Forward and backward of one batch on its own (its loss / update_freq); ranks sync only when `sync`."""
-        no_sync = getattr(self.wrapped, "no_sync", None)
-        context = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
-        with context:
+        with self.strategy.micro_step_sync(self.wrapped, sync):
             with self._autocast():
                 result = self.wrapped(batch)
             self.scaler.scale(result["loss"] / self.settings.update_freq).backward()
@@ -248,9 +257,8 @@ class Trainer:
             return self._finish(features, {key: torch.cat([part[key] for part in taught]) for key in taught[0]})
 
         result = exact_backward(window, encode, finish, lambda loss: self.scaler.scale(loss).backward(),
-                                self.task.model, self.device, self._autocast, replay=replay)
-        if self.world.is_distributed:
-            average_gradients(self.task.parameters())
+                                self.task.model, self.device, self._autocast, replay=replay,
+                                sync=self.strategy.exact_sync(self.task))
         return {key: value.detach() for key, value in result.items()}
 
     def _log_step(self, results: list[dict[str, torch.Tensor]], step_time: float, data_wait: float,
@@ -296,7 +304,7 @@ class Trainer:
 
         self.task.model.eval()
         try:
-            with preempted.interrupting(EvaluationInterrupted):
+            with preempted.interrupting(EvaluationInterrupted), self.strategy.gathered(self.task):
                 self.last_eval = self.evaluate(self.task.model, progress=progress)
         except EvaluationInterrupted:
             self.monitor.message(f"validation at step {step} stopped by SIGTERM")
@@ -375,6 +383,7 @@ class Trainer:
                 results.append(self._exact_step(window + [batch]))
             if micro < settings.update_freq:
                 continue
+            self.strategy.finish_gradients(self.task, self.exact_accumulation)
             nonfinite = any(not bool(torch.isfinite(result["loss"])) for result in results)
             scalars = self.task.logged_scalars()  # before the step changes them: what this step's loss used
             stepped = self._optimizer_step(nonfinite)

@@ -24,7 +24,8 @@ from slip.eval.retrieval import retrieval_scores
 from slip.eval.zeroshot import zero_shot_evaluator
 from slip.host_memory import retain_freed_memory
 from slip.models import ImageTextModel
-from slip.app.run_layout import CHECKPOINT_IN_RUN, EVAL_DIR
+from slip.sharded_checkpoint import is_sharded_checkpoint
+from slip.app.run_layout import CHECKPOINTS_IN_RUN, EVAL_DIR, latest_checkpoint, run_dir_of
 
 
 def catalog_split(cfg: DictConfig, name: str, split: str) -> Any:
@@ -165,16 +166,21 @@ CHOSEN_SETTINGS = ("l2",)
 
 
 def find_checkpoints(path: Path) -> list[Path]:
-    """A checkpoint file as is; a run dir's checkpoints/last.pt; or that of every run dir below a directory."""
-    if path.is_file():
+    """A checkpoint file (or sharded checkpoint directory) as is; a run dir's latest checkpoint (checkpoints/last.pt
+    or last.dcp); or that of every run dir below a directory."""
+    if path.is_file() or is_sharded_checkpoint(path):
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
-    if (path / CHECKPOINT_IN_RUN).is_file():
-        return [path / CHECKPOINT_IN_RUN]
-    found = sorted(path.glob(f"**/{CHECKPOINT_IN_RUN.as_posix()}"))
+    latest = latest_checkpoint(path)
+    if latest is not None:
+        return [latest]
+    run_dirs = sorted({found.parent.parent for name in CHECKPOINTS_IN_RUN
+                       for found in path.glob(f"**/{name.as_posix()}")})
+    found = [checkpoint for checkpoint in map(latest_checkpoint, run_dirs) if checkpoint is not None]
     if not found:
-        raise FileNotFoundError(f"{path}: no {CHECKPOINT_IN_RUN} in this directory or below it")
+        names = " or ".join(map(str, CHECKPOINTS_IN_RUN))
+        raise FileNotFoundError(f"{path}: no {names} in this directory or below it")
     return found
 
 
@@ -182,8 +188,9 @@ def default_output_dir(checkpoint: Path, weights: str = "model") -> Path:
     """<run>/eval for a run's checkpoints/last.pt; <file>.eval beside any other checkpoint file; with a suffix
     "-ema" for the momentum teacher's EMA weights, so that their results never stand in the model's place."""
     suffix = "" if weights == "model" else f"-{weights}"
-    if checkpoint.parts[-2:] == CHECKPOINT_IN_RUN.parts:
-        return checkpoint.parent.parent / (EVAL_DIR + suffix)
+    run_dir = run_dir_of(checkpoint)
+    if run_dir is not None:
+        return run_dir / (EVAL_DIR + suffix)
     return checkpoint.with_name(checkpoint.name + ".eval" + suffix)
 
 

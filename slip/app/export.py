@@ -25,7 +25,7 @@ from slip.interop.common import Converted, Exported, ExportError
 from slip.models import ImageTextModel, ModelSpec
 from slip.pretrained import build_converted, read_pretrained
 from slip.app.report import read_run
-from slip.app.run_layout import CHECKPOINT_IN_RUN
+from slip.app.run_layout import run_dir_of
 
 __all__ = ["TARGETS", "export", "main", "model_card"]
 
@@ -110,8 +110,8 @@ def model_card(checkpoint: Path, target: str, spec: ModelSpec, info: CheckpointI
     if data:
         lines.append(f"- Training data: {data}")
     lines += [f"- Left out: {note}" for note in [*exported.notes, *exported.warnings]]
-    if checkpoint.parts[-2:] == CHECKPOINT_IN_RUN.parts:
-        run_dir = checkpoint.parent.parent
+    run_dir = run_dir_of(checkpoint)
+    if run_dir is not None:
         metrics = read_run(run_dir, run_dir.parent, []).metrics
         if metrics:
             lines += ["", f"## Evaluation (from the run directory `{run_dir}`)", "", "| metric | value |",

@@ -26,7 +26,7 @@ from slip.app.finetune_settings import ClassifierSettings, FinetuneData, TestSet
 from slip.app.finetune_task import FinetuneTask
 from slip.app.override_keys import check_override_keys
 from slip.app.run_identity import BatchLayout, check_resume, checkpoint_to_resume, saved_processes
-from slip.app.run_layout import CHECKPOINT_IN_RUN, CONFIG_FILE, RESULTS_FILE
+from slip.app.run_layout import CONFIG_FILE, RESULTS_FILE, latest_checkpoint, run_dir_of
 from slip.app.run_record import run_record, write_text
 from slip.app.train_data import plan_train_data
 from slip.checkpoint import CheckpointError
@@ -56,20 +56,21 @@ RECORDS_FILE = "finetune.json"  # in the source checkpoint's evaluation folder
 def source_checkpoint(setting: str) -> Path:
     """The checkpoint `checkpoint=` names: a run dir's checkpoints/last.pt, or the file or model directory."""
     path = Path(setting)
-    return path / CHECKPOINT_IN_RUN if (path / CHECKPOINT_IN_RUN).is_file() else path
+    return (latest_checkpoint(path) or path) if path.is_dir() else path
 
 
 def default_run_dir(output_root: str, dataset: str, source: Path, weights: str) -> Path:
     """<output_root>/finetune/<dataset>/<the source's run name>-<hash of its path>[-ema]: one run per source, its
     weights and dataset."""
-    name = source.parent.parent.name if source.parts[-2:] == CHECKPOINT_IN_RUN.parts else source.name
+    run_dir = run_dir_of(source)
+    name = run_dir.name if run_dir is not None else source.name
     digest = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:8]
     return Path(output_root) / "finetune" / dataset / (f"{name}-{digest}" + ("" if weights == "model" else
                                                                               f"-{weights}"))
 
 
 def _resume(run_dir: Path, cfg: DictConfig, settings: TrainerSettings, processes: int,
-            relayout_reason: str | None) -> dict[str, Any] | None:
+            relayout_reason: str | None) -> tuple[dict[str, Any], Path] | None:
     """The run's checkpoint to continue from (trainer.resume: auto, never or a path), after the identity check."""
     found = checkpoint_to_resume(settings.resume, run_dir)
     if found is None:
@@ -80,7 +81,7 @@ def _resume(run_dir: Path, cfg: DictConfig, settings: TrainerSettings, processes
     saved = OmegaConf.create(checkpoint.get("config") or "{}")
     check_resume(saved, cfg, saved_processes(checkpoint), processes, relayout_reason, path,
                  FINETUNE_IDENTITY_SECTIONS)
-    return checkpoint
+    return checkpoint, path
 
 
 def _as_config_error(key: str, action: Any, *args: Any, **kwargs: Any) -> Any:
@@ -144,15 +145,15 @@ def finetune(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
         ("mixup pairs the samples of each process's micro-batch", mixup is not None),
         ("the image tower's BatchNorm normalises each micro-batch with its own statistics",
          has_batch_statistics(classifier.tower))) if applies]
-    checkpoint = _resume(run_dir, identity, settings, world.world_size, "; ".join(reasons) or None)
+    found = _resume(run_dir, identity, settings, world.world_size, "; ".join(reasons) or None)
     init_process_group(world)
     task = FinetuneTask(classifier, mixup, cfg.label_smoothing, spec.mean, spec.std)
     config_text = OmegaConf.to_yaml(identity, resolve=True)  # the checkpoint's and config.yaml's
     trainer = Trainer(task, optimizer, schedule, settings, world, run_dir, total_steps, data.steps_per_epoch,
                       config_text, evaluate)
-    if checkpoint is not None:
-        trainer.load_state_dict(checkpoint)
-        trainer.monitor.message(f"resumed from step {trainer.state.step} ({run_dir / CHECKPOINT_IN_RUN})")
+    if found is not None:
+        trainer.resume(*found[::-1])
+        trainer.monitor.message(f"resumed from step {trainer.state.step} ({found[1]})")
     layout = BatchLayout.of(cfg, world.world_size)
     trainer.monitor.message(
         f"run dir {run_dir}: fine-tuning {source} ({info.objective or info.format}) on {name}, {num_classes} "

@@ -15,8 +15,9 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from slip.app.config import ConfigError, first_difference
-from slip.app.run_layout import CHECKPOINT_IN_RUN
-from slip.checkpoint import read_checkpoint
+from slip.app.run_layout import latest_checkpoint
+from slip.checkpoint import CheckpointError, read_checkpoint
+from slip.sharded_checkpoint import is_sharded_checkpoint, read_sharded_meta
 
 __all__ = ["BatchLayout", "FREE_SECTIONS", "checkpoint_to_resume", "IDENTITY_SECTIONS", "TRAINER_FREE_KEYS", "TRAINER_IDENTITY_KEYS",
            "check_resume", "saved_processes"]
@@ -41,6 +42,7 @@ TRAINER_FREE_KEYS = frozenset({
     "stop_after", "resume",
     "log_every", "log_images", "save_every", "eval_every",
     "device", "compile", "retain_freed_memory",
+    "strategy", "fsdp",     # how the processes hold the weights, not what a step computes (fp64-tested)
     "grad_checkpointing",   # recomputes the same activations (BatchNorm statistics included)
     "max_bad_fraction", "max_bad_in_a_row", "max_nonfinite_steps",  # when to give up, not what a step computes
 })
@@ -152,14 +154,19 @@ def saved_processes(checkpoint: Mapping[str, Any]) -> int:
 def checkpoint_to_resume(setting: str, run_dir: Path) -> tuple[dict[str, Any], Path] | None:
     """The checkpoint `trainer.resume` names, read, and its path: with "auto" the run dir's latest (None when it
     has none), with "never" none (a one-line ConfigError where one exists, which it would overwrite), else the
-    path given."""
-    latest = run_dir / CHECKPOINT_IN_RUN
+    path given. Of a sharded checkpoint only the plain entries are read (`Trainer.resume` reads the shards)."""
+    latest = latest_checkpoint(run_dir)
     if setting == "never":
-        if latest.exists():
+        if latest is not None:
             raise ConfigError(f"trainer.resume: {latest} exists and resume=never would overwrite it; "
                               "use trainer.resume=auto or another run_name")
         return None
     path = latest if setting == "auto" else Path(setting)
-    if setting == "auto" and not latest.exists():
+    if path is None:
         return None
+    if is_sharded_checkpoint(path):
+        meta = read_sharded_meta(path)
+        if meta.get("format") != "slip":
+            raise CheckpointError(f"{path}: not a slip checkpoint")
+        return meta, path
     return read_checkpoint(path), path

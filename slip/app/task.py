@@ -51,6 +51,7 @@ class TrainTask(nn.Module):
     """
 
     per_sample_loss = False  # contrastive: summing micro-batch gradients is not one big-batch step
+    sharded_methods = ("encode", "finish", "teacher_outputs")  # what the engine calls besides forward
 
     def __init__(self, model: ImageTextModel, objective: Objective, image_mean: Sequence[float] = (0.0, 0.0, 0.0),
                  image_std: Sequence[float] = (1.0, 1.0, 1.0), teacher: MomentumTeacher | None = None) -> None:
@@ -76,6 +77,14 @@ class TrainTask(nn.Module):
     def encode(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The model's tower features of `batch`: what exact accumulation caches and replays."""
         return self.model.tower_features(batch)
+
+    def shard_units(self) -> list[nn.Module]:
+        """The modules FSDP2 shards one by one (the task wraps the rest): the model's blocks, and the teacher's
+        blocks and the teacher itself, which runs on its own."""
+        units = self.model.blocks()
+        if self.teacher is not None:
+            units += [*self.teacher.model.blocks(), self.teacher]
+        return units
 
     def teacher_outputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The teacher's outputs on `batch` (none without a teacher); no autograd."""

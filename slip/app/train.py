@@ -35,13 +35,13 @@ from slip.models.spec import ModelSpec
 from slip.models.vision import has_batch_statistics
 from slip.random_state import seed_everything
 from slip.app.run_identity import BatchLayout, check_resume, checkpoint_to_resume, saved_processes
-from slip.app.run_layout import CHECKPOINT_IN_RUN, CONFIG_FILE, RESULTS_FILE
+from slip.app.run_layout import CONFIG_FILE, RESULTS_FILE, latest_checkpoint
 from slip.app.run_record import run_record, write_text
 from slip.app.task import TrainTask
 
 
 def _resume_checkpoint(setting: str, run_dir: Path, cfg: DictConfig, processes: int,
-                       relayout_reason: str | None) -> dict[str, Any] | None:
+                       relayout_reason: str | None) -> tuple[dict[str, Any], Path] | None:
     """The checkpoint to continue from, per trainer.resume ('auto', 'never' or a path), after the run-identity
     check (`slip.app.run_identity.check_resume`)."""
     found = checkpoint_to_resume(setting, run_dir)
@@ -51,7 +51,7 @@ def _resume_checkpoint(setting: str, run_dir: Path, cfg: DictConfig, processes: 
     saved = upgrade_saved_config(OmegaConf.create(checkpoint.get("config") or "{}"))
     fill_added_defaults(saved, cfg)
     check_resume(saved, cfg, saved_processes(checkpoint), processes, relayout_reason, path)
-    return checkpoint
+    return checkpoint, path
 
 
 def _finished_results(run_dir: Path, cfg: DictConfig, checkpoint: dict[str, Any] | None,
@@ -63,7 +63,7 @@ def _finished_results(run_dir: Path, cfg: DictConfig, checkpoint: dict[str, Any]
     step = int(checkpoint["state"]["step"])
     if step > total_steps:
         key = "trainer.max_steps" if cfg.trainer.max_steps is not None else "trainer.epochs"
-        raise ConfigError(f"{key}: the run is at step {step} ({run_dir / CHECKPOINT_IN_RUN}), past the "
+        raise ConfigError(f"{key}: the run is at step {step} ({latest_checkpoint(run_dir)}), past the "
                           f"{total_steps} steps now asked for; raise it or use another run_name")
     results_path, config_path = run_dir / RESULTS_FILE, run_dir / CONFIG_FILE
     if step < total_steps or not results_path.exists() or not config_path.exists():
@@ -150,7 +150,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     objective, model, total_steps, evaluate = parts.objective, parts.model, parts.total_steps, parts.evaluate
     relayout_reason = ("the image tower's BatchNorm normalises each micro-batch with its own statistics"
                        if has_batch_statistics(model.visual) else None)
-    checkpoint = _resume_checkpoint(settings.resume, run_dir, cfg, world.world_size, relayout_reason)
+    found = _resume_checkpoint(settings.resume, run_dir, cfg, world.world_size, relayout_reason)
+    checkpoint, checkpoint_path = found if found is not None else (None, None)
     done = _finished_results(run_dir, cfg, checkpoint, total_steps)
     if done is not None:
         if world.is_main:
@@ -171,8 +172,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     trainer = Trainer(task, parts.optimizer, parts.schedule, settings, world, run_dir,
                       total_steps, parts.data.steps_per_epoch, OmegaConf.to_yaml(cfg, resolve=True), evaluate)
     if checkpoint is not None:
-        trainer.load_state_dict(checkpoint)
-        trainer.monitor.message(f"resumed from step {trainer.state.step} ({run_dir / CHECKPOINT_IN_RUN})")
+        trainer.resume(checkpoint_path, checkpoint)
+        trainer.monitor.message(f"resumed from step {trainer.state.step} ({checkpoint_path})")
     if cfg.get("val") and evaluate is None:
         trainer.monitor.message(f"no zero-shot validation: {type(objective).__name__} trains no text tower "
                                 "(evaluate it with python -m slip.eval: linear probe, kNN)")

@@ -1,10 +1,11 @@
 """The `trainer` config node: how long and how to train, checked before any work (slip.app.engine reads it)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from slip.app.accumulation import ACCUMULATION_MODES
 from slip.app.precision import PRECISIONS
+from slip.app.strategy import STRATEGIES, FSDPSettings
 from slip.data.decode import MAX_BAD_IN_A_ROW
 from slip.distributed import resolve_device
 
@@ -36,6 +37,8 @@ class TrainerSettings:
     log_images: bool = True
     stop_after: int | None = None
     retain_freed_memory: bool = True
+    strategy: str = "ddp"  # ddp: whole replicas | fsdp: FSDP2 shards (slip.app.strategy)
+    fsdp: FSDPSettings = field(default_factory=FSDPSettings)
 
     def __post_init__(self) -> None:
         positive = {"epochs": self.epochs, "update_freq": self.update_freq, "log_every": self.log_every,
@@ -59,6 +62,10 @@ class TrainerSettings:
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"trainer.grad_clip must be > 0 or null, got {self.grad_clip}")
         resolve_device(self.device)  # a one-line ValueError naming a value torch cannot read
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"trainer.strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
+        if self.strategy == "fsdp" and self.compile:
+            raise ValueError("trainer.compile: not supported with trainer.strategy=fsdp (untested); set it to false")
         if self.max_bad_in_a_row < 0:
             raise ValueError(f"trainer.max_bad_in_a_row must be >= 0, got {self.max_bad_in_a_row}")
         if not 0 <= self.max_bad_fraction <= 1:

@@ -132,6 +132,11 @@ class ImageTextModel(nn.Module):
         if self.text is not None:
             self.text.transformer.grad_checkpointing = enable
 
+    def blocks(self) -> list[nn.Module]:
+        """The towers' repeated blocks (the image tower's, then the text transformer's): FSDP2's units."""
+        text = list(self.text.transformer.resblocks) if self.text is not None else []
+        return [*self.spec.vision.blocks(self.visual), *text]
+
     def scaled_logit_scale(self) -> torch.Tensor:
         """exp(logit_scale), clamped to at most `max_logit_scale`."""
         return self.logit_scale.exp().clamp(max=self.max_logit_scale)

@@ -85,6 +85,10 @@ class VisionSpec:
         """The share of patch tokens each image view drops in training (none for towers without patches)."""
         return {}
 
+    def blocks(self, tower: nn.Module) -> list[nn.Module]:
+        """The tower's repeated blocks, in depth order: what sharding (FSDP2) makes a unit each."""
+        raise NotImplementedError
+
     def describe(self, image_size: int) -> str:
         """One line for model cards."""
         raise NotImplementedError
@@ -148,6 +152,10 @@ class ViTSpec(VisionSpec):
         """This ViT with stochastic depth `drop_path_rate` (checked as the field is) and no patch dropout."""
         return dataclasses.replace(self, drop_path_rate=drop_path_rate, patch_dropout=0.0, ssl_patch_dropout=0.0)
 
+    def blocks(self, tower: nn.Module) -> list[nn.Module]:
+        """The ViT's transformer blocks."""
+        return list(tower.blocks)
+
     def view_patch_dropout(self) -> dict[str, float]:
         """FLIP's patch dropout: `patch_dropout` for the CLIP view, `ssl_patch_dropout` for the SSL views (and the
         further global and the local views, which `ImageTextModel` gives the SSL views' rate)."""
@@ -193,6 +201,10 @@ class ResNetSpec(VisionSpec):
         """A ModifiedResNet pooling into `embed_dim`."""
         return ModifiedResNet(layers=self.layers, output_dim=embed_dim, heads=self.heads, image_size=image_size,
                               width=self.width, channels_last=self.channels_last)
+
+    def blocks(self, tower: nn.Module) -> list[nn.Module]:
+        """The ResNet's four stages."""
+        return [tower.layer1, tower.layer2, tower.layer3, tower.layer4]
 
     def describe(self, image_size: int) -> str:
         """e.g. "ModifiedResNet, stages (3, 4, 6, 3), width 64, 224 px"."""

@@ -1,0 +1,95 @@
+"""trainer.strategy=fsdp (FSDP2) against one process on the same global batch, in float64, on gloo ranks.
+
+For CLIP, SimCLR, SLIP and SigLIP, with ViT and ModifiedResNet towers, with and without exact accumulation
+(update_freq=2), 2 and 3 ranks: the logged losses of two steps and the weights after them equal one process's.
+Each rank holds only its shards; the weights compared are gathered whole.
+"""
+from __future__ import annotations
+
+import itertools
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from accumulation_helpers import make_batch, parameters, relative_errors, split, tiny_task, train_steps, worst
+from rank_helpers import gloo_world, run_ranks
+from slip.distributed import convert_sync_batchnorm, make_gather
+from slip.sharded_checkpoint import as_full_tensor
+
+OBJECTIVES = ("clip", "simclr", "slip", "siglip")
+TOWERS = ("vit", "resnet")
+UPDATE_FREQS = (1, 2)
+CASES = list(itertools.product(OBJECTIVES, TOWERS, UPDATE_FREQS))
+MICRO, STEPS = 4, 2
+EXACT = 1e-10
+
+
+def global_batches(tower: str, objective: str, world: int, update_freq: int) -> list[list[dict]]:
+    """Per step, the micro-batches of the global batch in rank-major order (rank 0's first)."""
+    task = tiny_task(tower, objective)
+    return [split(make_batch(task, MICRO * world * update_freq, seed=10 + step), world * update_freq)
+            for step in range(STEPS)]
+
+
+def _worker(rank: int, port: int, world_size: int) -> dict:
+    results = {}
+    with gloo_world(rank, port, world_size) as world:
+        for objective, tower, update_freq in CASES:
+            task = tiny_task(tower, objective)
+            task.objective.set_gather(make_gather(world))
+            if task.model.image_mlp is not None:
+                convert_sync_batchnorm(task.model.image_mlp)
+            steps = global_batches(tower, objective, world_size, update_freq)
+            mine = [batch for micro in steps for batch in micro[rank * update_freq:(rank + 1) * update_freq]]
+            with tempfile.TemporaryDirectory() as run_dir:
+                trainer = train_steps(task, mine, Path(run_dir), steps=STEPS, update_freq=update_freq, world=world,
+                                      precision="fp64", strategy="fsdp")
+            weights = as_full_tensor(task.state_dict())
+            results[objective, tower, update_freq] = {
+                "weights": {name: value.detach().clone() for name, value in weights.items()},
+                "losses": [entry["loss"] for entry in trainer.history],
+                "sharded": sum(isinstance(p, torch.distributed.tensor.DTensor) for p in task.parameters()),
+            }
+    return results
+
+
+def _two_ranks(rank: int, port: int) -> dict:
+    return _worker(rank, port, 2)
+
+
+def _three_ranks(rank: int, port: int) -> dict:
+    return _worker(rank, port, 3)
+
+
+def single_process(tower: str, objective: str, world: int, update_freq: int, tmp_path: Path) -> dict:
+    """One process, exact accumulation over the same micro-batches: the global-batch step (BatchNorm in a ResNet
+    tower normalising each rank's micro-batch, as it does under any strategy)."""
+    task = tiny_task(tower, objective)
+    steps = global_batches(tower, objective, world, update_freq)
+    trainer = train_steps(task, [batch for micro in steps for batch in micro], tmp_path, steps=STEPS,
+                          update_freq=world * update_freq, precision="fp64")
+    return {"weights": parameters(task), "losses": [entry["loss"] for entry in trainer.history]}
+
+
+def compared(weights: dict, task_parameters: set[str]) -> dict:
+    """The parameters (a ResNet's BatchNorm running statistics are each rank's own, under DDP as under FSDP)."""
+    return {name: value for name, value in weights.items() if name in task_parameters}
+
+
+@pytest.mark.parametrize("world, worker", [(2, _two_ranks), (3, _three_ranks)])
+def test_fsdp_ranks_equal_one_process_on_the_global_batch(world: int, worker, tmp_path: Path) -> None:
+    ranks = run_ranks(worker, world, tmp_path, timeout=600)
+    for case in CASES:
+        objective, tower, update_freq = case
+        want = single_process(tower, objective, world, update_freq, tmp_path / "-".join(map(str, case)))
+        names = {name for name, _ in tiny_task(tower, objective).named_parameters()}
+        for rank, result in enumerate(ranks):
+            got = result[case]
+            assert got["sharded"] > 0, f"{case}: nothing was sharded"
+            name, error = worst(relative_errors(compared(got["weights"], names), compared(want["weights"], names)))
+            print(f"world {world} {case} rank {rank}: weights {error:.1e} ({name}), losses {got['losses']} "
+                  f"vs {want['losses']}")
+            assert error <= EXACT, f"{case} rank {rank}: {name} relative error {error:.3g}"
+            assert got["losses"] == pytest.approx(want["losses"], rel=EXACT, abs=0)
