@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slip.checks import non_negative_int, positive_int, positive_number, unit_interval
-from slip.distributed import Gather
+from slip.distributed import Gather, whole_tensor
 from slip.inputs import SSL_VIEWS, global_views, local_views
 from slip.losses import Objective
 from slip.teacher import teacher_key
@@ -152,4 +152,5 @@ class DINOLoss(Objective):
     def after_teacher_update(self, momentum: float) -> None:
         """The teacher's prototypes follow the student's with the teacher's momentum."""
         if self.prototypes is not None:
-            self.teacher_prototypes.lerp_(self.prototypes.detach().to(self.teacher_prototypes.dtype), 1 - momentum)
+            student = whole_tensor(self.prototypes.detach())  # gathered where FSDP shards it
+            self.teacher_prototypes.lerp_(student.to(self.teacher_prototypes.dtype), 1 - momentum)

@@ -150,6 +150,13 @@ def any_rank(flag: bool, world: WorldInfo, device: torch.device) -> bool:
     return bool(tensor.item())
 
 
+def whole_tensor(tensor: Tensor) -> Tensor:
+    """`tensor` in full: a sharded DTensor (FSDP2's parameters) gathered from every rank; any other as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def _check_same_shape(tensor: Tensor) -> None:
     """Raise on every rank if the ranks' tensors differ in shape (all_gather needs equal shapes)."""
     shape = torch.tensor(tensor.shape, dtype=torch.long, device=tensor.device)
@@ -267,8 +274,9 @@ class SyncBatchNorm1d(torch.nn.BatchNorm1d):
         if self.track_running_stats:
             with torch.no_grad():
                 momentum = self.momentum if self.momentum is not None else 1 / (int(self.num_batches_tracked) + 1)
-                self.running_mean.lerp_(mean.detach(), momentum)
-                self.running_var.lerp_(var.detach() * count / max(count - 1, 1), momentum)
+                # float32 statistics of bf16 activations (FSDP's mixed precision computes in bf16)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_((var.detach() * count / max(count - 1, 1)).to(self.running_var.dtype), momentum)
                 self.num_batches_tracked.add_(1)
         out = centred * torch.rsqrt(var + self.eps)
         return out * self.weight + self.bias if self.affine else out

@@ -188,6 +188,7 @@ def test_weights_ema_of_a_checkpoint_without_a_teacher_is_refused_in_one_line(tm
 
 WORLD = 2
 DISTRIBUTED = ("byol", "mocov3", "dino")
+STRATEGIES = ("ddp", "fsdp")  # fsdp: the teacher sharded like the model, its EMA taken shard by shard
 
 
 def _rank_worker(rank: int, port: int) -> dict:
@@ -197,9 +198,11 @@ def _rank_worker(rank: int, port: int) -> dict:
     from rank_helpers import gloo_world
     from slip.distributed import convert_sync_batchnorm, make_gather
 
+    from slip.sharded_checkpoint import as_full_tensor
+
     with gloo_world(rank, port, WORLD) as world:
         results = {}
-        for objective in DISTRIBUTED:
+        for objective, strategy in [(objective, strategy) for objective in DISTRIBUTED for strategy in STRATEGIES]:
             task = teacher_task(objective)
             task.objective.set_gather(make_gather(world))
             for part in (task.model.image_mlp, task.objective):
@@ -208,14 +211,15 @@ def _rank_worker(rank: int, port: int) -> dict:
             mine = [{key: value.chunk(WORLD)[rank] for key, value in batch.items()} for batch in whole]
             with tempfile.TemporaryDirectory() as run_dir:
                 train_steps(task, [part for batch in mine for part in split(batch, K)], Path(run_dir), steps=STEPS,
-                            update_freq=K, accumulation="exact", precision="fp64", world=world)
-            results[objective] = parameters(task)
+                            update_freq=K, accumulation="exact", precision="fp64", world=world, strategy=strategy)
+            results[objective, strategy] = {name: value.detach().clone()
+                                            for name, value in as_full_tensor(task.state_dict()).items()}
     return results
 
 
 def test_two_gloo_ranks_hold_one_teacher_equal_to_one_process_on_the_global_batch(tmp_path: Path) -> None:
-    """Two steps of 2 ranks x 4 micro-batches of 8: model, objective (predictor, DINO's centre) and teacher are the
-    same on both ranks and equal one process at batch 64."""
+    """Two steps of 2 ranks x 4 micro-batches of 8, under DDP and FSDP: model, objective (predictor, DINO's centre)
+    and teacher are the same on both ranks and equal one process at batch 64."""
     from rank_helpers import run_ranks
 
     ranks = run_ranks(_rank_worker, WORLD, tmp_path, timeout=300)
@@ -223,7 +227,11 @@ def test_two_gloo_ranks_hold_one_teacher_equal_to_one_process_on_the_global_batc
         task = teacher_task(objective)
         whole = [make_batch(task, MICRO * K * WORLD, seed=step) for step in range(STEPS)]
         want = run_steps(objective, whole, 1, tmp_path / f"single-{objective}")
-        for key, value in ranks[0][objective].items():
-            assert torch.equal(ranks[1][objective][key], value), f"{objective}: {key} differs between the ranks"
-        name, error = worst(relative_errors(ranks[0][objective], want))
-        assert error <= EXACT, f"{objective} {name}: {error:.2e}"
+        for strategy in STRATEGIES:
+            got = ranks[0][objective, strategy]
+            for key, value in got.items():
+                assert torch.equal(ranks[1][objective, strategy][key], value), \
+                    f"{objective} {strategy}: {key} differs between the ranks"
+            name, error = worst(relative_errors(got, want))
+            print(f"{objective} {strategy}: worst relative error {error:.1e} ({name})")
+            assert error <= EXACT, f"{objective} {strategy} {name}: {error:.2e}"
