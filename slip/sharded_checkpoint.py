@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 # What torch's own dcp_to_torch_save reads with: the whole checkpoint, its structure from the metadata.
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
@@ -124,7 +125,7 @@ def save_sharded(checkpoint: Mapping[str, Any], path: str | os.PathLike, is_writ
     sharded = sharded_entries(checkpoint)
     try:
         dcp.save({key: checkpoint[key] for key in sharded}, checkpoint_id=staging)
-    except Exception as error:  # DCP raises its CheckpointException on every rank when any rank's write failed
+    except (Exception, CheckpointException) as error:  # on every rank when any rank's write failed
         if is_writer:
             shutil.rmtree(staging, ignore_errors=True)
         raise _os_error(error, staging) from error
@@ -153,8 +154,9 @@ def _os_error(error: Exception, where: Path) -> OSError:
         if isinstance(current, OSError):
             return current
         failures = getattr(current, "failures", None)  # CheckpointException: {rank: exception}
-        if isinstance(failures, Mapping):
-            pending.extend(failure for failure in failures.values() if isinstance(failure, BaseException))
+        if isinstance(failures, Mapping):  # CheckpointException: {rank: (exception, its traceback)}
+            found = [failure[0] if isinstance(failure, tuple) and failure else failure for failure in failures.values()]
+            pending.extend(failure for failure in found if isinstance(failure, BaseException))
         pending.extend(part for part in (current.__cause__, current.__context__) if part is not None)
     return OSError(f"writing the shards to {where} failed: {str(error).splitlines()[0] if str(error) else error!r}")
 

@@ -110,8 +110,9 @@ def train_steps(task: TrainTask, batches: Sequence[dict[str, Tensor]], run_dir: 
                 optimizer: torch.optim.Optimizer | None = None, lr: float = 0.1, world: WorldInfo = WorldInfo(),
                 loader: Callable[[int, int], Iterable[dict]] | None = None,
                 prepare_batch: Callable[[Mapping[str, Any], torch.device], dict] | None = None,
-                **settings: Any) -> Trainer:
-    """Train `task` for `steps` optimizer steps on `batches` (one epoch, on the CPU) and return the Trainer.
+                resume: bool = False, **settings: Any) -> Trainer:
+    """Train `task` for `steps` optimizer steps on `batches` (one epoch, on the CPU) and return the Trainer;
+    with `resume`, continue from the latest checkpoint in `run_dir` (written under either strategy).
 
     Plain SGD at `lr` by default, so that the weight change of a step is -lr times its gradient.
     """
@@ -120,6 +121,11 @@ def train_steps(task: TrainTask, batches: Sequence[dict[str, Tensor]], run_dir: 
                 **settings}
     trainer = Trainer(task, optimizer, lambda step: lr, TrainerSettings(**settings), world, run_dir,
                       total_steps=steps, steps_per_epoch=steps)
+    if resume:
+        from slip.app.run_identity import checkpoint_to_resume
+
+        checkpoint, path = checkpoint_to_resume("auto", run_dir)
+        trainer.resume(path, checkpoint)
     trainer.fit(loader or (lambda epoch, skip: iter(batches[skip:])),
                 **({"prepare_batch": prepare_batch} if prepare_batch is not None else {}))
     return trainer

@@ -52,9 +52,9 @@ def _rank_context() -> multiprocessing.context.BaseContext:
     return context
 
 
-def run_ranks(worker: Worker, world_size: int, out_dir: Path, timeout: float = 120) -> list[dict]:
-    """`worker(rank, port)` in `world_size` new processes; their results by rank (a failing rank's traceback
-    fails the calling test)."""
+def start_ranks(worker: Worker, world_size: int, out_dir: Path, timeout: float = 120) -> list[int]:
+    """`worker(rank, port)` in `world_size` new processes, each killed after `timeout` s; their exit codes
+    (negative: killed by that signal). Results and tracebacks are in `out_dir` (rank<N>.pt, rank<N>.err)."""
     context = _rank_context()
     port = free_port()
     procs = [context.Process(target=_rank_main, args=(worker, rank, port, str(out_dir))) for rank in range(world_size)]
@@ -66,9 +66,15 @@ def run_ranks(worker: Worker, world_size: int, out_dir: Path, timeout: float = 1
         if proc.is_alive():
             proc.kill()
             proc.join()
+    return [proc.exitcode for proc in procs]
+
+
+def run_ranks(worker: Worker, world_size: int, out_dir: Path, timeout: float = 120) -> list[dict]:
+    """`worker(rank, port)` in `world_size` new processes; their results by rank (a failing rank's traceback
+    fails the calling test)."""
+    codes = start_ranks(worker, world_size, out_dir, timeout)
     errors = [path.read_text() for path in sorted(out_dir.glob("rank*.err"))]
     assert not errors, "\n".join(errors)
-    codes = [proc.exitcode for proc in procs]
     assert codes == [0] * world_size, f"rank exit codes {codes} (negative: killed by that signal), no traceback"
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(world_size)]
 

@@ -1,0 +1,192 @@
+"""Sharded checkpoints (trainer.strategy=fsdp): resume at another world size and under DDP, crash and full-disk
+safety during a sharded save, and export, in float64 on gloo ranks."""
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from accumulation_helpers import make_batch, parameters, relative_errors, tiny_task, train_steps, worst
+from rank_helpers import gloo_world, run_ranks
+from slip.app.engine import TrainingError
+from slip.app.run_layout import CHECKPOINT_IN_RUN, SHARDED_CHECKPOINT_IN_RUN
+from slip.distributed import WorldInfo, convert_sync_batchnorm, make_gather
+from slip.sharded_checkpoint import as_full_tensor, is_sharded_checkpoint, read_sharded, staging_path
+
+GLOBAL, STEPS = 12, 3  # a global batch that 1, 2 and 3 ranks split evenly
+EXACT = 1e-10
+
+
+def steps_of_batches() -> list[dict]:
+    task = tiny_task("vit", "slip")
+    return [make_batch(task, GLOBAL, seed=20 + step) for step in range(STEPS)]
+
+
+def run(run_dir: Path, world: WorldInfo, strategy: str, resume: bool = False, **settings) -> dict:
+    """SLIP on a tiny ViT with SGD with momentum (optimizer state to reshard; AdamW would turn the rounding noise
+    of gradients that are zero in exact arithmetic, a bias before BatchNorm, into steps of size lr), three steps of the same global batch at any world size: this rank's share."""
+    task = tiny_task("vit", "slip")
+    if world.is_distributed:
+        task.objective.set_gather(make_gather(world))
+        convert_sync_batchnorm(task.model.image_mlp)
+    mine = [{key: value.chunk(world.world_size)[world.rank] for key, value in batch.items()}
+            for batch in steps_of_batches()]
+    trainer = train_steps(task, mine, run_dir, steps=STEPS, world=world, precision="fp64", strategy=strategy,
+                          optimizer=torch.optim.SGD(task.parameters(), lr=0.1, momentum=0.9), resume=resume,
+                          **settings)
+    return {"weights": {key: value.detach().clone() for key, value in as_full_tensor(task.state_dict()).items()},
+            "losses": {entry["step"]: entry["loss"] for entry in trainer.history}, "step": trainer.state.step}
+
+
+def _ranks(rank: int, port: int, world_size: int, run_dir: str, strategy: str, **settings) -> dict:
+    with gloo_world(rank, port, world_size) as world:
+        return run(Path(run_dir), world, strategy, **settings)
+
+
+def assert_equal_runs(got: dict, want: dict, label: str) -> None:
+    name, error = worst(relative_errors(got["weights"], want["weights"]))
+    shared = sorted(set(got["losses"]) & set(want["losses"]))
+    print(f"{label}: weights {error:.1e} ({name}), losses of steps {shared}: "
+          f"{[got['losses'][s] for s in shared]} vs {[want['losses'][s] for s in shared]}")
+    assert error <= EXACT, f"{label}: {name} relative error {error:.3g}"
+    assert [got["losses"][s] for s in shared] == pytest.approx([want["losses"][s] for s in shared], rel=EXACT)
+
+
+@pytest.fixture(scope="module")
+def two_rank_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-rank FSDP run stopped after its first step: its run dir, holding checkpoints/last.dcp."""
+    run_dir = tmp_path_factory.mktemp("fsdp2")
+    run_ranks(functools.partial(_ranks, world_size=2, run_dir=str(run_dir), strategy="fsdp", stop_after=1), 2,
+              tmp_path_factory.mktemp("ranks"), timeout=300)
+    assert is_sharded_checkpoint(run_dir / SHARDED_CHECKPOINT_IN_RUN)
+    assert not (run_dir / CHECKPOINT_IN_RUN).exists()
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return run(tmp_path_factory.mktemp("whole"), WorldInfo(), "ddp")
+
+
+def test_a_sharded_checkpoint_of_two_ranks_continues_on_three_ranks_exactly(two_rank_checkpoint: Path,
+                                                                             uninterrupted: dict,
+                                                                             tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_rank_checkpoint, run_dir)
+    ranks = run_ranks(functools.partial(_ranks, world_size=3, run_dir=str(run_dir), strategy="fsdp", resume=True),
+                      3, tmp_path, timeout=300)
+    for rank, result in enumerate(ranks):
+        assert result["step"] == STEPS and sorted(result["losses"]) == [1, 2, 3]  # step 1: the restored history
+        assert_equal_runs(result, uninterrupted, f"fsdp 2 -> 3 ranks, rank {rank}")
+
+
+def test_a_sharded_checkpoint_continues_in_one_process_under_ddp_exactly(two_rank_checkpoint: Path,
+                                                                         uninterrupted: dict, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_rank_checkpoint, run_dir)
+    result = run(run_dir, WorldInfo(), "ddp", resume=True)
+    assert_equal_runs(result, uninterrupted, "fsdp 2 ranks -> ddp 1 process")
+    assert (run_dir / CHECKPOINT_IN_RUN).is_file() and not (run_dir / SHARDED_CHECKPOINT_IN_RUN).exists()
+
+
+def test_a_sharded_checkpoint_is_read_whole_as_the_run_left_it(two_rank_checkpoint: Path) -> None:
+    whole = read_sharded(two_rank_checkpoint / SHARDED_CHECKPOINT_IN_RUN)
+    assert whole["state"]["step"] == 1 and whole["processes"] == 2 and len(whole["rng"]) == 2
+    assert set(whole["model"]) == set(tiny_task("vit", "slip").model.state_dict())
+    assert all(isinstance(key, str) for key in whole["optimizer"]["state"])  # by parameter name
+    assert not staging_path(two_rank_checkpoint / SHARDED_CHECKPOINT_IN_RUN).exists()
+
+
+# ---------------------------------------------------------------- faults during a sharded save (the fault suite's)
+
+def _full_disk_on_rank_1(rank: int, port: int, run_dir: str) -> dict:
+    """Rank 1's disk fills during the second save (step 2) of a 2-rank FSDP run that saves every step."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    writes = []
+    original = FileSystemWriter.write_data
+
+    def write_data(self, plan, planner):
+        writes.append(plan)
+        if rank == 1 and len(writes) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return original(self, plan, planner)
+
+    FileSystemWriter.write_data = write_data  # this forked rank's own copy of the class
+    with gloo_world(rank, port, 2) as world:
+        try:
+            run(Path(run_dir), world, "fsdp", save_every=1)
+        except TrainingError as error:
+            return {"error": str(error)}
+    return {"error": None}
+
+
+def test_a_full_disk_on_one_rank_during_a_sharded_save_stops_every_rank_and_keeps_the_previous_checkpoint(
+        uninterrupted: dict, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    (tmp_path / "ranks").mkdir()
+    ranks = run_ranks(functools.partial(_full_disk_on_rank_1, run_dir=str(run_dir)), 2, tmp_path / "ranks",
+                      timeout=300)
+    for rank, result in enumerate(ranks):
+        assert result["error"] is not None, f"rank {rank} did not stop"
+        assert "could not save step 2" in result["error"] and "previous checkpoint (step 1) is intact" in \
+            result["error"] and "\n" not in result["error"], result["error"]
+    assert "No space left on device" in ranks[1]["error"]
+    checkpoint = run_dir / SHARDED_CHECKPOINT_IN_RUN
+    assert read_sharded(checkpoint)["state"]["step"] == 1
+    assert not staging_path(checkpoint).exists()  # the failed save's shards are gone, not left to fill the disk
+    again = tmp_path / "ranks-again"
+    again.mkdir()
+    resumed = run_ranks(functools.partial(_ranks, world_size=2, run_dir=str(run_dir), strategy="fsdp", resume=True),
+                        2, again, timeout=300)
+    for rank, result in enumerate(resumed):
+        assert_equal_runs(result, uninterrupted, f"after ENOSPC, resumed, rank {rank}")
+
+
+def _killed_in_second_save(rank: int, port: int, run_dir: str) -> dict:
+    """Rank 1 dies (kill -9) inside the second sharded save, after writing part of its shard."""
+    import torch.distributed.checkpoint as dcp
+
+    saves = []
+    original = dcp.save
+
+    def save(state_dict, *, checkpoint_id, **options):
+        saves.append(checkpoint_id)
+        if rank == 1 and len(saves) == 2:
+            (Path(checkpoint_id) / "__1_0.distcp").write_bytes(b"half a shard")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(state_dict, checkpoint_id=checkpoint_id, **options)
+
+    dcp.save = save
+    with gloo_world(rank, port, 2) as world:
+        return run(Path(run_dir), world, "fsdp", save_every=1)
+
+
+def test_kill_9_of_one_rank_during_a_sharded_save_leaves_the_previous_checkpoint_loadable(
+        uninterrupted: dict, tmp_path: Path) -> None:
+    from rank_helpers import start_ranks
+
+    run_dir = tmp_path / "run"
+    (tmp_path / "ranks").mkdir()
+    codes = start_ranks(functools.partial(_killed_in_second_save, run_dir=str(run_dir)), 2, tmp_path / "ranks",
+                        timeout=120)
+    assert codes[1] == -signal.SIGKILL and codes[0] != 0, codes  # rank 0 stops on its lost peer
+    checkpoint = run_dir / SHARDED_CHECKPOINT_IN_RUN
+    assert read_sharded(checkpoint)["state"]["step"] == 1
+    # Rank 0, cut off inside the save, removes the staging directory; had it been killed too (torchrun stops every
+    # worker when one dies), the next save clears it: as here, where it is put back as such a kill leaves it.
+    staging_path(checkpoint).mkdir(exist_ok=True)
+    (staging_path(checkpoint) / "__1_0.distcp").write_bytes(b"half a shard")
+    again = tmp_path / "ranks-again"
+    again.mkdir()
+    resumed = run_ranks(functools.partial(_ranks, world_size=2, run_dir=str(run_dir), strategy="fsdp", resume=True),
+                        2, again, timeout=300)
+    for rank, result in enumerate(resumed):
+        assert_equal_runs(result, uninterrupted, f"after kill -9, resumed, rank {rank}")
+    assert not staging_path(checkpoint).exists()
