@@ -15,23 +15,30 @@ import torch
 from accumulation_helpers import make_batch, parameters, relative_errors, tiny_task, train_steps, worst
 from rank_helpers import gloo_world, run_ranks
 from slip.app.engine import TrainingError
+from slip.app.evaluate import default_output_dir, find_checkpoints
+from slip.app.export import TARGETS, export
+from slip.app.finetune import source_checkpoint
+from slip.classifier import classifier_from_model
+from slip.pretrained import load_pretrained
 from slip.app.run_layout import CHECKPOINT_IN_RUN, SHARDED_CHECKPOINT_IN_RUN
 from slip.distributed import WorldInfo, convert_sync_batchnorm, make_gather
 from slip.sharded_checkpoint import as_full_tensor, is_sharded_checkpoint, read_sharded, staging_path
 
 GLOBAL, STEPS = 12, 3  # a global batch that 1, 2 and 3 ranks split evenly
+# OpenAI's ViT layout at 64 channels a head: what open_clip and transformers hold (the export test's targets)
+MODEL = dict(openai_layout=True, vision_width=64, vision_heads=1, text_width=64, text_heads=1)
 EXACT = 1e-10
 
 
 def steps_of_batches() -> list[dict]:
-    task = tiny_task("vit", "slip")
+    task = tiny_task("vit", "slip", **MODEL)
     return [make_batch(task, GLOBAL, seed=20 + step) for step in range(STEPS)]
 
 
 def run(run_dir: Path, world: WorldInfo, strategy: str, resume: bool = False, **settings) -> dict:
     """SLIP on a tiny ViT with SGD with momentum (optimizer state to reshard; AdamW would turn the rounding noise
     of gradients that are zero in exact arithmetic, a bias before BatchNorm, into steps of size lr), three steps of the same global batch at any world size: this rank's share."""
-    task = tiny_task("vit", "slip")
+    task = tiny_task("vit", "slip", **MODEL)
     if world.is_distributed:
         task.objective.set_gather(make_gather(world))
         convert_sync_batchnorm(task.model.image_mlp)
@@ -71,7 +78,9 @@ def two_rank_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return run(tmp_path_factory.mktemp("whole"), WorldInfo(), "ddp")
+    """One process under DDP, three steps without a stop: its results, and its run dir (checkpoints/last.pt)."""
+    run_dir = tmp_path_factory.mktemp("whole")
+    return {**run(run_dir, WorldInfo(), "ddp"), "run_dir": run_dir}
 
 
 def test_a_sharded_checkpoint_of_two_ranks_continues_on_three_ranks_exactly(two_rank_checkpoint: Path,
@@ -84,6 +93,17 @@ def test_a_sharded_checkpoint_of_two_ranks_continues_on_three_ranks_exactly(two_
     for rank, result in enumerate(ranks):
         assert result["step"] == STEPS and sorted(result["losses"]) == [1, 2, 3]  # step 1: the restored history
         assert_equal_runs(result, uninterrupted, f"fsdp 2 -> 3 ranks, rank {rank}")
+    # Its final sharded checkpoint exports to every target as the DDP run's last.pt does.
+    for target in TARGETS:
+        exported = {}
+        for name, checkpoint in [("fsdp", run_dir / SHARDED_CHECKPOINT_IN_RUN),
+                                 ("ddp", uninterrupted["run_dir"] / CHECKPOINT_IN_RUN)]:
+            export(checkpoint, target, tmp_path / f"{target}-{name}")
+            exported[name] = load_pretrained(tmp_path / f"{target}-{name}" /
+                                             ("model.safetensors" if target == "safetensors" else "")).state_dict()
+        name, error = worst(relative_errors(exported["fsdp"], exported["ddp"]))
+        print(f"export to {target}: worst relative error {error:.1e} ({name})")
+        assert error <= EXACT, f"{target}: {name} relative error {error:.3g}"
 
 
 def test_a_sharded_checkpoint_continues_in_one_process_under_ddp_exactly(two_rank_checkpoint: Path,
@@ -98,9 +118,23 @@ def test_a_sharded_checkpoint_continues_in_one_process_under_ddp_exactly(two_ran
 def test_a_sharded_checkpoint_is_read_whole_as_the_run_left_it(two_rank_checkpoint: Path) -> None:
     whole = read_sharded(two_rank_checkpoint / SHARDED_CHECKPOINT_IN_RUN)
     assert whole["state"]["step"] == 1 and whole["processes"] == 2 and len(whole["rng"]) == 2
-    assert set(whole["model"]) == set(tiny_task("vit", "slip").model.state_dict())
+    assert set(whole["model"]) == set(tiny_task("vit", "slip", **MODEL).model.state_dict())
     assert all(isinstance(key, str) for key in whole["optimizer"]["state"])  # by parameter name
     assert not staging_path(two_rank_checkpoint / SHARDED_CHECKPOINT_IN_RUN).exists()
+
+
+def test_evaluation_fine_tuning_and_load_pretrained_read_a_sharded_checkpoint(two_rank_checkpoint: Path) -> None:
+    checkpoint = two_rank_checkpoint / SHARDED_CHECKPOINT_IN_RUN
+    assert find_checkpoints(two_rank_checkpoint) == [checkpoint] == find_checkpoints(checkpoint)
+    assert default_output_dir(checkpoint) == two_rank_checkpoint / "eval"
+    assert source_checkpoint(str(two_rank_checkpoint)) == checkpoint
+    saved = read_sharded(checkpoint)["model"]
+    model = load_pretrained(checkpoint)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+    classifier = classifier_from_model(model, num_classes=3)
+    for name, value in classifier.tower.state_dict().items():
+        assert torch.equal(value, saved[f"visual.{name}"]), name
 
 
 # ---------------------------------------------------------------- faults during a sharded save (the fault suite's)
