@@ -157,10 +157,12 @@ class Sharded(Replicated):
         if not dist.is_initialized():  # one process: a group of one, so that the same code and checkpoints serve
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         names = {id(parameter): name for name, parameter in task.named_parameters()}
-        with torch.no_grad():  # fully_shard takes contiguous weights only (a channels-last ResNet's are not)
-            for parameter in task.parameters():
-                if not parameter.is_contiguous():
+        with torch.no_grad():
+            for parameter in task.parameters():  # fully_shard takes contiguous weights only (a channels-last
+                if not parameter.is_contiguous():  # ResNet's are not)
                     parameter.data = parameter.data.contiguous()
+            for tensor in [*task.parameters(), *task.buffers()]:  # rank 0's initial weights, as DDP starts from:
+                dist.broadcast(tensor.data, src=0)  # ranks draw their own (seeded per rank for augmentations)
         mesh = init_device_mesh(self.device.type, (self.world.world_size,))
         policy = (MixedPrecisionPolicy(param_dtype=precision, reduce_dtype=torch.float32) if precision is not None
                   else MixedPrecisionPolicy())
