@@ -8,11 +8,13 @@
 #                                            after every section, so a cut-short run keeps what it measured), a
 #                                            short bf16 slip.train run with device-side augmentation, the
 #                                            compiled ViT-B/16 SLIP step, then the accumulation tests on CUDA
-#                                            (exact accumulation's random-state replay on the device's generator);
+#                                            (exact accumulation's random-state replay on the device's generator),
+#                                            then FSDP against DDP on every GPU there (step time, step memory,
+#                                            weights + gradients + AdamW per rank; benchmarks/fsdp_step_time.py);
 #                                            everything lands under $OUT
 #
-# The run stays inside one 600 s call: SUITE_S + TRAIN_S + COMPILED_S + TESTS_S seconds at most (defaults
-# 370 + 60 + 100 + 40).
+# The run stays inside one 600 s call: SUITE_S + TRAIN_S + COMPILED_S + TESTS_S + FSDP_S seconds at most
+# (defaults 330 + 60 + 100 + 40 + 60).
 # SUITE_ARGS adds suite.py arguments (`--quick` checks the whole script on a CPU in a few minutes).
 set -euo pipefail
 
@@ -35,7 +37,7 @@ run() {
     exec > >(tee "$out/log.txt") 2>&1
     nvidia-smi -L || true
     python3 -c "import torch, slip; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-    timeout "${SUITE_S:-370}" python3 benchmarks/suite.py "${suite_args[@]}" --out "$out/gpu" \
+    timeout "${SUITE_S:-330}" python3 benchmarks/suite.py "${suite_args[@]}" --out "$out/gpu" \
         || echo "suite: stopped with status $? (what it finished is under $out/gpu)"
     timeout "${TRAIN_S:-60}" python3 -m slip.train loss=slip augment.backend=device trainer.max_steps=60 \
         hydra.run.dir=/tmp/gpu_session_train || echo "slip.train: stopped with status $?"
@@ -43,6 +45,10 @@ run() {
         --models vit_b16 --objectives slip --out "$out/gpu" || echo "compiled step: stopped with status $?"
     timeout "${TESTS_S:-40}" python3 -m pytest -q -p no:cacheprovider tests/test_accumulation.py -k cuda \
         || echo "accumulation tests on CUDA: stopped with status $?"
+    local gpus
+    gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
+    timeout "${FSDP_S:-60}" python3 benchmarks/fsdp_step_time.py --device cuda --world "$gpus" --model vit_b16 \
+        --batch 64 --rounds 3 --steps 3 --out "$out/fsdp_step_time" || echo "fsdp vs ddp: stopped with status $?"
 }
 
 case "${1:-}" in

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from slip.app.config import ConfigError
 from slip.app.finetune import finetune, source_checkpoint
-from slip.app.run_layout import CHECKPOINT_IN_RUN
+from slip.app.run_layout import CHECKPOINT_IN_RUN, SHARDED_CHECKPOINT_IN_RUN
 from slip.checkpoint import CheckpointError, read_checkpoint, save_model
 from slip.classifier import classifier_from_model, layer_decay_groups, load_classifier
 from slip.data.classification import eval_transform
@@ -146,20 +146,24 @@ def test_resume_mid_run_equals_an_uninterrupted_run_in_float64(source: Path, tmp
 
 def test_two_gloo_processes_equal_one_process_in_float64(source: Path, tmp_path: Path) -> None:
     """Without the draws that are per process by design (mixup's pairs and lambda, drop path), 2 ranks at batch 4
-    train what 1 process does at batch 8; RandAugment and erasing are drawn per sample and stay on."""
+    train what 1 process does at batch 8, under DDP and under FSDP; RandAugment and erasing are drawn per sample and
+    stay on."""
     common = [f"checkpoint={source}", f"output_root={tmp_path}", *FAST, "mixup=null",
               "classifier.drop_path_rate=0", "augment.auto_augment=rand-m9-mstd0.5-inc1", "trainer.max_steps=3",
               "trainer.precision=fp64"]
     one = finetune(compose_finetune(*common, "run_name=one", "data.batch_size=8"))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               "-m", "slip.finetune", *common, "run_name=two", "data.batch_size=4"]
-    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                         env=subprocess_env(OMP_NUM_THREADS="1"))
-    assert run.returncode == 0, run.stderr[-3000:]
-    two = json.loads((tmp_path / "two" / "results.json").read_text())
-    assert read_checkpoint(tmp_path / "two" / CHECKPOINT_IN_RUN)["processes"] == 2
-    assert_same_run(losses_by_step(two), read_checkpoint(tmp_path / "two" / CHECKPOINT_IN_RUN)["model"],
-                    losses_by_step(one), read_checkpoint(tmp_path / "one" / CHECKPOINT_IN_RUN)["model"])
+    for strategy, checkpoint in (("ddp", CHECKPOINT_IN_RUN), ("fsdp", SHARDED_CHECKPOINT_IN_RUN)):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                   f"--master_port={free_port()}", "-m", "slip.finetune", *common, f"run_name=two-{strategy}",
+                   "data.batch_size=4", f"trainer.strategy={strategy}"]
+        run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                             env=subprocess_env(OMP_NUM_THREADS="1"))
+        assert run.returncode == 0, run.stderr[-3000:]
+        two = json.loads((tmp_path / f"two-{strategy}" / "results.json").read_text())
+        saved = read_checkpoint(tmp_path / f"two-{strategy}" / checkpoint)
+        assert saved["processes"] == 2
+        assert_same_run(losses_by_step(two), saved["model"], losses_by_step(one),
+                        read_checkpoint(tmp_path / "one" / CHECKPOINT_IN_RUN)["model"])
 
 
 def one_line(error: pytest.ExceptionInfo) -> str:

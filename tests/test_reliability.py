@@ -564,7 +564,10 @@ def test_a_torchscript_archive_is_not_a_training_checkpoint(tmp_path: Path) -> N
     [("optim.lr=-0.1", "optim.lr", "-0.1"), ("optim.weight_decay=-1", "optim.weight_decay", "-1"),
      ("trainer.max_nonfinite_steps=0", "trainer.max_nonfinite_steps", "0"),
      ("trainer.max_bad_fraction=1.5", "trainer.max_bad_fraction", "1.5"),
-     ("data.batch_size=-3", "data.batch_size", "-3")],
+     ("data.batch_size=-3", "data.batch_size", "-3"),
+     ("trainer.strategy=zero3", "trainer.strategy", "zero3"),
+     ("trainer.fsdp.cpu_offload=maybe", "trainer.fsdp.cpu_offload", "maybe"),
+     ("+trainer.fsdp.shard_degree=2", "trainer.fsdp.shard_degree", "unknown key")],
 )
 def test_out_of_range_values_fail_before_training(tmp_path: Path, override: str, key: str, named: str) -> None:
     with pytest.raises(ConfigError) as info:

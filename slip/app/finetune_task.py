@@ -28,6 +28,7 @@ class FinetuneTask(nn.Module):
 
     per_sample_loss = True
     inputs = ("image", "label")
+    sharded_methods: tuple[str, ...] = ()  # the engine calls only forward (no exact accumulation)
 
     def __init__(self, classifier: ImageClassifier, mixup: Any = None, label_smoothing: float = 0.0,
                  image_mean: Sequence[float] = (0.0, 0.0, 0.0), image_std: Sequence[float] = (1.0, 1.0, 1.0)) -> None:
@@ -52,6 +53,10 @@ class FinetuneTask(nn.Module):
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         top1 = (logits.detach().argmax(dim=-1) == labels).float().mean() * 100
         return {"loss": loss, "top1": top1}
+
+    def shard_units(self) -> list[nn.Module]:
+        """The modules FSDP2 shards one by one (the task wraps the rest): the image tower's blocks."""
+        return self.model.spec.vision.blocks(self.model.tower)
 
     def checkpoint_state(self) -> dict[str, Any]:
         """The checkpoint's model entries: what rebuilds the classifier, and its weights."""
