@@ -115,6 +115,18 @@ def test_a_sharded_checkpoint_continues_in_one_process_under_ddp_exactly(two_ran
     assert (run_dir / CHECKPOINT_IN_RUN).is_file() and not (run_dir / SHARDED_CHECKPOINT_IN_RUN).exists()
 
 
+def test_a_ddp_checkpoint_continues_on_two_fsdp_ranks_exactly(uninterrupted: dict, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run(run_dir, WorldInfo(), "ddp", stop_after=1)
+    assert (run_dir / CHECKPOINT_IN_RUN).is_file()
+    (tmp_path / "ranks").mkdir()
+    ranks = run_ranks(functools.partial(_ranks, world_size=2, run_dir=str(run_dir), strategy="fsdp", resume=True),
+                      2, tmp_path / "ranks", timeout=300)
+    for rank, result in enumerate(ranks):
+        assert_equal_runs(result, uninterrupted, f"ddp 1 process -> fsdp 2 ranks, rank {rank}")
+    assert is_sharded_checkpoint(run_dir / SHARDED_CHECKPOINT_IN_RUN) and not (run_dir / CHECKPOINT_IN_RUN).exists()
+
+
 def test_a_sharded_checkpoint_is_read_whole_as_the_run_left_it(two_rank_checkpoint: Path) -> None:
     whole = read_sharded(two_rank_checkpoint / SHARDED_CHECKPOINT_IN_RUN)
     assert whole["state"]["step"] == 1 and whole["processes"] == 2 and len(whole["rng"]) == 2
