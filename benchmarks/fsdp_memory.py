@@ -26,46 +26,32 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fsdp_step_time import local_bytes, slip_task  # noqa: E402  (beside this script)
 from slip.app.strategy import FSDPSettings, Sharded  # noqa: E402
-from slip.app.task import TrainTask  # noqa: E402
-from slip.distributed import WorldInfo, convert_sync_batchnorm, make_gather  # noqa: E402
-from slip.losses import SLIPLoss  # noqa: E402
-from slip.api import create_model  # noqa: E402
-
-
-def _local_bytes(tensor: torch.Tensor) -> int:
-    from torch.distributed.tensor import DTensor
-
-    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
-    return local.numel() * local.element_size()
+from slip.distributed import WorldInfo  # noqa: E402
 
 
 def _rank(rank: int, world_size: int, model_name: str, port: int, out: str) -> None:
     torch.set_num_threads(1)
     world = WorldInfo(rank=rank, world_size=world_size, local_rank=rank)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    torch.manual_seed(0)
-    objective = SLIPLoss()
-    model = create_model(model_name, inputs=objective.inputs)
-    objective.bind(model.spec)
-    objective.set_gather(make_gather(world))
-    convert_sync_batchnorm(model.image_mlp)
-    task = TrainTask(model, objective)
+    task = slip_task(model_name, world)
+    model = task.model
     full = sum(parameter.numel() * parameter.element_size() for parameter in task.parameters())
     optimizer = torch.optim.AdamW(task.parameters(), lr=1e-4)
     strategy = Sharded(world, torch.device("cpu"), FSDPSettings())
     strategy.wrap(task, optimizer, None)
-    whole = sum(_local_bytes(p) for p in strategy.replicated)
+    whole = sum(local_bytes(p) for p in strategy.replicated)
     side = model.spec.vision.patch_size * 2
     generator = torch.Generator().manual_seed(rank)
     batch = {key: torch.randn(2, 3, side, side, generator=generator) for key in ("image", "aug1", "aug2")}
     batch["text"] = torch.randint(1, 1000, (2, model.spec.text.context_length), generator=generator)
     task(batch)["loss"].backward()
     strategy.finish_gradients(task, exact=False)
-    weights = sum(_local_bytes(p) for p in task.parameters())
-    grads = sum(_local_bytes(p.grad) for p in task.parameters() if p.grad is not None)
+    weights = sum(local_bytes(p) for p in task.parameters())
+    grads = sum(local_bytes(p.grad) for p in task.parameters() if p.grad is not None)
     optimizer.step()
-    state = sum(_local_bytes(value) for per_param in optimizer.state.values() for value in per_param.values()
+    state = sum(local_bytes(value) for per_param in optimizer.state.values() for value in per_param.values()
                 if isinstance(value, torch.Tensor))
     result = {"rank": rank, "weights": weights, "grads": grads, "optimizer": state, "full_weights": full,
               "whole_on_every_rank": whole}
@@ -114,7 +100,7 @@ def main() -> None:
             "torch": torch.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, gloo, CPU"}
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     gib = 2**30
-    lines = [f"# Per-rank memory of weights + gradients + AdamW state under trainer.strategy=fsdp", "",
+    lines = ["# Per-rank memory of weights + gradients + AdamW state under trainer.strategy=fsdp", "",
              f"`{meta['command']}` ({meta['date']}, torch {meta['torch']}, {meta['machine']}). Counted from the "
              "tensors each rank holds after one real SLIP step (fp32 weights, AdamW); activations and buffers are "
              "not counted. DDP holds the world-1 figure on every rank. Target: <= 1.1 x (full / world) + the part "

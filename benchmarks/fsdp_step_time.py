@@ -36,7 +36,8 @@ from slip.distributed import WorldInfo, convert_sync_batchnorm, make_gather  # n
 from slip.losses import SLIPLoss  # noqa: E402
 
 
-def _task(model_name: str, world: WorldInfo) -> TrainTask:
+def slip_task(model_name: str, world: WorldInfo) -> TrainTask:
+    """The SLIP task on the registered model `model_name`, its SSL head's BatchNorm over the global batch."""
     torch.manual_seed(0)
     objective = SLIPLoss()
     model = create_model(model_name, inputs=objective.inputs)
@@ -46,17 +47,19 @@ def _task(model_name: str, world: WorldInfo) -> TrainTask:
     return TrainTask(model, objective)
 
 
-def _held_bytes(task: TrainTask, optimizer: torch.optim.Optimizer) -> int:
-    """This rank's bytes of weights, gradients and optimizer state (local shards where sharded)."""
+def local_bytes(tensor: torch.Tensor) -> int:
+    """The bytes this rank holds of `tensor` (its local shard where sharded)."""
     from torch.distributed.tensor import DTensor
 
-    def local(tensor: torch.Tensor) -> int:
-        tensor = tensor.to_local() if isinstance(tensor, DTensor) else tensor
-        return tensor.numel() * tensor.element_size()
+    tensor = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return tensor.numel() * tensor.element_size()
 
+
+def _held_bytes(task: TrainTask, optimizer: torch.optim.Optimizer) -> int:
+    """This rank's bytes of weights, gradients and optimizer state (local shards where sharded)."""
     tensors = [*task.parameters(), *(p.grad for p in task.parameters() if p.grad is not None),
                *(v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor))]
-    return sum(local(tensor) for tensor in tensors)
+    return sum(local_bytes(tensor) for tensor in tensors)
 
 
 def _rank(rank: int, args: argparse.Namespace, port: int) -> None:
@@ -69,7 +72,7 @@ def _rank(rank: int, args: argparse.Namespace, port: int) -> None:
                             world_size=args.world)
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     runs = {}
-    base = _task(args.model, world).to(device)
+    base = slip_task(args.model, world).to(device)
     for name, strategy in (("ddp", Replicated(world, device)), ("fsdp", Sharded(world, device, FSDPSettings()))):
         task = copy.deepcopy(base)
         optimizer = torch.optim.AdamW(task.parameters(), lr=1e-4)

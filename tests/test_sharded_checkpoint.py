@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from accumulation_helpers import make_batch, parameters, relative_errors, tiny_task, train_steps, worst
+from accumulation_helpers import make_batch, relative_errors, tiny_task, train_steps, worst
 from rank_helpers import gloo_world, run_ranks
 from slip.app.engine import TrainingError
 from slip.app.evaluate import default_output_dir, find_checkpoints
@@ -65,6 +65,17 @@ def assert_equal_runs(got: dict, want: dict, label: str) -> None:
     assert [got["losses"][s] for s in shared] == pytest.approx([want["losses"][s] for s in shared], rel=EXACT)
 
 
+def assert_resumes_on_ranks(run_dir: Path, world_size: int, strategy: str, uninterrupted: dict, out_dir: Path,
+                            label: str) -> None:
+    """Resuming the run in `run_dir` on `world_size` ranks under `strategy` ends where the uninterrupted run does."""
+    out_dir.mkdir()
+    ranks = run_ranks(functools.partial(_ranks, world_size=world_size, run_dir=str(run_dir), strategy=strategy,
+                                        resume=True), world_size, out_dir, timeout=300)
+    for rank, result in enumerate(ranks):
+        assert result["step"] == STEPS and sorted(result["losses"]) == [1, 2, 3]  # step 1: the restored history
+        assert_equal_runs(result, uninterrupted, f"{label}, rank {rank}")
+
+
 @pytest.fixture(scope="module")
 def two_rank_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-rank FSDP run stopped after its first step: its run dir, holding checkpoints/last.dcp."""
@@ -88,11 +99,7 @@ def test_a_sharded_checkpoint_of_two_ranks_continues_on_three_ranks_exactly(two_
                                                                              tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(two_rank_checkpoint, run_dir)
-    ranks = run_ranks(functools.partial(_ranks, world_size=3, run_dir=str(run_dir), strategy="fsdp", resume=True),
-                      3, tmp_path, timeout=300)
-    for rank, result in enumerate(ranks):
-        assert result["step"] == STEPS and sorted(result["losses"]) == [1, 2, 3]  # step 1: the restored history
-        assert_equal_runs(result, uninterrupted, f"fsdp 2 -> 3 ranks, rank {rank}")
+    assert_resumes_on_ranks(run_dir, 3, "fsdp", uninterrupted, tmp_path / "ranks", "fsdp 2 -> 3 ranks")
     # Its final sharded checkpoint exports to every target as the DDP run's last.pt does.
     for target in TARGETS:
         exported = {}
@@ -119,11 +126,7 @@ def test_a_ddp_checkpoint_continues_on_two_fsdp_ranks_exactly(uninterrupted: dic
     run_dir = tmp_path / "run"
     run(run_dir, WorldInfo(), "ddp", stop_after=1)
     assert (run_dir / CHECKPOINT_IN_RUN).is_file()
-    (tmp_path / "ranks").mkdir()
-    ranks = run_ranks(functools.partial(_ranks, world_size=2, run_dir=str(run_dir), strategy="fsdp", resume=True),
-                      2, tmp_path / "ranks", timeout=300)
-    for rank, result in enumerate(ranks):
-        assert_equal_runs(result, uninterrupted, f"ddp 1 process -> fsdp 2 ranks, rank {rank}")
+    assert_resumes_on_ranks(run_dir, 2, "fsdp", uninterrupted, tmp_path / "ranks", "ddp 1 process -> fsdp 2 ranks")
     assert is_sharded_checkpoint(run_dir / SHARDED_CHECKPOINT_IN_RUN) and not (run_dir / CHECKPOINT_IN_RUN).exists()
 
 
@@ -187,12 +190,7 @@ def test_a_full_disk_on_one_rank_during_a_sharded_save_stops_every_rank_and_keep
     checkpoint = run_dir / SHARDED_CHECKPOINT_IN_RUN
     assert read_sharded(checkpoint)["state"]["step"] == 1
     assert not staging_path(checkpoint).exists()  # the failed save's shards are gone, not left to fill the disk
-    again = tmp_path / "ranks-again"
-    again.mkdir()
-    resumed = run_ranks(functools.partial(_ranks, world_size=2, run_dir=str(run_dir), strategy="fsdp", resume=True),
-                        2, again, timeout=300)
-    for rank, result in enumerate(resumed):
-        assert_equal_runs(result, uninterrupted, f"after ENOSPC, resumed, rank {rank}")
+    assert_resumes_on_ranks(run_dir, 2, "fsdp", uninterrupted, tmp_path / "again", "after ENOSPC, resumed")
 
 
 def _killed_in_second_save(rank: int, port: int, run_dir: str) -> dict:
@@ -229,10 +227,5 @@ def test_kill_9_of_one_rank_during_a_sharded_save_leaves_the_previous_checkpoint
     # worker when one dies), the next save clears it: as here, where it is put back as such a kill leaves it.
     staging_path(checkpoint).mkdir(exist_ok=True)
     (staging_path(checkpoint) / "__1_0.distcp").write_bytes(b"half a shard")
-    again = tmp_path / "ranks-again"
-    again.mkdir()
-    resumed = run_ranks(functools.partial(_ranks, world_size=2, run_dir=str(run_dir), strategy="fsdp", resume=True),
-                        2, again, timeout=300)
-    for rank, result in enumerate(resumed):
-        assert_equal_runs(result, uninterrupted, f"after kill -9, resumed, rank {rank}")
+    assert_resumes_on_ranks(run_dir, 2, "fsdp", uninterrupted, tmp_path / "again", "after kill -9, resumed")
     assert not staging_path(checkpoint).exists()

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from slip.app.accumulation import exact_backward
-from slip.checkpoint import FORMAT_NAME, FORMAT_VERSION, read_checkpoint
+from slip.checkpoint import FORMAT_NAME, FORMAT_VERSION
 from slip.data.loader import batch_rows, batch_to_device
 from slip.distributed import WorldInfo, all_ranks, any_rank, resolve_device
 from slip.app.monitor import Monitor, peak_memory_mib

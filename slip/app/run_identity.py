@@ -42,7 +42,7 @@ TRAINER_FREE_KEYS = frozenset({
     "stop_after", "resume",
     "log_every", "log_images", "save_every", "eval_every",
     "device", "compile", "retain_freed_memory",
-    "strategy", "fsdp",     # how the processes hold the weights, not what a step computes (fp64-tested)
+    "strategy", "fsdp",     # how processes hold the weights: the same steps (fp64-tested; bf16 rounds differently)
     "grad_checkpointing",   # recomputes the same activations (BatchNorm statistics included)
     "max_bad_fraction", "max_bad_in_a_row", "max_nonfinite_steps",  # when to give up, not what a step computes
 })
