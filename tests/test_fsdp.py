@@ -15,6 +15,7 @@ import torch
 
 from accumulation_helpers import make_batch, parameters, relative_errors, split, tiny_task, train_steps, worst
 from rank_helpers import gloo_world, run_ranks
+from slip.app.strategy import FSDPSettings
 from slip.distributed import convert_sync_batchnorm, make_gather
 from slip.sharded_checkpoint import as_full_tensor
 
@@ -100,12 +101,14 @@ def test_fsdp_ranks_equal_one_process_on_the_global_batch(world: int, worker, tm
 # What a run may add that draws per-rank random numbers (patch dropout) or changes the update (clipping): FSDP and
 # DDP on the same 2 ranks, same seeds, take the same steps.
 EXTRAS = dict(grad_clip=0.05, grad_checkpointing=True)
+OPTIONS = FSDPSettings(reshard_after_forward=False, cpu_offload=True)  # on a CPU run: the same arithmetic
 
 
 def _fsdp_and_ddp(rank: int, port: int) -> dict:
     results = {}
     with gloo_world(rank, port, 2) as world:
-        for strategy, precision in itertools.product(("ddp", "fsdp"), ("fp64", "bf16")):
+        runs = [*itertools.product(("ddp", "fsdp"), ("fp64", "bf16")), ("fsdp-options", "fp64")]
+        for strategy, precision in runs:
             dtype = torch.float64 if precision == "fp64" else torch.float32
             task = tiny_task("vit", "slip", dtype=dtype, patch_dropout=0.5)
             task.objective.set_gather(make_gather(world))
@@ -118,7 +121,9 @@ def _fsdp_and_ddp(rank: int, port: int) -> dict:
             torch.manual_seed(100 + rank)  # the patches each rank drops
             with tempfile.TemporaryDirectory() as run_dir:
                 trainer = train_steps(task, mine, Path(run_dir), steps=STEPS, update_freq=2, world=world,
-                                      precision=precision, strategy=strategy, grad_clip=EXTRAS["grad_clip"],
+                                      precision=precision, strategy=strategy.removesuffix("-options"),
+                                      fsdp=OPTIONS if strategy.endswith("-options") else FSDPSettings(),
+                                      grad_clip=EXTRAS["grad_clip"],
                                       optimizer=torch.optim.AdamW(task.parameters(), lr=1e-3))
             results[strategy, precision] = {
                 "weights": {name: value.detach().clone() for name, value in as_full_tensor(task.state_dict()).items()},
@@ -126,14 +131,25 @@ def _fsdp_and_ddp(rank: int, port: int) -> dict:
     return results
 
 
-def test_fsdp_with_patch_dropout_checkpointing_clipping_and_adamw_equals_ddp_on_the_same_ranks(tmp_path: Path) -> None:
-    """fp64: equal to 1e-10; bf16 (FSDP computes with bf16 weights, DDP under autocast): within 2 %."""
+def test_fsdp_with_patch_dropout_checkpointing_clipping_adamw_and_its_options_equals_ddp_on_the_same_ranks(tmp_path: Path) -> None:
+    """fp64: equal to 1e-10, also with trainer.fsdp.reshard_after_forward=false and cpu_offload=true; bf16 (FSDP
+    computes with bf16 weights, DDP under autocast): within 2 %."""
     ranks = run_ranks(_fsdp_and_ddp, 2, tmp_path, timeout=600)
     for rank, result in enumerate(ranks):
-        ddp, fsdp = result["ddp", "fp64"], result["fsdp", "fp64"]
-        name, error = worst(relative_errors(fsdp["weights"], ddp["weights"]))
-        print(f"rank {rank} fp64: weights {error:.1e} ({name}), losses {fsdp['losses']} vs {ddp['losses']}")
-        assert error <= EXACT, f"rank {rank}: {name} relative error {error:.3g}"
-        assert fsdp["losses"] == pytest.approx(ddp["losses"], rel=EXACT, abs=0)
+        ddp = result["ddp", "fp64"]
+        for strategy in ("fsdp", "fsdp-options"):
+            fsdp = result[strategy, "fp64"]
+            name, error = worst(relative_errors(fsdp["weights"], ddp["weights"]))
+            print(f"rank {rank} {strategy} fp64: weights {error:.1e} ({name}), losses {fsdp['losses']} vs "
+                  f"{ddp['losses']}")
+            assert error <= EXACT, f"rank {rank} {strategy}: {name} relative error {error:.3g}"
+            assert fsdp["losses"] == pytest.approx(ddp["losses"], rel=EXACT, abs=0)
         assert result["fsdp", "bf16"]["losses"] == pytest.approx(result["ddp", "bf16"]["losses"], rel=2e-2)
     assert ranks[0]["fsdp", "fp64"]["losses"] != ranks[0]["fsdp", "bf16"]["losses"]
+
+
+def test_compile_is_refused_with_fsdp_in_one_line() -> None:
+    from slip.app.trainer_settings import TrainerSettings
+
+    with pytest.raises(ValueError, match=r"^trainer\.compile: not supported with trainer\.strategy=fsdp"):
+        TrainerSettings(strategy="fsdp", compile=True)
