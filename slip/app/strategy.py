@@ -16,13 +16,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.amp.grad_scaler import OptState
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from slip.checkpoint import atomic_save
 from slip.distributed import WorldInfo, average_gradients
 from slip.app.run_layout import CHECKPOINT_IN_RUN, SHARDED_CHECKPOINT_IN_RUN
 from slip.sharded_checkpoint import load_sharded_into, read_sharded, save_sharded
 
-__all__ = ["FSDPSettings", "STRATEGIES", "Replicated", "Sharded", "make_strategy", "optimizer_state_by_index",
+__all__ = ["FSDPSettings", "STRATEGIES", "Replicated", "Sharded", "ShardedScaler", "make_strategy", "optimizer_state_by_index",
            "optimizer_state_by_name"]
 
 STRATEGIES = ("ddp", "fsdp")
@@ -182,9 +184,7 @@ class Sharded(Replicated):
 
     def grad_scaler(self, enabled: bool, init_scale: float) -> torch.amp.GradScaler:
         """fp16's loss scaler, deciding overflow over every rank's shards."""
-        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-        return ShardedGradScaler(self.device.type, init_scale=init_scale, enabled=enabled)
+        return ShardedScaler(self.device.type, init_scale=init_scale, enabled=enabled)
 
     def micro_step_sync(self, wrapped: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
         """Reduce-scatter the gradients only in the window's last backward."""
@@ -253,6 +253,24 @@ class Sharded(Replicated):
     def write(self, checkpoint: Mapping[str, Any], path: Path) -> None:
         """Every rank writes its shards to the directory `path` (collective; `save_sharded`)."""
         save_sharded(checkpoint, path, self.world.is_main)
+
+
+class ShardedScaler(ShardedGradScaler):
+    """FSDP's fp16 loss scaler (its `unscale_` takes the overflow flag's maximum over the ranks), stepping every
+    optimizer as torch steps an unfused one: unscale, then step only without overflow. A fused AdamW's own overflow
+    handling would see this rank's shards only, and fails on FSDP's flag."""
+
+    def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        """Unscale (once) and take the optimizer's step unless any rank's gradients overflowed."""
+        if not self._enabled:
+            return optimizer.step(*args, **kwargs)
+        state = self._per_optimizer_states[id(optimizer)]
+        if state["stage"] is OptState.READY:
+            self.unscale_(optimizer)
+        overflowed = any(float(flag) for flag in state["found_inf_per_device"].values())
+        result = None if overflowed else optimizer.step(*args, **kwargs)
+        state["stage"] = OptState.STEPPED
+        return result
 
 
 def _distributed_like(value: Any, template: Any) -> Any:
