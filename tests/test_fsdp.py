@@ -1,7 +1,7 @@
 """trainer.strategy=fsdp (FSDP2) against one process on the same global batch, in float64, on gloo ranks.
 
 For CLIP, SimCLR, SLIP and SigLIP, with ViT and ModifiedResNet towers, with and without exact accumulation
-(update_freq=2), 2 and 3 ranks: the logged losses of two steps and the weights after them equal one process's.
+(update_freq=2), and VICReg and Barlow Twins on a ViT with it, on 2 and 3 ranks: the logged losses of two steps and the weights after them equal one process's.
 Each rank holds only its shards; the weights compared are gathered whole.
 """
 from __future__ import annotations
@@ -23,7 +23,8 @@ from slip.sharded_checkpoint import as_full_tensor
 OBJECTIVES = ("clip", "simclr", "slip", "siglip")
 TOWERS = ("vit", "resnet")
 UPDATE_FREQS = (1, 2)
-CASES = list(itertools.product(OBJECTIVES, TOWERS, UPDATE_FREQS))
+# VICReg and Barlow Twins take moments of the global batch (over every rank and micro-batch)
+CASES = [*itertools.product(OBJECTIVES, TOWERS, UPDATE_FREQS), ("vicreg", "vit", 2), ("barlow", "vit", 2)]
 MICRO, STEPS = 4, 2
 EXACT = 1e-10
 

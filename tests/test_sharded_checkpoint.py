@@ -3,6 +3,7 @@ safety during a sharded save, and export, in float64 on gloo ranks."""
 from __future__ import annotations
 
 import errno
+import json
 import functools
 import os
 import shutil
@@ -229,3 +230,23 @@ def test_kill_9_of_one_rank_during_a_sharded_save_leaves_the_previous_checkpoint
     (staging_path(checkpoint) / "__1_0.distcp").write_bytes(b"half a shard")
     assert_resumes_on_ranks(run_dir, 2, "fsdp", uninterrupted, tmp_path / "again", "after kill -9, resumed")
     assert not staging_path(checkpoint).exists()
+
+
+def test_slip_eval_scores_a_sharded_checkpoint_into_its_run_dir(two_rank_checkpoint: Path, tmp_path: Path) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from slip.app.evaluate import evaluate
+    from train_helpers import CONF_DIR
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_rank_checkpoint, run_dir)
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("eval", overrides=[f"checkpoint={run_dir}", f"feature_cache={tmp_path / 'cache'}",
+                                         "catalog.synthetic.train.num_samples=48", "catalog.synthetic.test.num_samples=24",
+                                         "linear_probe.max_iter=10", "linear_probe.refinements=0",
+                                         "tasks.zeroshot=[]", "tasks.retrieval=[]"])
+    evaluate(cfg)
+    probe = json.loads((run_dir / "eval" / "linear_probe.json").read_text())
+    # the scores name the checkpoint and step they belong to
+    assert probe["checkpoint"] == str(run_dir / SHARDED_CHECKPOINT_IN_RUN) and probe["step"] == 1
+    assert (run_dir / "eval" / "knn.json").is_file()
