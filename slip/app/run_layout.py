@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slip.sharded_checkpoint import existing_checkpoint
-
 __all__ = ["CHECKPOINT_IN_RUN", "CHECKPOINTS_IN_RUN", "CONFIG_FILE", "EVAL_DIR", "LOG_FILE", "RESULTS_FILE",
            "SHARDED_CHECKPOINT_IN_RUN", "latest_checkpoint", "run_dir_of"]
 
@@ -20,6 +18,8 @@ EVAL_DIR = "eval"  # python -m slip.eval's task JSON files for the run's checkpo
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The run's latest checkpoint: last.pt, or last.dcp after a sharded save (a save removes the other; should a
     crash leave both, the newer); None when it has none."""
+    from slip.sharded_checkpoint import existing_checkpoint  # torch: not for the report, which imports this module
+
     found = [path for path in (existing_checkpoint(run_dir / name) for name in CHECKPOINTS_IN_RUN) if path]
     return max(found, key=lambda path: path.stat().st_mtime_ns) if found else None
 
