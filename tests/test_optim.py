@@ -141,6 +141,36 @@ def test_warmup_is_given_in_epochs_and_bad_values_are_refused() -> None:
         WarmupCosine(1e-3, 0)
 
 
+def test_warmup_is_given_in_steps_or_as_a_fraction_of_the_run_instead() -> None:
+    steps = warmup_cosine(1e-3, total_steps=100, steps_per_epoch=40, warmup_epochs=None, warmup_steps=7)
+    assert steps.warmup_steps == 7 and steps(6) == pytest.approx(1e-3) and steps(0) == pytest.approx(1e-6)
+    share = warmup_cosine(1e-3, total_steps=100, steps_per_epoch=40, warmup_epochs=None, warmup_fraction=0.1)
+    assert share.warmup_steps == 10
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["schedule.warmup_steps=7"], r"^schedule\.warmup_steps: set exactly one of schedule\.warmup_epochs, "
+                                  r"warmup_steps and warmup_fraction \(set: warmup_epochs=0\.25, warmup_steps=7\); "
+                                  r"e\.g\. add schedule\.warmup_epochs=null$"),
+    (["schedule.warmup_epochs=null"], r"^schedule\.warmup_epochs: set exactly one .* \(set: none\)$"),
+    (["schedule.warmup_epochs=null", "schedule.warmup_fraction=1.5"], r"^schedule\.warmup_fraction must be"),
+    (["schedule.warmup_epochs=null", "schedule.warmup_steps=101"], r"^schedule\.warmup_steps: 101 is more than"),
+])
+def test_a_warmup_set_twice_none_or_out_of_range_stops_in_one_line_naming_the_key(overrides: list[str],
+                                                                                  message: str) -> None:
+    from slip.app.config import ConfigError
+
+    cfg = compose_config(*overrides)
+    with pytest.raises(ConfigError, match=message) as info:
+        build(cfg.schedule, "schedule")(total_steps=100, steps_per_epoch=40)
+    assert "\n" not in str(info.value)
+
+
+def test_the_shipped_schedule_takes_warmup_steps_from_the_command_line() -> None:
+    cfg = compose_config("schedule.warmup_steps=12", "schedule.warmup_epochs=null")
+    assert build(cfg.schedule, "schedule")(total_steps=100, steps_per_epoch=40).warmup_steps == 12
+
+
 def test_adamw_checks_each_setting_by_name() -> None:
     params = [torch.nn.Parameter(torch.zeros(2))]
     optimizer = adamw(params, lr=1e-3, weight_decay=0.1, betas=[0.9, 0.98], eps=1e-8)

@@ -121,14 +121,40 @@ class WarmupCosine:
         return self.end_lr + 0.5 * (self.base_lr - self.end_lr) * (1 + math.cos(math.pi * progress))
 
 
+WARMUP_KEYS = ("warmup_epochs", "warmup_steps", "warmup_fraction")
+
+
 def warmup_cosine(
     base_lr: float,
     total_steps: int,
     steps_per_epoch: int,
-    warmup_epochs: float = 1.0,
+    warmup_epochs: float | None = 1.0,
     start_lr: float = 1e-6,
     end_lr: float = 1e-5,
+    warmup_steps: int | None = None,
+    warmup_fraction: float | None = None,
 ) -> WarmupCosine:
-    """The SLIP recipe's schedule with warmup given in epochs (Hydra partial: the engine adds the step counts)."""
-    warmup = min(round(warmup_epochs * steps_per_epoch), total_steps)
+    """The SLIP recipe's schedule (Hydra partial: the engine adds the step counts), its warmup given by exactly one
+    of `warmup_epochs` (SLIP's unit; capped at the run's length), `warmup_steps` or `warmup_fraction` (of the run's
+    optimizer steps, rounded); a one-line ValueError naming the key otherwise."""
+    given = {key: value for key, value in zip(WARMUP_KEYS, (warmup_epochs, warmup_steps, warmup_fraction))
+             if value is not None}
+    if len(given) != 1:
+        shown = ", ".join(f"{key}={value}" for key, value in given.items()) or "none"
+        extra = (f"; e.g. add schedule.{next(iter(given))}=null" if len(given) > 1 else "")
+        key = next((key for key in WARMUP_KEYS[1:] if key in given), "warmup_epochs")
+        raise ValueError(f"schedule.{key}: set exactly one of schedule.warmup_epochs, warmup_steps and "
+                         f"warmup_fraction (set: {shown}){extra}")
+    if warmup_steps is not None:
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"schedule.warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        if warmup_steps > total_steps:
+            raise ValueError(f"schedule.warmup_steps: {warmup_steps} is more than the run's {total_steps} steps")
+        warmup = warmup_steps
+    elif warmup_fraction is not None:
+        _check_number("schedule.warmup_fraction", warmup_fraction, 0.0, 1.0)
+        warmup = round(warmup_fraction * total_steps)
+    else:
+        _check_number("schedule.warmup_epochs", warmup_epochs, 0.0)
+        warmup = min(round(warmup_epochs * steps_per_epoch), total_steps)
     return WarmupCosine(base_lr, total_steps, warmup, start_lr, end_lr)
