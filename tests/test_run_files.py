@@ -54,3 +54,41 @@ def test_results_say_which_checkpoint_and_validation_they_belong_to(tmp_path: Pa
     simclr = train(compose_config(*FAST, "loss=simclr", "trainer.max_steps=1", "val=synthetic",
                                   "val.dataset.num_samples=24"), tmp_path / "simclr")
     assert simclr["validation"] == "none" and simclr["zeroshot"] == {}
+
+
+def test_config_yaml_is_written_when_training_starts_so_a_crashed_run_documents_itself(tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    import pytest
+    from omegaconf import OmegaConf
+
+    from slip.app.engine import Trainer
+    from slip.app.run_layout import CONFIG_FILE
+
+    def crash(self, *args, **kwargs):
+        raise MemoryError("killed in the first step")
+
+    monkeypatch.setattr(Trainer, "fit", crash)
+    cfg = compose_config(*FAST, "loss=clip", "trainer.max_steps=2")
+    with pytest.raises(MemoryError):
+        train(cfg, tmp_path)
+    assert (tmp_path / CONFIG_FILE).read_text() == OmegaConf.to_yaml(cfg, resolve=True)
+    assert not list(tmp_path.glob(f".{CONFIG_FILE}.*"))  # written atomically: no temporary file left
+
+
+def test_results_scored_under_other_val_settings_are_not_taken_for_today_s_after_a_crash(tmp_path: Path,
+                                                                                        capsys) -> None:
+    """config.yaml is rewritten when an invocation starts: if it then dies before validating, the results on disk
+    still say which val settings they were scored with, and the next run validates again."""
+    from omegaconf import OmegaConf
+
+    from slip.app.run_layout import CONFIG_FILE
+
+    overrides = [*FAST, "loss=clip", "trainer.max_steps=1", "val=synthetic", "val.dataset.num_samples=24"]
+    first = train(compose_config(*overrides), tmp_path)
+    assert first["validation"] == "done" and first["val_settings"]["dataset"]["num_samples"] == 24
+    changed = compose_config(*overrides[:-1], "val.dataset.num_samples=48")
+    (tmp_path / CONFIG_FILE).write_text(OmegaConf.to_yaml(changed, resolve=True))  # as a crashed start leaves it
+    capsys.readouterr()
+    second = train(changed, tmp_path)
+    assert "nothing to do" not in capsys.readouterr().err
+    assert second["validation"] == "done" and second["val_settings"]["dataset"]["num_samples"] == 48

@@ -66,14 +66,17 @@ def _finished_results(run_dir: Path, cfg: DictConfig, checkpoint: dict[str, Any]
         raise ConfigError(f"{key}: the run is at step {step} ({latest_checkpoint(run_dir)}), past the "
                           f"{total_steps} steps now asked for; raise it or use another run_name")
     results_path, config_path = run_dir / RESULTS_FILE, run_dir / CONFIG_FILE
-    if step < total_steps or not results_path.exists() or not config_path.exists():
+    if step < total_steps or not results_path.exists():
         return None
     try:
         results = json.loads(results_path.read_text())
-        written = OmegaConf.create(config_path.read_text())
-    except (OSError, ValueError):
+        # The val settings the results were scored with; results of earlier versions lack them, and their
+        # config.yaml was written with the results (it is written at the start of every invocation now).
+        scored_with = (results["val_settings"] if "val_settings" in results
+                       else OmegaConf.create(config_path.read_text()).get("val"))
+    except (OSError, ValueError, KeyError):
         return None
-    same_validation = first_difference(written.get("val"), cfg.get("val"), "val") is None
+    same_validation = first_difference(scored_with, cfg.get("val"), "val") is None
     if results.get("step") == step and results.get("validation") != "pending" and same_validation:
         return results
     return None
@@ -180,6 +183,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     layout = BatchLayout.of(cfg, world.world_size)
     trainer.monitor.message(f"run dir {run_dir}: {total_steps} steps of global batch {layout.describe()}, "
                             f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
+    if world.is_main:  # a run that crashes or is preempted still documents itself
+        write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
     try:
         trainer.fit(parts.data.loader, parts.transform.to_device)
     except (TrainingError, DataError) as error:
@@ -206,6 +211,7 @@ def _results(cfg: DictConfig, trainer: Trainer, evaluate: Any, started: float, o
         # "pending": the closing validation has not scored the weights of `step` yet; running again does it.
         "validation": "none" if evaluate is None else "done" if validated else "pending",
         "zeroshot": trainer.last_eval if validated else {},
+        "val_settings": OmegaConf.to_container(cfg.val, resolve=True) if cfg.get("val") else None,
         **run_record(trainer, started, overrides, error),
     }
 
