@@ -211,7 +211,7 @@ def _results(cfg: DictConfig, trainer: Trainer, evaluate: Any, started: float, o
         # "pending": the closing validation has not scored the weights of `step` yet; running again does it.
         "validation": "none" if evaluate is None else "done" if validated else "pending",
         "zeroshot": trainer.last_eval if validated else {},
-        "val_settings": OmegaConf.to_container(cfg.val, resolve=True) if cfg.get("val") else None,
+        "val_settings": OmegaConf.to_container(cfg.val, resolve=True) if cfg.get("val") is not None else None,
         **run_record(trainer, started, overrides, error),
     }
 
