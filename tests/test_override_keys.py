@@ -27,7 +27,8 @@ def check(*args: str) -> None:
         (["modle=tiny"], "modle: unknown key (did you mean model?)"),
         (["model.patch_dropot=0.1"], "model.patch_dropot: unknown key (did you mean model.patch_dropout?)"),
         (["data=csv", "data.source.num_samples=3"],
-         "data.source.num_samples: unknown key (data.source has: _target_, path, image_column, caption_column, sep)"),
+         "data.source.num_samples: unknown key (data.source has: _target_, path, image_column, caption_column, sep, "
+         "group_by_image)"),
         (["model=vit_b61"], "model=vit_b61: unknown option (did you mean model=vit_b16?)"),
         (["experiment=paper/vit_b16_slp"],
          "experiment=paper/vit_b16_slp: unknown option (did you mean experiment=paper/vit_b16_slip?)"),

@@ -141,11 +141,12 @@ def write_faulty_csv(root: Path, rows: int = 200) -> tuple[Path, dict[str, int]]
 def test_a_run_over_five_percent_bad_csv_records_completes_and_counts_them_by_kind(tmp_path: Path, capsys) -> None:
     path, planted = write_faulty_csv(tmp_path / "data")
     cfg = compose_config(*NO_SYNTHETIC, *SMALL, "data=csv", f"data.source.path={path}", "data.num_workers=1",
+                         "data.source.group_by_image=false",  # one record per row: 200 rows, 10 of them bad
                          "trainer.max_steps=null", "trainer.epochs=1", "trainer.save_every=0",
                          "trainer.max_bad_fraction=0.1")
     # Every record is drawn once in the epoch; check that no bad record is replaced by another bad one, so
     # each is counted exactly once.
-    dataset = ImageTextDataset(CsvSource(str(path)), transform=lambda image, caption: {})
+    dataset = ImageTextDataset(CsvSource(str(path), group_by_image=False), transform=lambda image, caption: {})
     bad = {i for i in range(len(dataset.source)) if i % 20 == 7}
     assert all(dataset.candidate(i, 1) not in bad for i in bad)
     results = train(cfg, tmp_path / "run")
@@ -160,6 +161,7 @@ def test_a_run_over_five_percent_bad_csv_records_completes_and_counts_them_by_ki
 def test_a_run_stopped_by_bad_samples_writes_its_results_with_the_reason(tmp_path: Path) -> None:
     path, _ = write_faulty_csv(tmp_path / "data")
     cfg = compose_config(*NO_SYNTHETIC, *SMALL, "data=csv", f"data.source.path={path}", "trainer.max_steps=null",
+                         "data.source.group_by_image=false",
                          "trainer.epochs=1", "trainer.save_every=5", "trainer.max_bad_fraction=0.01")
     with pytest.raises(TrainingError, match=r"samples were bad") as info:
         train(cfg, tmp_path / "run")

@@ -153,7 +153,7 @@ ROWS = [("a.png", "red one"), ("b.png", "green one"), ("./a.png", "a red square"
 
 def test_csv_rows_of_one_image_are_grouped(tmp_path):
     write_images(tmp_path)
-    images = CaptionedImages(CsvSource(str(write_csv(tmp_path / "pairs.csv", ROWS))))
+    images = CaptionedImages(CsvSource(str(write_csv(tmp_path / "pairs.csv", ROWS)), group_by_image=False))
     assert images.groups == [[0, 2, 5], [1, 4], [3]]
     loaded = [images.load(i) for i in range(len(images))]
     assert [captions for _, captions in loaded] == [["red one", "a red square", "crimson"],

@@ -34,8 +34,9 @@ def test_train_log_holds_every_console_line_of_every_invocation(tmp_path: Path, 
 
 def test_the_run_header_counts_update_freq_in_the_global_batch(tmp_path: Path, capsys) -> None:
     train(compose_config(*FAST, "loss=clip", "trainer.max_steps=1", "trainer.update_freq=2"), tmp_path)
-    assert (f"run dir {tmp_path}: 1 steps of global batch 8 x 1 process x update_freq 2 = 16, "
-            in capsys.readouterr().err)
+    printed = capsys.readouterr().err
+    assert f"run dir {tmp_path}: 1 steps of global batch 8 x 1 process x update_freq 2 = 16, " in printed
+    assert "data: 64 records\n" in printed  # what was read (a CSV says images and captions)
 
 
 def test_results_say_which_checkpoint_and_validation_they_belong_to(tmp_path: Path) -> None:

@@ -34,6 +34,11 @@ MOVED_TARGETS: collections.abc.Mapping[str, str] = types.MappingProxyType({
     "slip.optim.warmup_cosine": "slip.app.optim.warmup_cosine",
 })
 DATA_SETTINGS_TARGET = "slip.app.train_data.DataSettings"
+# Keys added to a builder whose default changed what it builds: a config saved before them gets the value that
+# reproduces what it trained on (so a resume under today's default stops, naming the key).
+EARLIER_BEHAVIOUR: collections.abc.Mapping[str, collections.abc.Mapping[str, Any]] = types.MappingProxyType({
+    "slip.data.sources.CsvSource": {"group_by_image": False},  # one record per CSV row
+})
 _ABSENT = object()
 
 
@@ -72,7 +77,20 @@ def upgrade_saved_config(saved: DictConfig) -> DictConfig:
     if isinstance(data, DictConfig) and "_target_" not in data and ("source" in data or "stream" in data):
         data["_target_"] = DATA_SETTINGS_TARGET
     _move_targets(upgraded)
+    _fill_earlier_behaviour(upgraded)
     return upgraded
+
+
+def _fill_earlier_behaviour(node: Any) -> None:
+    if isinstance(node, DictConfig):
+        for key, value in EARLIER_BEHAVIOUR.get(node.get("_target_"), {}).items():
+            if key not in node:
+                node[key] = value
+        for name in node:
+            _fill_earlier_behaviour(node[name])
+    elif isinstance(node, ListConfig):
+        for item in node:
+            _fill_earlier_behaviour(item)
 
 
 # Top-level sections added in a later version, by the shipped file that is their default: a run saved without one

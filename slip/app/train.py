@@ -181,6 +181,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
         trainer.monitor.message(f"no zero-shot validation: {type(objective).__name__} trains no text tower "
                                 "(evaluate it with python -m slip.eval: linear probe, kNN)")
     layout = BatchLayout.of(cfg, world.world_size)
+    trainer.monitor.message(f"data: {parts.data.summary}")
     trainer.monitor.message(f"run dir {run_dir}: {total_steps} steps of global batch {layout.describe()}, "
                             f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
     if world.is_main:  # a run that crashes or is preempted still documents itself

@@ -1,7 +1,7 @@
 """The one way in from `slip.train`: the `data` config node to a training loader per epoch and its step count."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from omegaconf import DictConfig
@@ -48,6 +48,7 @@ class TrainData:
     seed: int
     steps_per_epoch: int
     pin_memory: bool = False
+    summary: str = ""  # what was read, for the run header: "1,000 images, 3,000 captions (grouped by image)"
 
     @property
     def global_batch(self) -> int:
@@ -71,10 +72,14 @@ def build_train_data(data_cfg: DictConfig, transform: Transform, world: WorldInf
                         max_bad_in_a_row=max_bad_in_a_row)
         if getattr(dataset, "samples_per_epoch", None) is None:
             raise ConfigError("data.stream.samples_per_epoch: required to plan the epochs of a stream")
+        summary = f"a stream of {dataset.samples_per_epoch:,} samples per epoch"
     else:
-        dataset = ImageTextDataset(build(settings.source, "data.source"), transform, seed=seed,
-                                   max_retries=max_bad_in_a_row)
-    return plan_train_data(dataset, settings.batch_size, settings.num_workers, world, seed, update_freq, pin_memory)
+        source = build(settings.source, "data.source")
+        describe = getattr(source, "summary", None)  # e.g. CsvSource: images and captions read
+        summary = describe() if callable(describe) else f"{len(source):,} records"
+        dataset = ImageTextDataset(source, transform, seed=seed, max_retries=max_bad_in_a_row)
+    plan = plan_train_data(dataset, settings.batch_size, settings.num_workers, world, seed, update_freq, pin_memory)
+    return replace(plan, summary=summary)
 
 
 def plan_train_data(dataset: Dataset | IterableDataset, batch_size: int, num_workers: int, world: WorldInfo,
