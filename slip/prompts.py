@@ -5,7 +5,7 @@ repository and shipped unchanged in ``slip/assets/zeroshot/`` (its README gives 
 SLIP's keys ``ucf101_frames`` and ``kinetics700_frames`` are offered as ``ucf101`` and ``kinetics700``.
 
 A user file is a JSON object ``{"classes": [...], "templates": [...]}`` (``templates`` may be left out: it
-defaults to ``["a photo of a {}."]``), or just the list of classes.
+defaults to ``["a photo of a {}."]``, and `ClassPrompts.default_templates` says so), or just the list of classes.
 
 A class is a name, or a list of synonyms whose first entry is its name: CLIP describes the FER2013 classes
 that way (``["happy", "smiling"]``) and averages the prompts of all synonyms. A template holds exactly one
@@ -21,7 +21,7 @@ import importlib.resources
 import json
 import os
 import reprlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -42,12 +42,14 @@ class ClassPrompts:
     """The class names and prompt templates of one zero-shot task.
 
     `synonyms`, when not empty, holds every name of each class, its class name first; zero-shot then
-    averages the prompts of all of them. Empty means each class has just its name.
+    averages the prompts of all of them. Empty means each class has just its name. `default_templates` is true
+    where the user's list or file brought no templates and `DEFAULT_TEMPLATES` stands in (not compared).
     """
 
     classes: tuple[str, ...]
     templates: tuple[str, ...]
     synonyms: tuple[tuple[str, ...], ...] = ()
+    default_templates: bool = field(default=False, compare=False)
 
     def class_texts(self) -> list[list[str]]:
         """Per class, its prompts: every template filled with every name of the class."""
@@ -131,20 +133,22 @@ def _check_templates(entries: Any, where: str) -> tuple[str, ...]:
     return tuple(entries)
 
 
-def _build(classes: Any, templates: Any, where: str, unique: bool) -> ClassPrompts:
-    """A validated ClassPrompts; errors name `where`."""
+def _build(classes: Any, templates: Any, where: str, unique: bool, default: bool = False) -> ClassPrompts:
+    """A validated ClassPrompts; errors name `where`. `default`: the templates are `DEFAULT_TEMPLATES`, standing in
+    for none given."""
     groups = _class_groups(classes, where, unique)
     return ClassPrompts(
         classes=tuple(names[0] for names in groups),
         templates=_check_templates(templates, where),
         synonyms=groups if any(len(names) > 1 for names in groups) else (),
+        default_templates=default,
     )
 
 
 def parse_prompts(data: Any, where: str) -> ClassPrompts:
     """ClassPrompts from parsed user JSON: {"classes": [...], "templates": [...]} or a list of classes."""
     if isinstance(data, list):
-        return _build(data, list(DEFAULT_TEMPLATES), where, unique=True)
+        return _build(data, list(DEFAULT_TEMPLATES), where, unique=True, default=True)
     if not isinstance(data, dict):
         raise ValueError(
             f"{where}: expected a JSON object with 'classes' (and optionally 'templates') or a list of class "
@@ -156,7 +160,8 @@ def parse_prompts(data: Any, where: str) -> ClassPrompts:
         raise ValueError(f"{where}: unknown key {unknown[0]!r}; {expected}")
     if "classes" not in data:
         raise ValueError(f"{where}: no 'classes' key")
-    return _build(data["classes"], data.get("templates", list(DEFAULT_TEMPLATES)), where, unique=True)
+    return _build(data["classes"], data.get("templates", list(DEFAULT_TEMPLATES)), where, unique=True,
+                  default="templates" not in data)
 
 
 def load_prompts(spec: str | os.PathLike[str]) -> ClassPrompts:

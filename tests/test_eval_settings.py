@@ -34,7 +34,7 @@ def test_the_shipped_eval_config_builds() -> None:
     cfg = eval_config("checkpoint=somewhere")
     settings = build(cfg, "", _recursive_=False)
     assert isinstance(settings, EvalSettings) and settings.checkpoint == "somewhere"
-    assert build(cfg.linear_probe, "linear_probe") == LinearProbeSettings("lbfgs", 0.2, 4, 1000, 0)
+    assert build(cfg.linear_probe, "linear_probe") == LinearProbeSettings("lbfgs", 0.2, 4, 1000, 0, None)
     assert build(cfg.knn, "knn") == KnnSettings(20, 0.07)
 
 
@@ -53,6 +53,12 @@ def test_every_shipped_val_preset_builds(preset: str) -> None:
     ("linear_probe.max_iter=lots", r"^linear_probe\.max_iter: expected int, got 'lots'$"),
     ("+linear_probe.tolerance=1", r"^linear_probe\.tolerance: unknown key"),
     ("knn.k=1.5", r"^knn\.k: expected int, got 1\.5$"),
+    ("linear_probe.val_groups=path:x",
+     r"^linear_probe\.val_groups: val_groups 'path:x': expected 'path:N' with N an integer"),
+    ("linear_probe.val_groups=''", r"^linear_probe\.val_groups: val_groups must be a CSV column name or 'path:N'"),
+    ("linear_probe.val_groups=3", r"^linear_probe\.val_groups: expected str \| None, got 3$"),
+    ("linear_probe.method=sgd linear_probe.val_groups=object",
+     r"^linear_probe\.val_groups: val_groups splits the lbfgs probe's validation set; sgd holds none out$"),
     ("linear_probe.val_fraction=1.0", r"^linear_probe\.val_fraction: val_fraction must be in \(0, 1\), got 1\.0$"),
     ("linear_probe.refinements=-1", r"^linear_probe\.refinements: refinements must be >= 0, got -1$"),
     ("knn.k=0", r"^knn\.k: k must be a positive integer, got 0$"),
@@ -62,7 +68,7 @@ def test_every_shipped_val_preset_builds(preset: str) -> None:
 def test_a_bad_eval_setting_stops_before_any_work_naming_the_key(override: str, message: str,
                                                                   tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=message):
-        evaluate(eval_config(f"checkpoint={tmp_path / 'not-there.pt'}", override))  # checked before the file
+        evaluate(eval_config(f"checkpoint={tmp_path / 'not-there.pt'}", *override.split()))  # checked before the file
 
 
 @pytest.mark.parametrize("override, message", [

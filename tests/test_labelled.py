@@ -316,6 +316,67 @@ def test_csv_bad_classes_argument(csv_images, tmp_path):
         LabelledCsvDataset(path, str(tmp_path / "nope.json"))
 
 
+def test_csv_image_root_resolves_relative_paths_and_a_missing_one_is_named(csv_images, tmp_path, monkeypatch):
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    absolute = str(csv_images / "img" / "2.png")
+    path = write_csv(lists / "t.csv", [["filepath", "label"], ["0.png", "cat"], [absolute, "dog"]])
+    with pytest.raises(FileNotFoundError, match=re.escape(str(lists / "0.png"))):
+        LabelledCsvDataset(path, ["cat", "dog"])  # by default relative to the CSV's folder
+    monkeypatch.chdir(csv_images)
+    dataset = LabelledCsvDataset(path, ["cat", "dog"], image_root="img")  # a relative root: from the working dir
+    assert [dataset.image_path(i) for i in range(2)] == [str(csv_images / "img" / "0.png"), absolute]
+    assert color_of(dataset[0][0]) == (250, 0, 0)
+    with pytest.raises(FileNotFoundError) as error:
+        LabelledCsvDataset(path, ["cat", "dog"], image_root=tmp_path / "nowhere")
+    assert str(error.value) == f"image_root {tmp_path / 'nowhere'}: no such directory"
+
+
+def test_a_plain_class_list_is_marked_as_bringing_no_templates(csv_images, tmp_path):
+    path = write_csv(csv_images / "t.csv", [["filepath", "label"], ["img/0.png", "cat"]])
+    (tmp_path / "list.json").write_text(json.dumps(["cat", "dog"]))
+    (tmp_path / "names.json").write_text(json.dumps({"classes": ["cat", "dog"]}))
+    (tmp_path / "given.json").write_text(json.dumps({"classes": ["cat", "dog"], "templates": ["a photo of a {}."]}))
+    defaulted = {classes: LabelledCsvDataset(path, classes).default_templates
+                 for classes in (str(tmp_path / "list.json"), str(tmp_path / "names.json"),
+                                 str(tmp_path / "given.json"), "cifar10")}
+    assert LabelledCsvDataset(path, ["cat", "dog"]).default_templates
+    assert list(defaulted.values()) == [True, True, False, False]
+    assert LabelledCsvDataset(path, str(tmp_path / "given.json")).templates == list(DEFAULT_TEMPLATES)
+
+
+def test_groups_from_a_csv_column_or_a_path_component(csv_images):
+    for index in range(3):
+        os.makedirs(csv_images / "obj" / f"o{index % 2}", exist_ok=True)
+        os.link(csv_images / "img" / f"{index}.png", csv_images / "obj" / f"o{index % 2}" / f"{index}.png")
+    path = write_csv(csv_images / "t.csv", [
+        ["filepath", "label", "object"],
+        ["obj/o0/0.png", "cat", "a"], ["obj/o1/1.png", "cat", "b"], ["obj/o0/2.png", "dog", "a"],
+    ])
+    dataset = LabelledCsvDataset(path, ["cat", "dog"])
+    assert dataset.groups("object") == ["a", "b", "a"]
+    assert dataset.groups("path:1") == dataset.groups("path:-2") == ["o0", "o1", "o0"]
+    assert dataset.groups("path:-1") == ["0.png", "1.png", "2.png"]
+    with pytest.raises(ValueError, match=r"t\.csv: no column 'domain'; available columns: 'filepath', 'label', 'objec"):
+        dataset.groups("domain")
+    with pytest.raises(ValueError, match=r"^path:3: image 0 \(obj/o0/0\.png\) has 3 path components, no component 3$"):
+        dataset.groups("path:3")
+    with pytest.raises(ValueError, match=r"^val_groups 'path:x': expected 'path:N' with N an integer"):
+        dataset.groups("path:x")
+    blank = write_csv(csv_images / "b.csv", [["filepath", "label", "object"], ["img/0.png", "cat", ""]])
+    with pytest.raises(ValueError, match=r"b\.csv: line 2: empty or missing 'object' field"):
+        LabelledCsvDataset(blank, ["cat"]).groups("object")
+
+
+def test_image_folder_groups_by_the_path_below_its_root(folder):
+    root, _ = folder
+    dataset = ImageFolderDataset(root)
+    assert dataset.groups("path:0") == [dataset.classes[label] for label in dataset.labels]
+    assert dataset.groups("path:-1") == [os.path.basename(dataset.image_path(i)) for i in range(len(dataset))]
+    with pytest.raises(ValueError, match=r"^ImageFolderDataset has no column 'object'"):
+        dataset.groups("object")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # check_class_names
 

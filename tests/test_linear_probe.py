@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from slip.eval.linear_probe import (
     MULTIPLY_ADDS_PER_THREAD,
     fit_logistic_regression,
+    grouped_split,
     linear_probe,
     minimise_lbfgs,
     sgd_linear_probe,
@@ -203,6 +204,69 @@ def test_stratified_split_is_deterministic_disjoint_and_per_class():
     assert not torch.equal(val, other_val)
     with pytest.raises(ValueError, match="val_fraction"):
         stratified_split(labels, 1.0)
+
+
+def generated_groups(seed: int, count: int, rows: int, as_text: bool) -> list:
+    """`rows` group ids drawn unevenly from `count` groups (every group used), in a shuffled row order."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.cat([torch.arange(count), torch.multinomial(torch.rand(count, generator=g) ** 3, rows - count,
+                                                             replacement=True, generator=g)])
+    ids = ids[torch.randperm(rows, generator=g)].tolist()
+    return [f"object-{i:03d}" for i in ids] if as_text else [7 * i - 40 for i in ids]
+
+
+@pytest.mark.parametrize("count, rows, val_fraction, seed, as_text", [
+    (10, 60, 0.2, 0, True), (37, 400, 0.2, 3, False), (5, 9, 0.5, 1, True), (120, 1000, 0.07, 11, False),
+    (2, 30, 0.2, 5, True), (64, 65, 0.33, 2, False),
+])
+def test_grouped_split_is_scikit_learns_group_shuffle_split(count, rows, val_fraction, seed, as_text):
+    sklearn_model_selection = pytest.importorskip("sklearn.model_selection")
+    groups = generated_groups(seed, count, rows, as_text)
+    fit, val = grouped_split(groups, val_fraction, seed)
+    splitter = sklearn_model_selection.GroupShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
+    expected_fit, expected_val = next(splitter.split(torch.zeros(rows, 1).numpy(), groups=groups))
+    assert fit.tolist() == expected_fit.tolist() and val.tolist() == expected_val.tolist()
+    assert sorted(fit.tolist() + val.tolist()) == list(range(rows))
+    fit_groups, val_groups = {groups[i] for i in fit.tolist()}, {groups[i] for i in val.tolist()}
+    assert not fit_groups & val_groups  # every group whole on one side
+    assert len(val_groups) == math.ceil(val_fraction * count) and len(fit_groups) == count - len(val_groups)
+
+
+def test_grouped_split_refuses_a_side_left_empty():
+    with pytest.raises(ValueError, match=r"^1 group cannot give a validation share of 0\.2 and keep one to fit$"):
+        grouped_split(["a"] * 5, 0.2)
+    with pytest.raises(ValueError, match="3 groups cannot give a validation share of 0.7"):
+        grouped_split(["a", "b", "c"], 0.7)
+    with pytest.raises(ValueError, match="val_fraction"):
+        grouped_split(["a", "b"], 0.0)
+    x, y = blobs(0, 20)
+    with pytest.raises(ValueError, match="groups has 19 entries for 20 training rows"):
+        linear_probe(x, y, x, y, 3, groups=list(range(19)))
+
+
+def renditions(seed: int, objects_per_class: int = 20, classes: int = 4, copies: int = 4,
+               dims: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(features, labels, object ids): `copies` near-identical renditions of each object, whose own look outweighs
+    its class's, so that telling renditions of a seen object apart is easy and a new object's class is not."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dims, generator=torch.Generator().manual_seed(99))
+    object_class = torch.arange(objects_per_class * classes) % classes
+    looks = 0.5 * centres[object_class] + 1.5 * torch.randn(len(object_class), dims, generator=g)
+    objects = torch.arange(len(object_class)).repeat_interleave(copies)
+    return looks[objects] + 0.3 * torch.randn(len(objects), dims, generator=g), object_class[objects], objects
+
+
+def test_grouped_validation_does_not_leak_renditions_and_picks_more_regularisation():
+    train_x, train_y, objects = renditions(0)
+    test_x, test_y, _ = renditions(100)  # new objects of the same classes
+    sweep = L2Sweep(refinements=0)
+    leaky = linear_probe(train_x, train_y, test_x, test_y, 4, sweep)
+    grouped = linear_probe(train_x, train_y, test_x, test_y, 4, sweep, groups=objects.tolist())
+    # A random split puts renditions of one object on both sides: validation reads far above test.
+    assert leaky["val_top1"] - leaky["top1"] > 25 and leaky["l2"] == min(DEFAULT_L2_GRID)
+    # Whole objects held out: validation reads like test, and the sweep regularises more and scores better.
+    assert abs(grouped["val_top1"] - grouped["top1"]) < 15
+    assert grouped["l2"] >= 1e3 * leaky["l2"] and grouped["top1"] > leaky["top1"]
 
 
 def test_topk_accuracy_matches_a_loop():

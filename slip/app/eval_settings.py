@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from slip.data.labelled import parse_group_key
 from slip.distributed import resolve_device
 from slip.eval.knn import KnnVote
 from slip.eval.l2_sweep import L2Sweep
@@ -19,18 +20,26 @@ PROBE_METHODS = ("lbfgs", "sgd")
 
 @dataclass(frozen=True)
 class LinearProbeSettings:
-    """conf/eval.yaml's `linear_probe` section: the method, and the L-BFGS probe's sweep (`sweep`, checked here)."""
+    """conf/eval.yaml's `linear_probe` section: the method, and the L-BFGS probe's sweep (`sweep`, checked here).
+
+    `val_groups` (None: a stratified split) names what keeps groups of training images on one side of the sweep's
+    validation split: a column of a CSV list, or ``path:N``, the N-th component of each listed image path."""
 
     method: str
     val_fraction: float
     refinements: int
     max_iter: int
     seed: int
+    val_groups: str | None
 
     def __post_init__(self) -> None:
         if self.method not in PROBE_METHODS:
             raise ValueError(f"method must be one of {list(PROBE_METHODS)}, got {self.method!r}")
         self.sweep  # built here so that a bad number fails as this node is built
+        if self.val_groups is not None:
+            parse_group_key(self.val_groups)
+            if self.method != "lbfgs":
+                raise ValueError(f"val_groups splits the lbfgs probe's validation set; {self.method} holds none out")
 
     @property
     def sweep(self) -> L2Sweep:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +18,13 @@ from slip.app.eval_settings import EvalSettings, KnnSettings, LinearProbeSetting
 from slip.distributed import resolve_device
 from slip.eval.features import FeatureCache, extract_features
 from slip.eval.knn import knn_accuracy
-from slip.eval.linear_probe import linear_probe, sgd_linear_probe
+from slip.error_text import one_line
+from slip.eval.linear_probe import grouped_split, linear_probe, sgd_linear_probe
 from slip.eval.metrics import MULTI_LABEL_METRICS, check_metric
 from slip.eval.multilabel_probe import multilabel_linear_probe
 from slip.eval.retrieval import retrieval_scores
 from slip.eval.zeroshot import zero_shot_evaluator
+from slip.prompts import load_prompts
 from slip.host_memory import retain_freed_memory
 from slip.models import ImageTextModel
 from slip.sharded_checkpoint import is_sharded_checkpoint
@@ -56,6 +59,7 @@ class EvalContext:
     cache: FeatureCache
     fingerprint: str
     built: dict[tuple[str, str], Any] = field(default_factory=dict)  # datasets by (name, split), built once
+    warned: set[str] = field(default_factory=set)  # catalog entries already warned about, shared by a run's checkpoints
 
     def dataset(self, name: str, split: str) -> Any:
         """Split `split` of catalog entry `name` (built on first use: building may list every file)."""
@@ -107,12 +111,40 @@ def _single_label(context: EvalContext, name: str, task: str) -> None:
                           f"{task} does not")
 
 
-def zero_shot_task(context: EvalContext, name: str) -> dict[str, float]:
-    """Top-1/top-5 (and the entry's own metric) of the text classifier from its class names and templates."""
-    evaluator = zero_shot_evaluator(context.dataset(name, "test"), context.cfg.catalog[name].get("prompts"),
-                                    f"catalog.{name}.prompts", context.settings.batch_size, context.settings.num_workers,
-                                    metric=dataset_metric(context, name))
-    return evaluator(context.model)
+def zero_shot_task(context: EvalContext, name: str) -> dict[str, Any]:
+    """Top-1/top-5 (and the entry's own metric) of the text classifier from its class names and templates, with the
+    number of templates and the first one; warns once per entry whose class list brought no templates."""
+    dataset, prompts = context.dataset(name, "test"), context.cfg.catalog[name].get("prompts")
+    evaluator = zero_shot_evaluator(dataset, prompts, f"catalog.{name}.prompts", context.settings.batch_size,
+                                    context.settings.num_workers, metric=dataset_metric(context, name))
+    defaulted = load_prompts(prompts).default_templates if prompts else getattr(dataset, "default_templates", False)
+    if defaulted and name not in context.warned:
+        context.warned.add(name)
+        warnings.warn(f"catalog.{name}: its class names bring no prompt templates, so zero-shot uses only "
+                      f"{evaluator.templates[0]!r}; give a JSON file {{\"classes\": [...], \"templates\": [...]}} or a "
+                      "built-in prompt set for more", stacklevel=2)
+    return {**evaluator(context.model), "templates": len(evaluator.templates),
+            "first_template": evaluator.templates[0]}
+
+
+def probe_groups(context: EvalContext, name: str) -> list[str] | None:
+    """The group of each training image of catalog entry `name` by `linear_probe.val_groups` (None when unset); a
+    one-line ConfigError naming the key where the dataset cannot give them or they cannot be split."""
+    key = context.probe.val_groups
+    if key is None:
+        return None
+    where = f"linear_probe.val_groups: catalog.{name}.train"
+    if _is_multi_label(context, name):
+        raise ConfigError(f"{where} is multi-label; its probe's validation split does not take groups")
+    dataset = context.dataset(name, "train")
+    if not callable(getattr(dataset, "groups", None)):
+        raise ConfigError(f"{where}: {type(dataset).__name__} lists no image paths or columns to group by")
+    try:
+        groups = dataset.groups(key)
+        grouped_split(groups, context.probe.val_fraction, context.probe.seed)
+    except ValueError as error:
+        raise ConfigError(f"{where}: {one_line(error)}") from None
+    return groups
 
 
 def linear_probe_task(context: EvalContext, name: str) -> dict[str, float]:
@@ -124,13 +156,14 @@ def linear_probe_task(context: EvalContext, name: str) -> dict[str, float]:
     if multi_label and settings.method != "lbfgs":
         raise ConfigError(f"linear_probe.method: catalog.{name} is multi-label, which only lbfgs (one-vs-rest) "
                           f"probes; got {settings.method!r}")
+    groups = probe_groups(context, name)
     train_x, train_y = context.features(name, "train")
     test_x, test_y = context.features(name, "test")
     if multi_label:
         result = multilabel_linear_probe(train_x, train_y, test_x, test_y, settings.sweep)
     elif settings.method == "lbfgs":
         result = linear_probe(train_x, train_y, test_x, test_y, len(context.dataset(name, "test").classes),
-                              settings.sweep, metric=metric)
+                              settings.sweep, metric=metric, groups=groups)
     else:
         result = sgd_linear_probe(train_x, train_y, test_x, test_y, len(context.dataset(name, "test").classes),
                                   seed=settings.seed, metric=metric)
@@ -153,7 +186,7 @@ def retrieval_task(context: EvalContext, name: str) -> dict[str, float]:
                             num_workers=context.settings.num_workers)
 
 
-TASKS: dict[str, Callable[[EvalContext, str], dict[str, float]]] = {
+TASKS: dict[str, Callable[[EvalContext, str], dict[str, Any]]] = {
     "zeroshot": zero_shot_task,
     "linear_probe": linear_probe_task,
     "knn": knn_task,
@@ -163,6 +196,8 @@ TASKS: dict[str, Callable[[EvalContext, str], dict[str, float]]] = {
 TEXT_TASKS = ("zeroshot", "retrieval")
 # Values a task returns that are settings it chose, not scores (kept on the records as extras).
 CHOSEN_SETTINGS = ("l2",)
+# Values a task returns that say how it scored (kept on the records as extras, not printed with the scores).
+SCORING_NOTES = ("templates", "first_template")
 
 
 def find_checkpoints(path: Path) -> list[Path]:
@@ -227,11 +262,13 @@ def stored_results(path: Path, fingerprint: str) -> dict[str, tuple[dict[str, An
 
 
 def evaluate_checkpoint(cfg: DictConfig, settings: EvalSettings, probe: LinearProbeSettings, knn: KnnSettings,
-                        checkpoint: Path, output_dir: Path | None = None) -> dict[str, Path]:
+                        checkpoint: Path, output_dir: Path | None = None,
+                        warned: set[str] | None = None) -> dict[str, Path]:
     """Run every configured task on one checkpoint; returns {task: results file}.
 
     A dataset whose results file already holds its records for this checkpoint (by content hash) and these
-    settings (`task_settings`) is skipped, saying so, unless `overwrite` is true."""
+    settings (`task_settings`) is skipped, saying so, unless `overwrite` is true. `warned`: the catalog entries
+    already warned about (shared by the checkpoints of one run, so that each warning is given once)."""
     model, info = load_pretrained_with_info(checkpoint, settings.weights)
     model.to(resolve_device(settings.device))
     output_dir = output_dir or default_output_dir(checkpoint, settings.weights)
@@ -239,7 +276,8 @@ def evaluate_checkpoint(cfg: DictConfig, settings: EvalSettings, probe: LinearPr
     cache = FeatureCache(str(cache_dir))
     # The same file holds two models: its EMA weights are another model, for the feature cache and the results.
     fingerprint = cache.fingerprint(checkpoint) + ("" if settings.weights == "model" else f"+{settings.weights}")
-    context = EvalContext(model, info, checkpoint, cfg, settings, probe, knn, cache, fingerprint)
+    context = EvalContext(model, info, checkpoint, cfg, settings, probe, knn, cache, fingerprint,
+                          warned=set() if warned is None else warned)
     written = {}
     config = OmegaConf.to_container(cfg, resolve=True)
     config.pop("catalog", None)
@@ -264,11 +302,11 @@ def evaluate_checkpoint(cfg: DictConfig, settings: EvalSettings, probe: LinearPr
                 continue
             computed = True
             scores = TASKS[task](context, name)
-            extras = {key: scores[key] for key in CHOSEN_SETTINGS if key in scores}
+            extras = {key: scores[key] for key in (*CHOSEN_SETTINGS, *SCORING_NOTES) if key in scores}
             records += [{**header, "dataset": name, "metric": metric, "value": float(value), **extras}
-                        for metric, value in scores.items() if metric not in CHOSEN_SETTINGS]
-            print(f"{checkpoint}: {task} on {name}: " +
-                  ", ".join(f"{metric} {value:.4g}" for metric, value in scores.items()), flush=True)
+                        for metric, value in scores.items() if metric not in extras]
+            print(f"{checkpoint}: {task} on {name}: " + ", ".join(
+                f"{metric} {value:.4g}" for metric, value in scores.items() if metric not in SCORING_NOTES), flush=True)
         if computed or set(stored) != set(names):
             output_dir.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({**header, "fingerprint": context.fingerprint, "config": config,
@@ -290,5 +328,6 @@ def evaluate(cfg: DictConfig) -> dict[Path, dict[str, Path]]:
         raise ConfigError(f"output_dir: {settings.checkpoint} holds {len(checkpoints)} runs; leave output_dir unset "
                           "so that each run gets its own eval/ folder")
     output_dir = Path(settings.output_dir) if settings.output_dir else None
-    return {checkpoint: evaluate_checkpoint(cfg, settings, probe, knn, checkpoint, output_dir)
+    warned: set[str] = set()
+    return {checkpoint: evaluate_checkpoint(cfg, settings, probe, knn, checkpoint, output_dir, warned)
             for checkpoint in checkpoints}

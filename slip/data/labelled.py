@@ -1,12 +1,17 @@
 """Labelled image datasets for evaluation: class-per-folder trees and CSV/TSV files of (image, label) rows.
 
 Items are ``(RGB PIL image, int label)``; ``classes`` lists the class names and ``templates`` the zero-shot
-prompt templates when the classes came from a prompt set (else None). Both datasets check at construction
+prompt templates when the classes came from a prompt set (else None; ``default_templates`` is true where a plain
+class list brought none and ``slip.prompts.DEFAULT_TEMPLATES`` stands in). Both datasets check at construction
 that every image file exists (one stat per file). An image that cannot be decoded raises ValueError naming
 the file: an evaluation must see every image, so nothing is skipped or replaced.
 
 Paths are kept packed in flat arrays (as in `slip.data.sources.PackedRecords`), so that DataLoader workers share them
 instead of copying millions of Python strings.
+
+`groups(key)` gives one group id per image, for a validation split that keeps groups whole (the linear probe's
+`val_groups`): ``path:N`` is the N-th component of each image's path as the dataset lists it (0 first, negative from
+the end), any other key a column of a CSV list.
 """
 from __future__ import annotations
 
@@ -26,18 +31,33 @@ from slip.prompts import ClassPrompts, load_prompts, parse_prompts
 
 __all__ = [
     "DEFAULT_IMAGE_EXTENSIONS",
+    "GROUP_BY_PATH",
     "ClassesSpec",
     "ImageFolderDataset",
     "LabelledCsvDataset",
     "LabelledImages",
     "check_class_names",
     "check_files_exist",
+    "parse_group_key",
     "resolve_classes",
 ]
 
 DEFAULT_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 _LABEL_KINDS = ("auto", "name", "index")
 _INTEGER = re.compile(r"[+-]?[0-9]+")
+GROUP_BY_PATH = "path:"  # a group key "path:N" names the N-th component of each image's listed path
+
+
+def parse_group_key(key: str) -> int | str:
+    """What a group key names: the int N of ``path:N`` (a component of each image's listed path), else a column."""
+    if not isinstance(key, str) or not key.strip():
+        raise ValueError(f"val_groups must be a CSV column name or 'path:N' (N an integer), got {key!r}")
+    if not key.startswith(GROUP_BY_PATH):
+        return key
+    index = key[len(GROUP_BY_PATH):].strip()
+    if not _INTEGER.fullmatch(index):
+        raise ValueError(f"val_groups {key!r}: expected 'path:N' with N an integer (0 first, -1 the file name)")
+    return int(index)
 
 
 class LabelledImages:
@@ -54,6 +74,7 @@ class LabelledImages:
     ) -> None:
         self.classes: list[str] = list(classes)
         self.templates: list[str] | None = None if templates is None else list(templates)
+        self.default_templates = False
         self.labels = np.asarray(labels, dtype=np.int64)
         self.labels.setflags(write=False)
         self.max_pixels = max_pixels
@@ -80,6 +101,29 @@ class LabelledImages:
     def label(self, index: int) -> Any:
         """The label of image `index` as the item carries it: an int class index."""
         return int(self.labels[index])
+
+    def listed_paths(self) -> list[str]:
+        """Each image's path as the dataset lists it: here its full path."""
+        return [self.image_path(index) for index in range(len(self))]
+
+    def column(self, name: str) -> list[str]:
+        """The field `name` of each image's row; ValueError here, where the dataset has no rows."""
+        raise ValueError(f"{type(self).__name__} has no column {name!r}: it lists no columns; group by 'path:N'")
+
+    def groups(self, key: str) -> list[str]:
+        """One group id per image: for ``path:N`` the N-th component of `listed_paths` (0 first, negative from the end),
+        else the column `key`; ValueError naming the key where the dataset cannot give it."""
+        named = parse_group_key(key)
+        if isinstance(named, str):
+            return self.column(named)
+        groups = []
+        for index, path in enumerate(self.listed_paths()):
+            parts = [part for part in path.replace(os.sep, "/").split("/") if part]
+            if not -len(parts) <= named < len(parts):
+                raise ValueError(f"{key}: image {index} ({path}) has {len(parts)} path components, no component "
+                                 f"{named}")
+            groups.append(parts[named])
+        return groups
 
 
 def check_files_exist(paths: Sequence[str], where: str, lines: Sequence[int] | None = None) -> None:
@@ -109,7 +153,8 @@ class ImageFolderDataset(LabelledImages):
     `classes` are the sub-directory names, sorted (so labels are stable across machines); images are the
     files with one of `extensions` (case-insensitive) anywhere below a class directory, sorted by path
     within each class. Names starting with a dot (e.g. ``.ipynb_checkpoints``) are ignored. A class
-    directory without images keeps its label. `templates` is None.
+    directory without images keeps its label. `templates` is None. `listed_paths` are relative to `root`
+    (``<class>/.../<file>``).
     """
 
     def __init__(
@@ -138,6 +183,10 @@ class ImageFolderDataset(LabelledImages):
         check_files_exist(paths, root)
         self.root = root
         super().__init__(paths, labels, classes, None, max_pixels)
+
+    def listed_paths(self) -> list[str]:
+        """Each image's path relative to `root`: ``<class>/.../<file>``."""
+        return [os.path.relpath(self.image_path(index), self.root) for index in range(len(self))]
 
 
 def _images_below(directory: str, extensions: tuple[str, ...]) -> Iterable[str]:
@@ -216,10 +265,11 @@ class _LabelParser:
 class LabelledCsvDataset(LabelledImages):
     """Images and labels listed in a CSV or TSV file with a header row.
 
-    Image paths are relative to the file's directory (absolute paths work too). `classes` is a list of
-    class names, the path of a JSON file (a list of names, or ``{"classes": [...], "templates": [...]}``),
-    a built-in prompt set key (see `slip.prompts.load_prompts`) or a `ClassPrompts`; `templates`
-    comes from that prompt set (the default template for a plain list).
+    Image paths are relative to `image_root`, by default the file's directory (absolute paths work too);
+    `listed_paths` are the image fields as written. `classes` is a list of class names, the path of a JSON file
+    (a list of names, or ``{"classes": [...], "templates": [...]}``), a built-in prompt set key (see
+    `slip.prompts.load_prompts`) or a `ClassPrompts`; `templates` comes from that prompt set (the default
+    template for a plain list, and `default_templates` is then true).
 
     A label is a class name or an integer index into `classes`. With ``label_kind="auto"`` a label that
     reads both ways must mean the same class; set "name" or "index" for files where it does not (e.g.
@@ -236,17 +286,37 @@ class LabelledCsvDataset(LabelledImages):
         sep: str | None = None,
         label_kind: str = "auto",
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        image_root: str | os.PathLike[str] | None = None,
     ) -> None:
         path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path)) if image_root is None else os.path.abspath(image_root)
+        if image_root is not None and not os.path.isdir(directory):
+            raise FileNotFoundError(f"image_root {directory}: no such directory")
         prompts = resolve_classes(classes, path)
         parse_label = _LabelParser(prompts.classes, label_kind, path)
         rows = _csv_rows(path, sep, image_column, label_column)
         labels = [parse_label(label, line) for line, _, label in rows]
-        directory = os.path.dirname(os.path.abspath(path))
         paths = [os.path.join(directory, image) for _, image, _ in rows]
         check_files_exist(paths, path, [line for line, _, _ in rows])
-        self.path = path
+        self.path, self.sep, self.image_column = path, sep, image_column
         super().__init__(paths, labels, prompts.classes, prompts.templates, max_pixels)
+        self.default_templates = prompts.default_templates
+
+    def listed_paths(self) -> list[str]:
+        """Each image's field of the file, as written (relative to the image root, or absolute)."""
+        return self.column(self.image_column)
+
+    def column(self, name: str) -> list[str]:
+        """The field `name` of each image's row, read again from the file; ValueError naming the file and line of
+        the first empty one, or the file where it has no such column."""
+        fields = []
+        for line, (field,) in read_csv_columns(self.path, (name,), self.sep):
+            if not field:
+                raise ValueError(f"{self.path}: line {line}: empty or missing {name!r} field")
+            fields.append(field)
+        if len(fields) != len(self):
+            raise ValueError(f"{self.path}: {len(fields)} rows now, {len(self)} when the dataset was read")
+        return fields
 
 
 def _csv_rows(path: str, sep: str | None, image_column: str, label_column: str) -> list[tuple[int, str, str]]:

@@ -2,10 +2,13 @@
 protocol), and SLIP's SGD protocol as an option.
 
 `linear_probe` follows CLIP: a multinomial logistic regression fitted with L-BFGS, its L2 strength chosen on
-a validation split carved from the training set, then refitted on the whole training set. CLIP sweeps sklearn's
-C over 1e-6..1e6 and refines with a parametric binary search; here a coarse log grid of `l2` (one value per
-decade) is refined by bisection in log space around the best point, each fit warm-started from the nearest
-solution already found. Our objective is the *mean* cross-entropy plus l2/2 ||W||^2 (bias not penalised), so
+a validation split carved from the training set, then refitted on the whole training set. The split is stratified
+by class (`stratified_split`), or keeps groups of rows whole (`grouped_split`) where the training set holds
+near-copies of one object, whose spread over both sides would let validation reward memorising them.
+
+CLIP sweeps sklearn's C over 1e-6..1e6 and refines with a parametric binary search; here a coarse log grid of `l2`
+(one value per decade) is refined by bisection in log space around the best point, each fit warm-started from the
+nearest solution already found. Our objective is the *mean* cross-entropy plus l2/2 ||W||^2 (bias not penalised), so
 sklearn's C on N samples corresponds to l2 = 1 / (C N).
 
 Features are standardised (per dimension, with the mean and standard deviation of the rows being fitted; the
@@ -24,9 +27,10 @@ same inputs, which is cheaper and usually scores a little lower than SLIP's numb
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -42,6 +46,7 @@ __all__ = [
     "SLIP_SGD_EPOCHS",
     "SLIP_SGD_LR",
     "fit_logistic_regression",
+    "grouped_split",
     "lbfgs_start",
     "linear_probe",
     "minimise_lbfgs",
@@ -107,6 +112,28 @@ def stratified_split(labels: Tensor, val_fraction: float, seed: int = 0) -> tupl
     if len(val_idx) == 0:
         raise ValueError("the validation split is empty: every class has a single training row")
     return torch.cat(fit).sort().values.to(labels.device), val_idx.to(labels.device)
+
+
+def grouped_split(groups: Sequence[Hashable], val_fraction: float, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Sorted indices (fit, val) that keep every group on one side: the split of scikit-learn's
+    ``GroupShuffleSplit(test_size=val_fraction, random_state=seed)``, val being its test side.
+
+    The distinct groups (`groups` holds one per row), sorted, are shuffled by numpy's ``RandomState(seed)``; the first
+    ceil(val_fraction * G) of them go to val, the other groups to fit. The share is of groups, not rows, and is not
+    stratified by class. ValueError where either side would be empty (fewer than two groups, or a share that
+    takes them all).
+    """
+    check_val_fraction(val_fraction)
+    if len(groups) == 0:
+        raise ValueError("no rows to split into groups")
+    _, group_of_row = np.unique(np.asarray(groups), return_inverse=True)
+    count = int(group_of_row.max()) + 1
+    n_val = math.ceil(val_fraction * count)
+    if n_val >= count:
+        raise ValueError(f"{count} group{'s' * (count != 1)} cannot give a validation share of {val_fraction} and "
+                         "keep one to fit")
+    in_val = np.isin(group_of_row.reshape(-1), np.random.RandomState(seed).permutation(count)[:n_val])
+    return torch.from_numpy(np.flatnonzero(~in_val)), torch.from_numpy(np.flatnonzero(in_val))
 
 
 def _regularised_loss(x: Tensor, y: Tensor, weight: Tensor, bias: Tensor, l2: float) -> Tensor:
@@ -263,18 +290,25 @@ def linear_probe(
     num_classes: int,
     sweep: L2Sweep = L2Sweep(),
     metric: str = "top1",
+    groups: Sequence[Hashable] | None = None,
 ) -> dict[str, object]:
-    """CLIP's linear probe: choose l2 by `sweep` on a stratified validation split, refit on all of train, score
+    """CLIP's linear probe: choose l2 by `sweep` on a validation split of train, refit on all of train, score
     test (top-1/top-5, plus the dataset's own `metric` from `slip.eval.metrics.DATASET_METRICS`).
 
-    Returns {"top1", "top5" (with >= 5 classes), "l2", "val_top1", "sweep": [[l2, val_top1], ...]}
+    The split is `stratified_split`, or with `groups` (one per training row) `grouped_split`, which keeps each group
+    on one side. Returns {"top1", "top5" (with >= 5 classes), "l2", "val_top1", "sweep": [[l2, val_top1], ...]}
     (accuracies in percent; the sweep sorted by l2). The best l2 has the highest validation accuracy;
     ties go to the lower validation cross-entropy. All work runs in float32 on the features' device.
     """
     _check_train_test(train_x, train_y, test_x, test_y, num_classes)
     train_x, test_x = train_x.float(), test_x.float()
     train_y, test_y = train_y.long(), test_y.long()
-    fit_rows, val_rows = stratified_split(train_y, sweep.val_fraction, sweep.seed)
+    if groups is None:
+        fit_rows, val_rows = stratified_split(train_y, sweep.val_fraction, sweep.seed)
+    elif len(groups) != len(train_y):
+        raise ValueError(f"groups has {len(groups)} entries for {len(train_y)} training rows")
+    else:
+        fit_rows, val_rows = (rows.to(train_y.device) for rows in grouped_split(groups, sweep.val_fraction, sweep.seed))
     test_logits, best, scores = sweep_l2_and_refit(
         lambda x, y, l2, init: fit_logistic_regression(x, y, num_classes, l2, sweep.max_iter, init=init),
         top1_then_loss, (train_x, train_y), fit_rows, val_rows, test_x, sweep)
