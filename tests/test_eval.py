@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from slip.app.evaluate import evaluate
 from slip.eval.zeroshot import ZeroShotEvaluator, text_classifier, zero_shot_scores
 from slip.tokenizer import tokenize
 from slip.app.train import train
-from train_helpers import CONF_DIR, FAST, compose_config
+from train_helpers import CONF_DIR, FAST, compose_config, run_eval_cli
 
 # Small catalog entries so that every task runs in seconds.
 SMALL = ["catalog.synthetic.train.num_samples=96", "catalog.synthetic.test.num_samples=48",
@@ -109,25 +108,6 @@ def test_an_unknown_dataset_or_task_names_the_key(trained_runs: Path) -> None:
         evaluate(eval_config(f"checkpoint={trained_runs}", "+tasks.segmentation=[synthetic]"))
     with pytest.raises(ConfigError, match=r"^retain_freed_memory: expected bool, got 'yes'"):
         evaluate(eval_config(f"checkpoint={trained_runs}", "retain_freed_memory=yes"))
-
-
-def run_eval_cli(*args: str, cwd: Path, monkeypatch: pytest.MonkeyPatch,
-                 capsys: pytest.CaptureFixture) -> subprocess.CompletedProcess:
-    """What `python -m slip.eval ARGS` run in `cwd` exits with and prints, from its entry point (the Hydra app
-    `slip.eval.__main__.main`) called in this process: the command itself runs in a subprocess in
-    test_multilabel.py and test_train.py (SIGTERM during feature extraction)."""
-    from slip.eval.__main__ import main
-
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", ["slip.eval", *args])
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exit:
-        code = exit.code if isinstance(exit.code, int) else 1
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(sys.argv, code, out, err)
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:

@@ -3,8 +3,6 @@ live under an image root, the zero-shot record's templates, and the probe's vali
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from slip.app.config import ConfigError
 from slip.app.evaluate import evaluate
 from slip.checkpoint import save_model
 from slip.models import tiny
-from train_helpers import CONF_DIR
+from train_helpers import CONF_DIR, run_eval_cli
 
 CLASSES = ["red", "green", "blue"]
 # Fast settings for every run below: a small batch, a short probe, kNN with few neighbours, no retrieval.
@@ -67,23 +65,6 @@ def catalog_file(conf: Path, name: str, data: Path, classes: str, keep_shipped: 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"{defaults}{name}:\n  metric: top1\n  prompts: null\n{splits}")
     return path
-
-
-def run_eval_cli(*args: str, cwd: Path, monkeypatch: pytest.MonkeyPatch,
-                 capsys: pytest.CaptureFixture) -> subprocess.CompletedProcess:
-    """What `python -m slip.eval ARGS` run in `cwd` exits with and prints, from its Hydra entry point, in-process."""
-    from slip.eval.__main__ import main
-
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", ["slip.eval", *args])
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exit:
-        code = exit.code if isinstance(exit.code, int) else 1
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(sys.argv, code, out, err)
 
 
 def eval_config(*overrides: str, config_dir: Path | None = None) -> DictConfig:

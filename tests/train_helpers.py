@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,22 @@ def assert_same_run(losses: dict[int, float], weights: dict, want_losses: dict[i
         assert losses[step] == pytest.approx(loss, rel=LOSS_TOLERANCE, abs=0), f"step {step}"
     name, error = worst(relative_errors(weights, want_weights))
     assert error < WEIGHT_TOLERANCE, f"{name}: {error:.2e}"
+
+
+def run_eval_cli(*args: str, cwd: Path, monkeypatch: pytest.MonkeyPatch,
+                 capsys: pytest.CaptureFixture) -> subprocess.CompletedProcess:
+    """What `python -m slip.eval ARGS` run in `cwd` exits with and prints, from its entry point (the Hydra app
+    `slip.eval.__main__.main`) called in this process: the command itself runs in a subprocess in
+    test_multilabel.py and test_train.py (SIGTERM during feature extraction)."""
+    from slip.eval.__main__ import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["slip.eval", *args])
+    capsys.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else 1
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(sys.argv, code, out, err)
