@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
@@ -26,6 +27,7 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.tensor import DTensor
 
 from slip.checkpoint import atomic_save, read_safely
+from slip.distributed import whole_tensor
 
 __all__ = ["META_FILE", "holds_dtensors", "is_sharded_checkpoint", "load_sharded_into", "read_sharded",
            "read_sharded_meta", "remove_path", "replace_path", "as_full_tensor", "existing_checkpoint", "save_sharded", "sharded_entries", "staging_path"]
@@ -212,8 +214,8 @@ def load_sharded_into(template: dict[str, Any], path: str | os.PathLike) -> dict
 
 def as_full_tensor(value: Any) -> Any:
     """`value` with every DTensor gathered to a full tensor (collective where it holds any)."""
-    if isinstance(value, DTensor):
-        return value.full_tensor()
+    if isinstance(value, torch.Tensor):
+        return whole_tensor(value)
     if isinstance(value, Mapping):
         return {key: as_full_tensor(item) for key, item in value.items()}
     if isinstance(value, list):

@@ -3,6 +3,7 @@ them, translated where a checkpoint saved them), builders that moved module, and
 from __future__ import annotations
 
 import collections.abc
+from collections.abc import Iterator
 import inspect
 import types
 from pathlib import Path
@@ -81,16 +82,11 @@ def upgrade_saved_config(saved: DictConfig) -> DictConfig:
     return upgraded
 
 
-def _fill_earlier_behaviour(node: Any) -> None:
-    if isinstance(node, DictConfig):
+def _fill_earlier_behaviour(config: DictConfig) -> None:
+    for node in _nodes(config):
         for key, value in EARLIER_BEHAVIOUR.get(node.get("_target_"), {}).items():
             if key not in node:
                 node[key] = value
-        for name in node:
-            _fill_earlier_behaviour(node[name])
-    elif isinstance(node, ListConfig):
-        for item in node:
-            _fill_earlier_behaviour(item)
 
 
 # Top-level sections added in a later version, by the shipped file that is their default: a run saved without one
@@ -128,13 +124,18 @@ def _fill_added_keys(saved: Any, current: Any) -> None:
             _fill_added_keys(saved[name], current[name])
 
 
-def _move_targets(node: Any) -> None:
+def _nodes(node: Any) -> Iterator[DictConfig]:
+    """Every mapping node of a config tree, each before the nodes inside it (which may change as it is visited)."""
     if isinstance(node, DictConfig):
+        yield node
         for name in node:
-            if name == "_target_" and node[name] in MOVED_TARGETS:
-                node[name] = MOVED_TARGETS[node[name]]
-            else:
-                _move_targets(node[name])
+            yield from _nodes(node[name])
     elif isinstance(node, ListConfig):
         for item in node:
-            _move_targets(item)
+            yield from _nodes(item)
+
+
+def _move_targets(config: DictConfig) -> None:
+    for node in _nodes(config):
+        if node.get("_target_") in MOVED_TARGETS:
+            node["_target_"] = MOVED_TARGETS[node["_target_"]]
