@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.tensor import DTensor
 
 from slip.checkpoint import atomic_save, read_safely
-from slip.distributed import whole_tensor
+from slip.distributed import WorldInfo, any_rank, whole_tensor
 
 __all__ = ["META_FILE", "holds_dtensors", "is_sharded_checkpoint", "load_sharded_into", "read_sharded",
            "read_sharded_meta", "remove_path", "replace_path", "as_full_tensor", "existing_checkpoint", "save_sharded", "sharded_entries", "staging_path"]
@@ -109,8 +109,10 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def save_sharded(checkpoint: Mapping[str, Any], path: str | os.PathLike, is_writer: bool) -> None:
-    """Write `checkpoint` to the directory `path`; a collective call of every rank (`is_writer`: rank 0).
+def save_sharded(checkpoint: Mapping[str, Any], path: str | os.PathLike, world: WorldInfo,
+                 device: torch.device) -> None:
+    """Write `checkpoint` to the directory `path`; a collective call of every rank of `world` (rank 0 writes the
+    plain entries; `device`: where the ranks' collectives run).
 
     Entries holding DTensors go through DCP, each rank writing its shards; rank 0 writes the rest to `meta.pt`
     and, once every rank's shards are written, moves the staging directory into place. An OSError (e.g. a full
@@ -118,20 +120,21 @@ def save_sharded(checkpoint: Mapping[str, Any], path: str | os.PathLike, is_writ
     """
     path = Path(path)
     staging = staging_path(path)
-    if is_writer:
+    if world.is_main:
         if staging.exists():  # what a save cut short by kill -9 left
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
-    _barrier()
+    if world.is_distributed:
+        dist.barrier()
     sharded = sharded_entries(checkpoint)
     try:
         dcp.save({key: checkpoint[key] for key in sharded}, checkpoint_id=staging)
     except (Exception, CheckpointException) as error:  # on every rank when any rank's write failed
-        if is_writer:
+        if world.is_main:
             shutil.rmtree(staging, ignore_errors=True)
         raise _os_error(error, staging) from error
     failure: OSError | None = None
-    if is_writer:
+    if world.is_main:
         meta = {key: value for key, value in checkpoint.items() if key not in sharded}
         try:
             atomic_save({**meta, SHARDED_KEYS: sharded}, staging / META_FILE)
@@ -139,7 +142,7 @@ def save_sharded(checkpoint: Mapping[str, Any], path: str | os.PathLike, is_writ
         except OSError as error:
             shutil.rmtree(staging, ignore_errors=True)
             failure = error
-    if _any_rank(failure is not None):
+    if any_rank(failure is not None, world, device):
         raise failure if failure is not None else OSError(f"rank 0 could not finish the save to {path}")
 
 
@@ -160,19 +163,6 @@ def _os_error(error: Exception, where: Path) -> OSError:
             pending.extend(failure for failure in found if isinstance(failure, BaseException))
         pending.extend(part for part in (current.__cause__, current.__context__) if part is not None)
     return OSError(f"writing the shards to {where} failed: {str(error).splitlines()[0] if str(error) else error!r}")
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _any_rank(flag: bool) -> bool:
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    found = [None] * dist.get_world_size()
-    dist.all_gather_object(found, flag)
-    return any(found)
 
 
 def read_sharded_meta(path: str | os.PathLike) -> dict[str, Any]:

@@ -252,7 +252,7 @@ class Sharded(Replicated):
 
     def write(self, checkpoint: Mapping[str, Any], path: Path) -> None:
         """Every rank writes its shards to the directory `path` (collective; `save_sharded`)."""
-        save_sharded(checkpoint, path, self.world.is_main)
+        save_sharded(checkpoint, path, self.world, self.device)
 
 
 class ShardedScaler(ShardedGradScaler):
